@@ -1,1 +1,846 @@
+//! The native configuration model of `mesh-proxy`.
+//!
+//! This is the one form of configuration the proxy runtime understands. It is what the control
+//! plane pushes to every proxy, what `mesh-proxy run --config FILE` reads, and what
+//! `mesh-translate` produces from Kubernetes objects (`mesh-proxy run --resources`). The proxy
+//! never sees Kubernetes types.
+//!
+//! Shape:
+//!
+//! ```text
+//! ProxyConfig
+//! ├── listeners[]        a port and what it does (gateway, sidecar inbound/outbound)
+//! │   └── virtual_hosts[]   hostnames → routes, picked by the most specific hostname
+//! │       └── routes[]          one match each, evaluated in order: first match wins
+//! │           └── action        forward to weighted backends | redirect | direct response
+//! ├── backends[]         named groups of endpoints (a Service port), referenced by routes
+//! └── rate_limits[]      named token buckets, referenced by listeners, routes, backends
+//! ```
+//!
+//! Routes are evaluated in the order given. The Gateway API precedence rules (exact path
+//! before longest prefix, method, header and query match counts, creation time, name) are
+//! applied by the translator when it orders the routes, so the runtime stays a simple and fast
+//! first-match walk.
+//!
+//! [`ProxyConfig::validate`] checks what serde cannot: references resolve, regexes compile,
+//! weights and durations are sane. A proxy applies a config only after it validates.
 #![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+mod duration;
+pub use duration::{format_duration, parse_duration};
+
+/// Everything one proxy instance needs to serve traffic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Opaque version of this config (set by the control plane; reported in ACK/NACK and
+    /// `/config_dump`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimit>,
+    #[serde(default)]
+    pub access_log: AccessLog,
+}
+
+/// One port the proxy listens on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listener {
+    /// Unique name, used in metrics and logs (e.g. `demo/istio-gwapi/http`).
+    pub name: String,
+    /// Address to bind; `None` means the proxy's `--bind-address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    pub port: u16,
+    #[serde(default)]
+    pub kind: ListenerKind,
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// Virtual hosts; a request's Host picks the most specific one (see [`VirtualHost`]).
+    #[serde(default)]
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// A rate limit applied to every request on this listener (Gateway scope).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+    #[serde(default)]
+    pub limits: HttpLimits,
+}
+
+/// What a listener is for. Only `gateway` is served today; the sidecar kinds are the shape
+/// the capture path will fill in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ListenerKind {
+    /// Traffic addressed to the proxy itself, routed by hostname and route (ingress gateway).
+    #[default]
+    Gateway,
+    /// Captured traffic arriving at the pod, forwarded to the local app.
+    SidecarInbound,
+    /// Captured traffic leaving the pod, routed by the destination Service's routes.
+    SidecarOutbound,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1, and HTTP/2 with prior knowledge (h2c), on the same port.
+    #[default]
+    Http,
+}
+
+/// Limits applied to requests on a listener. Requests over them get 431.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpLimits {
+    /// Maximum total size of the request line and headers, in bytes.
+    #[serde(default = "HttpLimits::default_max_header_bytes")]
+    pub max_header_bytes: u32,
+    /// Maximum number of request headers.
+    #[serde(default = "HttpLimits::default_max_headers")]
+    pub max_headers: u32,
+}
+
+impl HttpLimits {
+    fn default_max_header_bytes() -> u32 {
+        60 * 1024
+    }
+    fn default_max_headers() -> u32 {
+        100
+    }
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_header_bytes: Self::default_max_header_bytes(),
+            max_headers: Self::default_max_headers(),
+        }
+    }
+}
+
+/// A set of hostnames and the routes that serve them.
+///
+/// Host selection (the Gateway API's hostname precedence): an exact hostname beats a wildcard;
+/// among wildcards (`*.example.com`) the longest suffix wins; `*` alone matches any host and
+/// loses to everything else. The port in the Host header is ignored. No matching virtual host
+/// → 404.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualHost {
+    pub name: String,
+    /// `example.com`, `*.example.com` or `*`. Lowercase.
+    pub hostnames: Vec<String>,
+    /// Evaluated in order; the first route whose match holds serves the request.
+    pub routes: Vec<Route>,
+}
+
+/// One match and what to do when it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Route {
+    /// Unique within the listener; the `route` label of metrics and the access log
+    /// (the translator uses `namespace/name/rule/match`, e.g. `demo/myapp-route/0/0`).
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+    /// Filters applied in order before the action (request side) and to the response.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<Filter>,
+    pub action: RouteAction,
+    /// A rate limit applied to requests this route serves (route scope).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+    #[serde(default, skip_serializing_if = "Timeouts::is_empty")]
+    pub timeouts: Timeouts,
+}
+
+/// All conditions must hold (AND). An empty match matches every request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(default)]
+    pub path: PathMatch,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<QueryParamMatch>,
+    /// Uppercase HTTP method, e.g. `GET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type", content = "value")]
+pub enum PathMatch {
+    /// The whole path equals the value (case sensitive; query string excluded).
+    Exact(String),
+    /// Element-wise prefix: `/abc` matches `/abc` and `/abc/def`, not `/abcd`. A trailing `/`
+    /// in the value is ignored (`/abc/` == `/abc`). `/` matches everything.
+    Prefix(String),
+    /// The whole path matches the regular expression (Rust `regex` syntax, anchored).
+    Regex(String),
+}
+
+impl Default for PathMatch {
+    fn default() -> Self {
+        PathMatch::Prefix("/".to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Header name; compared case-insensitively.
+    pub name: String,
+    #[serde(flatten)]
+    pub value: StringMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueryParamMatch {
+    /// Parameter name; compared exactly (case-sensitive). The first occurrence is used.
+    pub name: String,
+    #[serde(flatten)]
+    pub value: StringMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StringMatch {
+    /// Equal to the value.
+    Exact(String),
+    /// The whole value matches the regular expression (anchored).
+    Regex(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum RouteAction {
+    /// Send the request to one of the weighted backends (weight / sum of weights).
+    Forward(Forward),
+    /// Answer with a redirect (3xx) built from the request.
+    Redirect(Redirect),
+    /// Answer directly with a status and body.
+    DirectResponse(DirectResponse),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Forward {
+    /// Weighted choice. A weight of 0 is never chosen. If every weight is 0 (or there is no
+    /// backend) the request gets 500.
+    pub backends: Vec<WeightedBackend>,
+    /// Requests copied, fire and forget, to other backends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedBackend {
+    pub target: BackendTarget,
+    pub weight: u32,
+    /// Filters applied only when this backend is chosen, after the route's filters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<Filter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BackendTarget {
+    /// The name of a [`Backend`] in [`ProxyConfig::backends`].
+    Backend(String),
+    /// A reference that could not be resolved (missing Service, not permitted, ...). Its
+    /// share of the traffic gets 500; the reason is logged and shown in `/config_dump`.
+    Invalid(String),
+}
+
+/// A group of endpoints, typically one port of a Kubernetes Service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backend {
+    /// Unique name, e.g. `demo/myapp-v1:80`.
+    pub name: String,
+    /// `ip:port` or `host:port`. Empty → requests get 503.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+    /// Protocol spoken to the endpoints.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Time allowed to establish a connection to an endpoint.
+    #[serde(
+        default = "Backend::default_connect_timeout",
+        with = "duration::serde_duration"
+    )]
+    pub connect_timeout: Duration,
+    /// A rate limit applied to requests sent to this backend (backend Service scope).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+}
+
+impl Backend {
+    pub fn default_connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancer {
+    #[default]
+    RoundRobin,
+    Random,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), e.g. for gRPC backends.
+    Http2,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    pub target: BackendTarget,
+    /// Share of requests mirrored, in percent (0–100). Default 100.
+    #[serde(default = "Mirror::default_percent")]
+    pub percent: f64,
+}
+
+impl Mirror {
+    fn default_percent() -> f64 {
+        100.0
+    }
+}
+
+/// Gateway API rule timeouts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// From the request's arrival to the end of the response headers sent downstream,
+    /// retries included. Expiry → 504.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "duration::serde_opt_duration"
+    )]
+    pub request: Option<Duration>,
+    /// One attempt to one backend, from sending the request to the response headers.
+    /// Expiry → 504.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "duration::serde_opt_duration"
+    )]
+    pub backend_request: Option<Duration>,
+}
+
+impl Timeouts {
+    pub fn is_empty(&self) -> bool {
+        self.request.is_none() && self.backend_request.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum Filter {
+    RequestHeaderModifier(HeaderModifier),
+    ResponseHeaderModifier(HeaderModifier),
+    UrlRewrite(UrlRewrite),
+}
+
+/// Header changes. Names compare case-insensitively. Order of application: `set`, then
+/// `add`, then `remove`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderModifier {
+    /// Replace the header's value (or add it if absent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<HeaderValue>,
+    /// Append a value, keeping existing ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<HeaderValue>,
+    /// Remove every value of these headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderValue {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Redirect {
+    /// `http` or `https`; default: the request's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathRewrite>,
+    /// Default: the well-known port of the scheme when the scheme changes, else the
+    /// request's port (omitted from Location when it is the scheme's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 301 or 302 (default 302).
+    #[serde(default = "Redirect::default_status")]
+    pub status_code: u16,
+}
+
+impl Redirect {
+    fn default_status() -> u16 {
+        302
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UrlRewrite {
+    /// Replace the Host header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathRewrite>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type", content = "value")]
+pub enum PathRewrite {
+    /// Replace the whole path (the query string is kept).
+    ReplaceFullPath(String),
+    /// Replace the part of the path matched by the route's `Prefix` path match. Only valid on
+    /// routes whose path match is a prefix.
+    ReplacePrefixMatch(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DirectResponse {
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+}
+
+/// A token bucket with Envoy's local rate limit semantics: `max_tokens` is the capacity and the
+/// initial fill; `tokens_per_fill` are added every `fill_interval` (lazily, from monotonic
+/// time), never above `max_tokens`. One request takes one token; with none left the request is
+/// answered locally with `status`, body `local_rate_limited` and `response_headers_to_add`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    /// Unique name; referenced by listeners, routes and backends.
+    pub name: String,
+    pub max_tokens: u64,
+    pub tokens_per_fill: u64,
+    #[serde(with = "duration::serde_duration")]
+    pub fill_interval: Duration,
+    /// Status of limited responses (default 429).
+    #[serde(default = "RateLimit::default_status")]
+    pub status: u16,
+    /// Headers added to limited responses only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response_headers_to_add: Vec<HeaderValue>,
+    /// Add `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` to every response
+    /// this limit checked (Envoy's `enable_x_ratelimit_headers: DRAFT_VERSION_03`).
+    #[serde(default)]
+    pub x_ratelimit_headers: bool,
+    #[serde(default)]
+    pub mode: RateLimitMode,
+}
+
+impl RateLimit {
+    fn default_status() -> u16 {
+        429
+    }
+}
+
+/// How a budget is shared among the proxy instances that enforce it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum RateLimitMode {
+    /// Every instance has the whole budget (Envoy's local rate limit): N instances let through
+    /// N times the limit.
+    #[default]
+    Local,
+    /// One budget split across `instances` instances: each gets `ceil(max_tokens / instances)`
+    /// capacity and `ceil(tokens_per_fill / instances)` per fill, so the fleet lets through about the
+    /// limit written. `instances` comes from the control plane (or a flag when standalone).
+    Distributed { instances: u32 },
+}
+
+/// JSON access log, one line per request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLog {
+    /// Where to write: `/dev/stdout` (Istio's `accessLogFile`), a file path, or none (off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// A problem found by [`ProxyConfig::validate`], with the path of the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ValidationError {
+    /// e.g. `listeners[0].virtualHosts[1].routes[2].action.backends[0].target`
+    pub path: String,
+    pub message: String,
+}
+
+impl ProxyConfig {
+    /// Checks every cross-reference and value serde cannot check. Returns all problems found.
+    pub fn validate(&self) -> Result<(), Vec<ValidationError>> {
+        let mut errs = Vec::new();
+        let mut err = |path: String, message: String| errs.push(ValidationError { path, message });
+
+        let mut backend_names = BTreeSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let p = format!("backends[{i}]");
+            if !backend_names.insert(b.name.as_str()) {
+                err(
+                    format!("{p}.name"),
+                    format!("duplicate backend name {:?}", b.name),
+                );
+            }
+            for (j, e) in b.endpoints.iter().enumerate() {
+                if !valid_host_port(e) {
+                    err(
+                        format!("{p}.endpoints[{j}]"),
+                        format!("{e:?} is not host:port"),
+                    );
+                }
+            }
+        }
+        let mut limit_names = BTreeMap::new();
+        for (i, r) in self.rate_limits.iter().enumerate() {
+            let p = format!("rateLimits[{i}]");
+            if limit_names.insert(r.name.as_str(), i).is_some() {
+                err(
+                    format!("{p}.name"),
+                    format!("duplicate rate limit name {:?}", r.name),
+                );
+            }
+            if r.max_tokens == 0 {
+                err(format!("{p}.maxTokens"), "must be at least 1".into());
+            }
+            if r.tokens_per_fill == 0 {
+                err(format!("{p}.tokensPerFill"), "must be at least 1".into());
+            }
+            if r.fill_interval < Duration::from_millis(50) {
+                err(format!("{p}.fillInterval"), "must be at least 50ms".into());
+            }
+            if !(100..=599).contains(&r.status) {
+                err(
+                    format!("{p}.status"),
+                    format!("{} is not an HTTP status", r.status),
+                );
+            }
+            if let RateLimitMode::Distributed { instances: 0 } = r.mode {
+                err(format!("{p}.mode.instances"), "must be at least 1".into());
+            }
+            for (j, h) in r.response_headers_to_add.iter().enumerate() {
+                check_header(&mut err, format!("{p}.responseHeadersToAdd[{j}]"), h);
+            }
+        }
+        let check_limit =
+            |err: &mut dyn FnMut(String, String), path: String, l: &Option<String>| {
+                if let Some(l) = l
+                    && !limit_names.contains_key(l.as_str())
+                {
+                    err(path, format!("no rate limit named {l:?}"));
+                }
+            };
+        for (i, b) in self.backends.iter().enumerate() {
+            check_limit(&mut err, format!("backends[{i}].rateLimit"), &b.rate_limit);
+        }
+
+        let mut listener_names = BTreeSet::new();
+        let mut ports = BTreeSet::new();
+        for (li, l) in self.listeners.iter().enumerate() {
+            let lp = format!("listeners[{li}]");
+            if !listener_names.insert(l.name.as_str()) {
+                err(
+                    format!("{lp}.name"),
+                    format!("duplicate listener name {:?}", l.name),
+                );
+            }
+            if !ports.insert((l.address.clone(), l.port)) {
+                err(
+                    format!("{lp}.port"),
+                    format!("port {} is used twice", l.port),
+                );
+            }
+            check_limit(&mut err, format!("{lp}.rateLimit"), &l.rate_limit);
+            let mut route_names = BTreeSet::new();
+            for (vi, vh) in l.virtual_hosts.iter().enumerate() {
+                let vp = format!("{lp}.virtualHosts[{vi}]");
+                for (hi, h) in vh.hostnames.iter().enumerate() {
+                    if let Err(m) = check_hostname(h) {
+                        err(format!("{vp}.hostnames[{hi}]"), m);
+                    }
+                }
+                for (ri, r) in vh.routes.iter().enumerate() {
+                    let rp = format!("{vp}.routes[{ri}]");
+                    if !route_names.insert(r.name.as_str()) {
+                        err(
+                            format!("{rp}.name"),
+                            format!("duplicate route name {:?}", r.name),
+                        );
+                    }
+                    check_limit(&mut err, format!("{rp}.rateLimit"), &r.rate_limit);
+                    check_match(&mut err, &rp, &r.matches);
+                    let is_prefix = matches!(r.matches.path, PathMatch::Prefix(_));
+                    for (fi, f) in r.filters.iter().enumerate() {
+                        check_filter(&mut err, format!("{rp}.filters[{fi}]"), f, is_prefix);
+                    }
+                    match &r.action {
+                        RouteAction::Forward(fw) => {
+                            for (bi, wb) in fw.backends.iter().enumerate() {
+                                let bp = format!("{rp}.action.backends[{bi}]");
+                                if let BackendTarget::Backend(n) = &wb.target
+                                    && !backend_names.contains(n.as_str())
+                                {
+                                    err(format!("{bp}.target"), format!("no backend named {n:?}"));
+                                }
+                                for (fi, f) in wb.filters.iter().enumerate() {
+                                    check_filter(
+                                        &mut err,
+                                        format!("{bp}.filters[{fi}]"),
+                                        f,
+                                        is_prefix,
+                                    );
+                                }
+                            }
+                            for (mi, m) in fw.mirrors.iter().enumerate() {
+                                let mp = format!("{rp}.action.mirrors[{mi}]");
+                                if let BackendTarget::Backend(n) = &m.target
+                                    && !backend_names.contains(n.as_str())
+                                {
+                                    err(format!("{mp}.target"), format!("no backend named {n:?}"));
+                                }
+                                if !(0.0..=100.0).contains(&m.percent) {
+                                    err(format!("{mp}.percent"), "must be within 0..=100".into());
+                                }
+                            }
+                        }
+                        RouteAction::Redirect(rd) => {
+                            check_redirect(&mut err, format!("{rp}.action"), rd, is_prefix)
+                        }
+                        RouteAction::DirectResponse(d) => {
+                            if !(100..=599).contains(&d.status) {
+                                err(
+                                    format!("{rp}.action.status"),
+                                    format!("{} is not an HTTP status", d.status),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+}
+
+fn valid_host_port(s: &str) -> bool {
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(['/', ' ', '[', ']'])
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    }
+}
+
+fn check_hostname(h: &str) -> Result<(), String> {
+    if h == "*" {
+        return Ok(());
+    }
+    let rest = h.strip_prefix("*.").unwrap_or(h);
+    let ok = !rest.is_empty()
+        && rest.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{h:?} is not a lowercase DNS name or wildcard (*.example.com)"
+        ))
+    }
+}
+
+fn check_regex(err: &mut dyn FnMut(String, String), path: String, re: &str) {
+    if let Err(e) = regex::Regex::new(re) {
+        err(path, format!("invalid regular expression: {e}"));
+    }
+}
+
+fn check_match(err: &mut dyn FnMut(String, String), rp: &str, m: &RouteMatch) {
+    match &m.path {
+        PathMatch::Exact(p) | PathMatch::Prefix(p) => {
+            if !p.starts_with('/') {
+                err(
+                    format!("{rp}.match.path.value"),
+                    format!("{p:?} must start with '/'"),
+                );
+            }
+        }
+        PathMatch::Regex(re) => check_regex(err, format!("{rp}.match.path.value"), re),
+    }
+    for (i, h) in m.headers.iter().enumerate() {
+        if http_name_invalid(&h.name) {
+            err(
+                format!("{rp}.match.headers[{i}].name"),
+                format!("{:?} is not a header name", h.name),
+            );
+        }
+        if let StringMatch::Regex(re) = &h.value {
+            check_regex(err, format!("{rp}.match.headers[{i}].regex"), re);
+        }
+    }
+    for (i, q) in m.query_params.iter().enumerate() {
+        if let StringMatch::Regex(re) = &q.value {
+            check_regex(err, format!("{rp}.match.queryParams[{i}].regex"), re);
+        }
+    }
+    if let Some(method) = &m.method
+        && (method.is_empty() || !method.bytes().all(|c| c.is_ascii_uppercase()))
+    {
+        err(
+            format!("{rp}.match.method"),
+            format!("{method:?} is not an uppercase HTTP method"),
+        );
+    }
+}
+
+fn http_name_invalid(name: &str) -> bool {
+    name.is_empty()
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+}
+
+fn check_header(err: &mut dyn FnMut(String, String), path: String, h: &HeaderValue) {
+    if http_name_invalid(&h.name) {
+        err(
+            format!("{path}.name"),
+            format!("{:?} is not a header name", h.name),
+        );
+    }
+    if h.value.bytes().any(|c| c == b'\r' || c == b'\n' || c == 0) {
+        err(
+            format!("{path}.value"),
+            "must not contain CR, LF or NUL".into(),
+        );
+    }
+}
+
+fn check_modifier(err: &mut dyn FnMut(String, String), path: &str, m: &HeaderModifier) {
+    for (i, h) in m.set.iter().enumerate() {
+        check_header(err, format!("{path}.set[{i}]"), h);
+    }
+    for (i, h) in m.add.iter().enumerate() {
+        check_header(err, format!("{path}.add[{i}]"), h);
+    }
+    for (i, n) in m.remove.iter().enumerate() {
+        if http_name_invalid(n) {
+            err(
+                format!("{path}.remove[{i}]"),
+                format!("{n:?} is not a header name"),
+            );
+        }
+    }
+}
+
+fn check_path_rewrite(
+    err: &mut dyn FnMut(String, String),
+    path: String,
+    p: &PathRewrite,
+    is_prefix: bool,
+) {
+    match p {
+        PathRewrite::ReplaceFullPath(v) | PathRewrite::ReplacePrefixMatch(v)
+            if !v.starts_with('/') =>
+        {
+            err(
+                format!("{path}.value"),
+                format!("{v:?} must start with '/'"),
+            )
+        }
+        PathRewrite::ReplacePrefixMatch(_) if !is_prefix => err(
+            path,
+            "ReplacePrefixMatch needs a route whose path match is a prefix".into(),
+        ),
+        _ => {}
+    }
+}
+
+fn check_redirect(
+    err: &mut dyn FnMut(String, String),
+    path: String,
+    r: &Redirect,
+    is_prefix: bool,
+) {
+    if let Some(s) = &r.scheme
+        && s != "http"
+        && s != "https"
+    {
+        err(
+            format!("{path}.scheme"),
+            format!("{s:?} is not http or https"),
+        );
+    }
+    if ![301, 302, 303, 307, 308].contains(&r.status_code) {
+        err(
+            format!("{path}.statusCode"),
+            format!("{} is not a redirect status", r.status_code),
+        );
+    }
+    if let Some(p) = &r.path {
+        check_path_rewrite(err, format!("{path}.path"), p, is_prefix);
+    }
+}
+
+fn check_filter(err: &mut dyn FnMut(String, String), path: String, f: &Filter, is_prefix: bool) {
+    match f {
+        Filter::RequestHeaderModifier(m) | Filter::ResponseHeaderModifier(m) => {
+            check_modifier(err, &path, m)
+        }
+        Filter::UrlRewrite(u) => {
+            if let Some(p) = &u.path {
+                check_path_rewrite(err, format!("{path}.path"), p, is_prefix);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
