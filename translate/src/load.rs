@@ -390,7 +390,11 @@ impl<'a> Loader<'a> {
                 .to_string(),
         );
         if key.2.is_empty() {
-            problem(self, Some("metadata.name".into()), "required".into());
+            let m = match v.pointer("/metadata/name") {
+                None | Some(Value::Null) => "required",
+                Some(_) => "must be a string",
+            };
+            problem(self, Some("metadata.name".into()), m.into());
             return;
         }
         let here = format!("{}: document {}", doc.file.display(), doc.index);

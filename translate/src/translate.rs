@@ -624,11 +624,6 @@ fn attach_routes(
             }
             status(&g.controller, vec![cond]);
         }
-        for s in &route_status[first_status..] {
-            if !s.conditions[0].status {
-                continue;
-            }
-        }
         let resolved = if attachments.is_empty() {
             Condition::new(Ct::ResolvedRefs, true, Reason::ResolvedRefs, "", generation)
         } else {
@@ -1549,9 +1544,17 @@ fn build_listeners(cx: &mut Ctx<'_>, gws: &[Gw<'_>], entries: Vec<Entry>) -> Vec
                 .collect();
             members.sort();
             let mut routes = Vec::new();
+            let mut in_vhost = BTreeSet::new();
             for (_, _, i) in members {
+                // The same route match attached through two listeners of this port: once.
+                if !in_vhost.insert(entries[i].route.name.as_str()) {
+                    continue;
+                }
                 let mut r = entries[i].route.clone();
-                if !used_names.insert(r.name.clone()) {
+                // Route names are unique per listener: a route keeps its name in the virtual
+                // host of its own (first) hostname and gets `@host` elsewhere.
+                let own = entries[i].hostnames.contains(h);
+                if !own || !used_names.insert(r.name.clone()) {
                     r.name = format!("{}@{h}", r.name);
                     used_names.insert(r.name.clone());
                 }
