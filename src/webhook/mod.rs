@@ -1,0 +1,1 @@
+//! Admission webhook (filled in later).
