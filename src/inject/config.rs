@@ -323,6 +323,50 @@ impl InjectionConfig {
         Ok(cfg)
     }
 
+    /// Apply `path.to.field=value` overrides (`--set`). The value is read as YAML unless
+    /// the field currently holds a string, so `tag=1.0` stays a string.
+    pub fn with_overrides(&self, sets: &[String]) -> Result<Self, ConfigError> {
+        let mut root = serde_json::to_value(self).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for set in sets {
+            let (path, raw) = set.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                field: set.clone(),
+                message: "expected path=value".into(),
+            })?;
+            let segs: Vec<&str> = path.split('.').collect();
+            if segs.iter().any(|s| s.is_empty()) {
+                return Err(ConfigError::Invalid {
+                    field: path.into(),
+                    message: "empty path segment".into(),
+                });
+            }
+            let mut cur = &mut root;
+            for seg in &segs[..segs.len() - 1] {
+                let obj = cur.as_object_mut().ok_or_else(|| ConfigError::Invalid {
+                    field: path.into(),
+                    message: format!("{seg} is inside a non-mapping value"),
+                })?;
+                cur = obj
+                    .entry(seg.to_string())
+                    .or_insert_with(|| serde_json::Value::Object(Default::default()));
+                if cur.is_null() {
+                    *cur = serde_json::Value::Object(Default::default());
+                }
+            }
+            let obj = cur.as_object_mut().ok_or_else(|| ConfigError::Invalid {
+                field: path.into(),
+                message: "parent is not a mapping".into(),
+            })?;
+            let last = segs[segs.len() - 1];
+            let value = match obj.get(last) {
+                Some(serde_json::Value::String(_)) => serde_json::Value::String(raw.to_owned()),
+                _ => serde_saphyr::from_str::<serde_json::Value>(raw)
+                    .unwrap_or_else(|_| serde_json::Value::String(raw.to_owned())),
+            };
+            obj.insert(last.to_owned(), value);
+        }
+        Self::from_value(root)
+    }
+
     /// Checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field: &str, message: String| ConfigError::Invalid {
@@ -457,6 +501,33 @@ mod tests {
         assert_eq!(
             c.proxy_image(),
             format!("example.com/x/mesh-proxy:{}", d.tag)
+        );
+    }
+
+    #[test]
+    fn set_overrides() {
+        let c = InjectionConfig::default()
+            .with_overrides(&[
+                "tag=1.0".into(),
+                "nativeSidecar=false".into(),
+                "proxy.ports.inbound=16006".into(),
+                "proxy.image=reg/x:1".into(),
+                "imagePullSecrets=[a, b]".into(),
+            ])
+            .unwrap();
+        assert_eq!(c.tag, "1.0");
+        assert!(!c.native_sidecar);
+        assert_eq!(c.proxy.ports.inbound, 16006);
+        assert_eq!(c.proxy_image(), "reg/x:1");
+        assert_eq!(c.image_pull_secrets, ["a", "b"]);
+        let e = InjectionConfig::default()
+            .with_overrides(&["proxy.nope=1".into()])
+            .unwrap_err();
+        assert!(e.to_string().contains("proxy.nope"), "{e}");
+        assert!(
+            InjectionConfig::default()
+                .with_overrides(&["x".into()])
+                .is_err()
         );
     }
 

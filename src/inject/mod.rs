@@ -33,11 +33,17 @@ pub enum InjectError {
 #[serde(rename_all = "camelCase", default)]
 pub struct Status {
     pub version: u32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub init_containers: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub annotations: Vec<String>,
 }
 
