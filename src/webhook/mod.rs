@@ -297,8 +297,8 @@ pub fn spawn_reloaders(
     every: Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut last_cfg: Option<Vec<u8>> =
-            config_path.as_ref().and_then(|p| std::fs::read(p).ok());
+        // Checked on the first tick too, so a change since startup is never missed.
+        let mut last_cfg: Option<Vec<u8>> = None;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
