@@ -12,7 +12,6 @@ pub enum OfflineError {
     #[error("{source_name}: {err}")]
     Parse {
         source_name: String,
-        #[source]
         err: kube_yaml::ParseError,
     },
     #[error("{source_name}: document {index} (line {line}{object}): {field}: {message}")]

@@ -9,7 +9,7 @@ use rustls::sign::CertifiedKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -17,7 +17,7 @@ pub enum TlsError {
     },
     #[error("{path}: {message}")]
     Pem { path: PathBuf, message: String },
-    #[error("building TLS config: {0}")]
+    #[error("building TLS config")]
     Rustls(#[from] rustls::Error),
 }
 
