@@ -415,4 +415,16 @@ async fn latency_per_review() {
         samples[n - 1]
     );
     assert!(pct(0.5) < Duration::from_millis(200));
+    // The same review without HTTP/TLS: parse, decide, inject, diff, encode.
+    let cfg = InjectionConfig::default();
+    let ns = common::AllEnabled;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let a = meshctl::webhook::review::handle(&body, &cfg, &ns);
+        assert_eq!(a.outcome, meshctl::webhook::Outcome::Injected);
+    }
+    println!(
+        "review::handle alone: {:?} per review",
+        t0.elapsed() / n as u32
+    );
 }
