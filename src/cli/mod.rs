@@ -1,0 +1,5 @@
+//! Subcommand handlers (the anyhow edge of the program).
+
+pub mod config_args;
+pub mod control_plane;
+pub mod inject;

@@ -1,0 +1,186 @@
+//! One AdmissionReview in, one AdmissionReview out. No HTTP here: [`handle`] takes the
+//! request body and answers with a status code and a JSON body.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use serde_json::{Value, json};
+
+use crate::inject::patch::diff;
+use crate::inject::workload::inject_value;
+use crate::inject::{InjectionConfig, Mode, NamespaceInfo};
+
+pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
+pub const ADMISSION_KIND: &str = "AdmissionReview";
+
+/// How a review ended, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// A patch was returned.
+    Injected,
+    /// The decision said no (or nothing changed): allowed, no patch.
+    Skipped,
+    /// Not a pod CREATE: allowed, no patch.
+    Ignored,
+    /// The pod asked for something invalid (e.g. a bad annotation): denied.
+    Denied,
+    /// The request itself was malformed: 4xx.
+    BadRequest,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Injected => "injected",
+            Outcome::Skipped => "skipped",
+            Outcome::Ignored => "ignored",
+            Outcome::Denied => "denied",
+            Outcome::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// The answer to one request: HTTP status, JSON body, outcome.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub outcome: Outcome,
+}
+
+/// Namespace labels for the decision. Implemented by a watch-backed cache in the
+/// cluster and by plain maps in tests, so the review logic stays pure.
+pub trait NamespaceLookup: Send + Sync + 'static {
+    /// Labels of the namespace; `None` when unknown.
+    fn labels(&self, namespace: &str) -> Option<BTreeMap<String, String>>;
+    /// Whether the lookup is ready to answer (e.g. the cache has synced).
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+/// Fixed namespace labels (tests, or a webhook without cluster access).
+#[derive(Debug, Clone, Default)]
+pub struct StaticNamespaces(pub BTreeMap<String, BTreeMap<String, String>>);
+
+impl NamespaceLookup for StaticNamespaces {
+    fn labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
+        self.0.get(namespace).cloned()
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> Answer {
+    let message = message.into();
+    Answer {
+        status: 400,
+        body: json!({"error": message}),
+        outcome: Outcome::BadRequest,
+    }
+}
+
+fn review(uid: &str, response: Value, outcome: Outcome) -> Answer {
+    let mut r = json!({"uid": uid, "allowed": true});
+    if let (Some(r), Some(extra)) = (r.as_object_mut(), response.as_object()) {
+        r.extend(extra.clone());
+    }
+    Answer {
+        status: 200,
+        body: json!({
+            "apiVersion": ADMISSION_API_VERSION,
+            "kind": ADMISSION_KIND,
+            "response": r,
+        }),
+        outcome,
+    }
+}
+
+/// Handle one AdmissionReview body.
+pub fn handle(body: &[u8], cfg: &InjectionConfig, namespaces: &dyn NamespaceLookup) -> Answer {
+    let raw: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return bad_request(format!("body is not valid JSON: {e}")),
+    };
+    let Some(obj) = raw.as_object() else {
+        return bad_request("body must be a JSON object (an AdmissionReview)");
+    };
+    let api_version = obj.get("apiVersion").and_then(Value::as_str);
+    let kind = obj.get("kind").and_then(Value::as_str);
+    if kind != Some(ADMISSION_KIND) {
+        return bad_request(format!("kind must be {ADMISSION_KIND}, got {kind:?}"));
+    }
+    if api_version != Some(ADMISSION_API_VERSION) {
+        return bad_request(format!(
+            "apiVersion must be {ADMISSION_API_VERSION}, got {api_version:?}"
+        ));
+    }
+    let parsed: AdmissionReview<DynamicObject> = match serde_path_to_error::deserialize(&raw) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("AdmissionReview field {}: {}", e.path(), e.inner())),
+    };
+    let req: AdmissionRequest<DynamicObject> = match parsed.try_into() {
+        Ok(r) => r,
+        Err(_) => return bad_request("AdmissionReview has no request"),
+    };
+    if req.uid.is_empty() {
+        return bad_request("request.uid is missing");
+    }
+    let uid = req.uid.as_str();
+    let is_pod = req.kind.group.is_empty() && req.kind.kind == "Pod";
+    if !is_pod || req.operation != Operation::Create || req.sub_resource.is_some() {
+        return review(uid, json!({}), Outcome::Ignored);
+    }
+    let Some(original) = raw.pointer("/request/object").filter(|o| o.is_object()) else {
+        return bad_request("request.object is missing for a Pod CREATE");
+    };
+    let mut pod = original.clone();
+    // The API server may omit apiVersion/kind inside the object; the core needs them.
+    if let Some(o) = pod.as_object_mut() {
+        o.entry("apiVersion").or_insert_with(|| json!("v1"));
+        o.entry("kind").or_insert_with(|| json!("Pod"));
+    }
+    let before = pod.clone();
+    let namespace = req
+        .namespace
+        .clone()
+        .or_else(|| {
+            pod.pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .filter(|n| !n.is_empty());
+    let ns = NamespaceInfo {
+        labels: namespace
+            .as_deref()
+            .and_then(|n| namespaces.labels(n))
+            .unwrap_or_default(),
+        name: namespace,
+    };
+    match inject_value(&mut pod, &ns, cfg, Mode::Webhook) {
+        Err(e) => {
+            let msg = format!("meshctl sidecar injection: request.object.{e}");
+            review(
+                uid,
+                json!({"allowed": false, "status": {"status": "Failure", "code": 400, "reason": "BadRequest", "message": msg}}),
+                Outcome::Denied,
+            )
+        }
+        Ok(_) => {
+            let patch = diff(&before, &pod);
+            if patch.0.is_empty() {
+                return review(uid, json!({}), Outcome::Skipped);
+            }
+            let bytes = match serde_json::to_vec(&patch) {
+                Ok(b) => b,
+                Err(e) => return bad_request(format!("cannot encode patch: {e}")),
+            };
+            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+            review(
+                uid,
+                json!({"patchType": "JSONPatch", "patch": b64}),
+                Outcome::Injected,
+            )
+        }
+    }
+}
