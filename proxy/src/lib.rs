@@ -1,3 +1,6 @@
 #![forbid(unsafe_code)]
+//! `mesh-proxy`: the meshctl data plane.
 
-pub mod ratelimit;
+pub use mesh_config as config;
+
+pub mod routing;
