@@ -3,4 +3,5 @@
 
 pub use mesh_config as config;
 
+pub mod ratelimit;
 pub mod routing;
