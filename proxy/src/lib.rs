@@ -3,5 +3,6 @@
 
 pub use mesh_config as config;
 
+pub mod metrics;
 pub mod ratelimit;
 pub mod routing;
