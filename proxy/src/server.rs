@@ -389,15 +389,14 @@ impl ProxyHandle {
         for r in &listeners {
             r.stop.cancel();
         }
-        let mut tasks: Vec<JoinHandle<()>> = listeners.into_iter().map(|r| r.task).collect();
-        let all = futures::future::join_all(tasks.iter_mut());
-        if tokio::time::timeout(grace, all).await.is_err() {
+        let all = futures::future::join_all(listeners.into_iter().map(|r| r.task));
+        tokio::pin!(all);
+        if tokio::time::timeout(grace, &mut all).await.is_err() {
             tracing::info!("drain grace period over, closing remaining connections");
+            self.inner.rt.kill.cancel();
+            all.await;
         }
         self.inner.rt.kill.cancel();
-        for t in tasks {
-            let _ = t.await;
-        }
     }
 }
 
