@@ -51,7 +51,7 @@ const MIRROR_BUFFER_FRAMES: usize = 64;
 
 impl TeeBody {
     /// Wraps `inner`, returning the pass-through body and one body per mirror.
-    pub fn new(inner: ProxyBody, mirrors: usize) -> (ProxyBody, Vec<ProxyBody>) {
+    pub fn split(inner: ProxyBody, mirrors: usize) -> (ProxyBody, Vec<ProxyBody>) {
         let mut copies = Vec::with_capacity(mirrors);
         let mut bodies = Vec::with_capacity(mirrors);
         for _ in 0..mirrors {

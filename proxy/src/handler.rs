@@ -410,7 +410,7 @@ async fn forward<'a>(
             .collect()
     };
     if !chosen.is_empty() {
-        let (main, copies) = TeeBody::new(body, chosen.len());
+        let (main, copies) = TeeBody::split(body, chosen.len());
         body = main;
         for (m, copy) in chosen.into_iter().zip(copies) {
             spawn_mirror(rt, m, &parts, pq.clone(), copy);
