@@ -91,6 +91,11 @@ impl ConfigSource {
 fn load_native(path: &Path) -> anyhow::Result<ProxyConfig> {
     let file = path.display();
     let text = std::fs::read_to_string(path).with_context(|| format!("{file}: cannot read"))?;
+    if text.trim().is_empty() {
+        // Most likely caught between truncate and write; an empty config would drop every
+        // listener.
+        bail!("{file}: the file is empty");
+    }
     let is_json =
         path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
     let config: ProxyConfig = if is_json {
@@ -139,7 +144,14 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Signal handlers first: a SIGHUP must never hit the default action (exit).
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let source = ConfigSource::Native(args.config.clone());
+    // Watch before the first load, so a change made right after it is not missed.
+    let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(16);
+    let _watcher = watch(&source.watched(), reload_tx)?;
     let metrics = Arc::new(Metrics::new());
     let config = match source.load() {
         Ok(c) => c,
@@ -170,11 +182,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(16);
-    let _watcher = watch(&source.watched(), reload_tx.clone())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     loop {
         let why = tokio::select! {
             _ = hup.recv() => "SIGHUP",

@@ -217,6 +217,7 @@ async fn weights_split_statistically_and_weight_zero_is_never_chosen() {
     for h in handles {
         v2 += h.await.unwrap();
     }
+    eprintln!("weights: v2 got {v2} of {n}");
     let p = 0.2;
     let sd = (f64::from(n) * p * (1.0 - p)).sqrt();
     let expected = f64::from(n) * p;
