@@ -516,3 +516,68 @@ fn spawn_mirror(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_are_split() {
+        assert_eq!(split_host_port("example.com"), ("example.com", None));
+        assert_eq!(
+            split_host_port("example.com:8080"),
+            ("example.com", Some(8080))
+        );
+        assert_eq!(split_host_port("[::1]:80"), ("::1", Some(80)));
+        assert_eq!(split_host_port("[::1]"), ("::1", None));
+        assert_eq!(split_host_port("::1"), ("::1", None));
+        let req = Request::get("/")
+            .header("host", "Shop.COM:81")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req), (Some(81), "shop.com".to_string()));
+        let req = Request::get("http://h2.example/x").body(()).unwrap();
+        assert_eq!(request_host(&req), (None, "h2.example".to_string()));
+    }
+
+    #[test]
+    fn the_earlier_timeout_wins() {
+        let start = Instant::now();
+        assert_eq!(deadline(start, None, None), None);
+        assert_eq!(
+            deadline(start, Some(Duration::from_secs(1)), None),
+            Some(start + Duration::from_secs(1))
+        );
+        let d = deadline(
+            start,
+            Some(Duration::from_secs(10)),
+            Some(Duration::from_secs(1)),
+        );
+        assert!(d.unwrap() < start + Duration::from_secs(2));
+        let d = deadline(
+            start,
+            Some(Duration::from_millis(1)),
+            Some(Duration::from_secs(1)),
+        );
+        assert_eq!(d, Some(start + Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn errors_map_to_statuses_with_short_bodies() {
+        for (e, s) in [
+            (ProxyError::NoRoute, 404),
+            (ProxyError::InvalidBackend("x".into()), 500),
+            (ProxyError::NoBackends, 500),
+            (ProxyError::NoEndpoints("b".into()), 503),
+            (ProxyError::Connect("refused".into()), 503),
+            (ProxyError::Timeout, 504),
+            (ProxyError::UpstreamReset("reset".into()), 502),
+            (ProxyError::HeadersTooLarge, 431),
+        ] {
+            let r = e.into_response();
+            assert_eq!(r.status().as_u16(), s, "{e}");
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "text/plain");
+            assert!(e.body().len() < 64);
+        }
+    }
+}

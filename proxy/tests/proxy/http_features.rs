@@ -260,3 +260,43 @@ async fn too_many_or_too_large_headers_get_431() {
     assert!(r.starts_with("HTTP/1.1 431"), "{r}");
     assert_eq!(s.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn access_log_line_per_request_and_metrics() {
+    let s = EchoServer::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let mut cfg = gateway(
+        json!([forward("r", json!({}), "b")]),
+        json!([backend("b", &[s.endpoint()])]),
+    );
+    cfg["accessLog"] = json!({"path": log.to_str().unwrap()});
+    let env = start(cfg).await;
+    let r = TestClient::http1()
+        .get(
+            &env.url("/logged?token=secret"),
+            &[("x-request-id", "rid-1"), ("user-agent", "t/1")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let mut line = String::new();
+    for _ in 0..100 {
+        line = std::fs::read_to_string(&log).unwrap_or_default();
+        if !line.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v: serde_json::Value = serde_json::from_str(line.trim()).expect(&line);
+    assert_eq!(v["path"], "/logged", "no query string: {line}");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["route"], "r");
+    assert_eq!(v["backend"], "b");
+    assert_eq!(v["x_request_id"], "rid-1");
+    assert_eq!(v["user_agent"], "t/1");
+    assert_eq!(v["upstream_host"], s.endpoint());
+    assert_eq!(v["listener"], "l");
+    let m = env.proxy.metrics();
+    assert_eq!(m.requests_count("l", "r", "b", 200), 1);
+}

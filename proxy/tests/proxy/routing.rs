@@ -507,16 +507,22 @@ async fn rate_limits_at_listener_route_and_backend_scope() {
                           "add": [{"name": "x-mesh", "value": "istio"}]}],
              "action": {"type": "forward", "backends": [{"target": {"backend": "a"}, "weight": 1}]}},
             forward("backend-limited", json!({"path": {"type": "prefix", "value": "/b"}}), "b"),
+            {"name": "with-headers", "match": {"path": {"type": "prefix", "value": "/x"}},
+             "rateLimit": "xrl",
+             "action": {"type": "forward", "backends": [{"target": {"backend": "a"}, "weight": 1}]}},
             forward("listener-only", json!({}), "a"),
         ]),
         json!([backend("a", &[a.endpoint()]),
                {"name": "b", "endpoints": [b.endpoint()], "rateLimit": "backend"}]),
     );
     cfg["listeners"][0]["rateLimit"] = json!("listener");
+    let mut xrl = limit("xrl", 2);
+    xrl["xRatelimitHeaders"] = json!(true);
     cfg["rateLimits"] = json!([
         limit("listener", 1000),
         limit("route", 10),
-        limit("backend", 5)
+        limit("backend", 5),
+        xrl
     ]);
     let env = start(cfg).await;
     let c = TestClient::http1();
@@ -566,4 +572,21 @@ async fn rate_limits_at_listener_route_and_backend_scope() {
     assert_eq!(remaining, 700);
     let m = env.proxy.metrics();
     assert_eq!(m.rate_limited_count("l", "route-limited", "route"), 90);
+
+    // x-ratelimit-* headers of the limit that asked for them, on allowed and limited responses.
+    let r = c.get(&env.url("/x"), &[]).await.unwrap();
+    assert_eq!(
+        (
+            r.status.as_u16(),
+            r.header("x-ratelimit-limit"),
+            r.header("x-ratelimit-remaining")
+        ),
+        (200, Some("2"), Some("1"))
+    );
+    let _ = c.get(&env.url("/x"), &[]).await.unwrap();
+    let r = c.get(&env.url("/x"), &[]).await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-ratelimit-remaining")),
+        (429, Some("0"))
+    );
 }
