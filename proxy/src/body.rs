@@ -9,6 +9,11 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::access_log::{AccessLogEntry, AccessLogger, ResponseFlags};
+
 /// Errors from bodies (downstream, upstream, mirrors).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -142,5 +147,129 @@ impl Body for MirrorBody {
 
     fn is_end_stream(&self) -> bool {
         self.done
+    }
+}
+
+/// Counts the data bytes of a body into a shared counter (request bytes for the access log).
+pub struct CountingBody {
+    inner: ProxyBody,
+    count: Arc<AtomicU64>,
+}
+
+impl CountingBody {
+    pub fn wrap(inner: ProxyBody, count: Arc<AtomicU64>) -> ProxyBody {
+        CountingBody { inner, count }.boxed()
+    }
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(d) = f.data_ref()
+        {
+            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that writes the request's access log line once it has been sent (or
+/// abandoned, flagged `DC`), with the bytes received and sent and the total duration.
+pub struct LoggedBody {
+    inner: ProxyBody,
+    sent: u64,
+    pending: Option<PendingLog>,
+}
+
+/// What [`LoggedBody`] needs to finish an entry.
+pub struct PendingLog {
+    pub logger: Arc<AccessLogger>,
+    pub entry: AccessLogEntry,
+    pub received: Arc<AtomicU64>,
+    pub start: tokio::time::Instant,
+}
+
+impl LoggedBody {
+    pub fn wrap(inner: ProxyBody, pending: PendingLog) -> ProxyBody {
+        let mut b = LoggedBody {
+            inner,
+            sent: 0,
+            pending: Some(pending),
+        };
+        if b.inner.is_end_stream() {
+            b.finish(false);
+        }
+        b.boxed()
+    }
+
+    fn finish(&mut self, abandoned: bool) {
+        if let Some(mut p) = self.pending.take() {
+            p.entry.bytes_sent = self.sent;
+            p.entry.bytes_received = p.received.load(Ordering::Relaxed);
+            p.entry.duration = p.start.elapsed();
+            if abandoned {
+                p.entry
+                    .response_flags
+                    .insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+            }
+            p.logger.log(p.entry);
+        }
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.sent += d.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(false);
+                }
+            }
+            Poll::Ready(None) => self.finish(false),
+            Poll::Ready(Some(Err(_))) => self.finish(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the downstream went away (or the connection was cut).
+        let abandoned = !self.inner.is_end_stream();
+        self.finish(abandoned);
     }
 }

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{self, ProxyBody, TeeBody};
+use crate::body::{self, CountingBody, LoggedBody, PendingLog, ProxyBody, TeeBody};
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::headers;
@@ -24,6 +24,7 @@ use crate::routing::{
     Target, Upstream, rewrite_path,
 };
 use crate::upstream::Clients;
+use std::sync::atomic::AtomicU64;
 
 /// Everything derived from one config, shared by all listeners; swapped whole on reload.
 pub struct Snapshot {
@@ -76,9 +77,14 @@ pub async fn handle(
         .access_log_enabled()
         .then(|| Arrival::new(&uri, req.headers()));
     let mut request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
+    let received = Arc::new(AtomicU64::new(0));
+    let req = match arrival {
+        Some(_) => req.map(|b| CountingBody::wrap(body::boxed(b), received.clone())),
+        None => req.map(body::boxed),
+    };
     let mut out = Outcome::default();
     let resp = serve(&rt, &st, req, peer, start, &mut out, &mut request_id).await;
-    rt.observer.request_done(Finished {
+    let entry = rt.observer.request_done(Finished {
         listener: &st.table.name,
         method: &method,
         uri: &uri,
@@ -91,14 +97,27 @@ pub async fn handle(
         outcome: &out,
         arrival,
     });
-    resp
+    match entry {
+        Some(entry) => resp.map(|b| {
+            LoggedBody::wrap(
+                b,
+                PendingLog {
+                    logger: rt.observer.access_log.clone(),
+                    entry,
+                    received,
+                    start,
+                },
+            )
+        }),
+        None => resp,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     rt: &Arc<Runtime>,
     st: &ListenerState,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
     peer: SocketAddr,
     start: Instant,
     out: &mut Outcome,
@@ -333,7 +352,7 @@ async fn forward<'a>(
     upstream: &Upstream,
     mirrors: &[crate::routing::MirrorTarget],
     filters: impl Iterator<Item = &'a CompiledFilter>,
-    mut req: Request<Incoming>,
+    mut req: Request<ProxyBody>,
     peer: SocketAddr,
     start: Instant,
     out: &mut Outcome,
@@ -395,7 +414,7 @@ async fn forward<'a>(
     };
     parts.uri = upstream_uri(&endpoint, pq.clone())?;
 
-    let mut body = body::boxed(incoming);
+    let mut body = incoming;
     // Mirrors: a copy of the (filtered) request, fire and forget.
     let chosen: Vec<&Arc<Upstream>> = if upgrade {
         Vec::new()

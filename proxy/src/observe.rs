@@ -68,7 +68,10 @@ impl Observer {
         self.access_log.is_enabled()
     }
 
-    pub fn request_done(&self, f: Finished<'_>) {
+    /// Records the metrics of a request whose response headers are ready, and returns its
+    /// access log entry (when the log is on) for [`crate::body::LoggedBody`] to complete and
+    /// send once the response body has been sent.
+    pub fn request_done(&self, f: Finished<'_>) -> Option<AccessLogEntry> {
         let o = f.outcome;
         let route = o.route.as_deref().unwrap_or("");
         let backend = o.backend.as_deref().unwrap_or("");
@@ -93,7 +96,7 @@ impl Observer {
             if let Some(e) = &o.error {
                 flags.insert(response_flag(e));
             }
-            self.access_log.log(AccessLogEntry {
+            Some(AccessLogEntry {
                 start_time: arrival.start_time,
                 method: f.method.as_str().to_owned(),
                 path: f.uri.path().to_owned(),
@@ -115,7 +118,9 @@ impl Observer {
                 downstream_remote_address: Some(f.peer),
                 rate_limited: o.rate_limited.is_some(),
                 response_flags: flags,
-            });
+            })
+        } else {
+            None
         }
     }
 }

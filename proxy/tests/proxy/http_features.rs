@@ -272,13 +272,12 @@ async fn access_log_line_per_request_and_metrics() {
     );
     cfg["accessLog"] = json!({"path": log.to_str().unwrap()});
     let env = start(cfg).await;
-    let r = TestClient::http1()
-        .get(
-            &env.url("/logged?token=secret"),
-            &[("x-request-id", "rid-1"), ("user-agent", "t/1")],
-        )
-        .await
+    let req = http::Request::post(env.url("/logged?token=secret"))
+        .header("x-request-id", "rid-1")
+        .header("user-agent", "t/1")
+        .body(mesh_proxy::testing::body("hello"))
         .unwrap();
+    let r = TestClient::http1().send(req).await.unwrap();
     assert_eq!(r.status, 200);
     let mut line = String::new();
     for _ in 0..100 {
@@ -297,6 +296,9 @@ async fn access_log_line_per_request_and_metrics() {
     assert_eq!(v["user_agent"], "t/1");
     assert_eq!(v["upstream_host"], s.endpoint());
     assert_eq!(v["listener"], "l");
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["bytes_received"], 5);
+    assert_eq!(v["bytes_sent"], r.body.len());
     let m = env.proxy.metrics();
     assert_eq!(m.requests_count("l", "r", "b", 200), 1);
 }
