@@ -1,1 +1,22 @@
 #![forbid(unsafe_code)]
+//! `mesh-proxy`: the meshctl data plane.
+
+pub use mesh_config as config;
+
+pub mod access_log;
+pub mod admin;
+pub mod body;
+pub mod error;
+mod handler;
+pub mod headers;
+pub mod metrics;
+mod observe;
+pub mod ratelimit;
+pub mod routing;
+pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod upstream;
+
+pub use error::ProxyError;
+pub use server::{BoundListener, Proxy, ProxyHandle, ProxyOptions, ServeError};

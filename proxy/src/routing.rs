@@ -1,0 +1,678 @@
+//! The compiled routing table: built once per config, then only read.
+//!
+//! [`RouteTable::build`] turns a validated [`ProxyConfig`] into per-listener tables with
+//! regexes compiled, hostnames indexed, weights prefix-summed and backends resolved to shared
+//! endpoint sets. Matching ([`ListenerTable::route`]) is a pure function of the request parts,
+//! so it is unit tested here without sockets.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use regex::Regex;
+
+use crate::config::{
+    self, BackendTarget, Filter, HttpLimits, LoadBalancer, PathMatch, PathRewrite, ProxyConfig,
+    RouteAction, StringMatch, Timeouts, UpstreamProtocol,
+};
+
+/// A problem that makes a config impossible to compile (beyond [`ProxyConfig::validate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct BuildError {
+    pub path: String,
+    pub message: String,
+}
+
+/// One group of endpoints, shared (via `Arc`) by every route that references it.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    /// `host:port` authorities.
+    pub endpoints: Vec<Arc<str>>,
+    pub load_balancer: LoadBalancer,
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: Duration,
+    pub rate_limit: Option<String>,
+    next: AtomicUsize,
+}
+
+impl Upstream {
+    pub fn new(b: &config::Backend) -> Self {
+        Upstream {
+            name: b.name.as_str().into(),
+            endpoints: b.endpoints.iter().map(|e| Arc::from(e.as_str())).collect(),
+            load_balancer: b.load_balancer,
+            protocol: b.protocol,
+            connect_timeout: b.connect_timeout,
+            rate_limit: b.rate_limit.clone(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Picks an endpoint by the backend's load-balancing policy; `None` if there is none.
+    pub fn pick(&self) -> Option<&Arc<str>> {
+        match self.endpoints.len() {
+            0 => None,
+            1 => self.endpoints.first(),
+            n => {
+                let i = match self.load_balancer {
+                    LoadBalancer::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
+                    LoadBalancer::Random => fastrand::usize(0..n),
+                };
+                self.endpoints.get(i)
+            }
+        }
+    }
+}
+
+/// Where a share of the traffic goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Upstream(Arc<Upstream>),
+    /// An unresolved reference: its share gets 500.
+    Invalid(Arc<str>),
+}
+
+impl Target {
+    pub fn name(&self) -> &str {
+        match self {
+            Target::Upstream(u) => &u.name,
+            Target::Invalid(_) => "",
+        }
+    }
+}
+
+/// Header changes with names and values parsed once.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    fn compile(m: &config::HeaderModifier, path: &str) -> Result<Self, BuildError> {
+        let pair = |h: &config::HeaderValue, p: String| {
+            let name = HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes());
+            let value = HeaderValue::from_str(&h.value);
+            match (name, value) {
+                (Ok(n), Ok(v)) => Ok((n, v)),
+                _ => Err(BuildError {
+                    path: p,
+                    message: format!("{:?}: {:?} is not a valid header", h.name, h.value),
+                }),
+            }
+        };
+        let mut ops = HeaderOps::default();
+        for (i, h) in m.set.iter().enumerate() {
+            ops.set.push(pair(h, format!("{path}.set[{i}]"))?);
+        }
+        for (i, h) in m.add.iter().enumerate() {
+            ops.add.push(pair(h, format!("{path}.add[{i}]"))?);
+        }
+        for (i, n) in m.remove.iter().enumerate() {
+            ops.remove.push(
+                HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    BuildError {
+                        path: format!("{path}.remove[{i}]"),
+                        message: format!("{n:?} is not a header name"),
+                    }
+                })?,
+            );
+        }
+        Ok(ops)
+    }
+
+    /// Set, then add, then remove.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (n, v) in &self.set {
+            headers.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            headers.append(n.clone(), v.clone());
+        }
+        for n in &self.remove {
+            headers.remove(n);
+        }
+    }
+}
+
+/// A route filter, compiled.
+#[derive(Debug, Clone)]
+pub enum CompiledFilter {
+    RequestHeaders(HeaderOps),
+    ResponseHeaders(HeaderOps),
+    UrlRewrite {
+        hostname: Option<HeaderValue>,
+        path: Option<PathRewrite>,
+    },
+}
+
+fn compile_filters(filters: &[Filter], path: &str) -> Result<Vec<CompiledFilter>, BuildError> {
+    filters
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let p = format!("{path}[{i}]");
+            Ok(match f {
+                Filter::RequestHeaderModifier(m) => {
+                    CompiledFilter::RequestHeaders(HeaderOps::compile(m, &p)?)
+                }
+                Filter::ResponseHeaderModifier(m) => {
+                    CompiledFilter::ResponseHeaders(HeaderOps::compile(m, &p)?)
+                }
+                Filter::UrlRewrite(u) => CompiledFilter::UrlRewrite {
+                    hostname: match &u.hostname {
+                        Some(h) => Some(HeaderValue::from_str(h).map_err(|_| BuildError {
+                            path: format!("{p}.hostname"),
+                            message: format!("{h:?} is not a valid Host"),
+                        })?),
+                        None => None,
+                    },
+                    path: u.path.clone(),
+                },
+            })
+        })
+        .collect()
+}
+
+/// A weighted backend of a forward action.
+#[derive(Debug, Clone)]
+pub struct WeightedTarget {
+    pub target: Target,
+    pub weight: u32,
+    pub filters: Vec<CompiledFilter>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MirrorTarget {
+    pub target: Target,
+    pub percent: f64,
+}
+
+#[derive(Debug)]
+pub struct ForwardAction {
+    pub backends: Vec<WeightedTarget>,
+    /// Prefix sums of the weights; `cumulative[i]` = sum of weights `0..=i`.
+    cumulative: Vec<u64>,
+    pub mirrors: Vec<MirrorTarget>,
+}
+
+impl ForwardAction {
+    /// The sum of all weights; 0 means every request gets 500.
+    pub fn total_weight(&self) -> u64 {
+        self.cumulative.last().copied().unwrap_or(0)
+    }
+
+    /// Picks a backend with probability weight/sum. `None` if all weights are 0.
+    pub fn pick(&self) -> Option<&WeightedTarget> {
+        let total = self.total_weight();
+        if total == 0 {
+            return None;
+        }
+        self.pick_with(fastrand::u64(0..total))
+    }
+
+    /// Deterministic form of [`pick`](Self::pick): `r` in `0..total_weight()`.
+    pub fn pick_with(&self, r: u64) -> Option<&WeightedTarget> {
+        let i = self.cumulative.partition_point(|&c| c <= r);
+        self.backends.get(i)
+    }
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Forward(ForwardAction),
+    Redirect(config::Redirect),
+    DirectResponse {
+        status: StatusCode,
+        body: bytes::Bytes,
+    },
+}
+
+#[derive(Debug)]
+enum PathMatcher {
+    Exact(String),
+    /// Normalized: no trailing `/` except for the root (`/`).
+    Prefix(String),
+    Regex(Regex),
+}
+
+impl PathMatcher {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatcher::Exact(p) => path == p,
+            PathMatcher::Prefix(p) => prefix_matches(p, path),
+            PathMatcher::Regex(re) => re.is_match(path),
+        }
+    }
+}
+
+/// Element-wise prefix match; `prefix` is normalized (no trailing `/` unless it is `/`).
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+fn normalize_prefix(p: &str) -> String {
+    let t = p.trim_end_matches('/');
+    if t.is_empty() {
+        "/".to_string()
+    } else {
+        t.to_string()
+    }
+}
+
+fn anchored(re: &str, path: &str) -> Result<Regex, BuildError> {
+    Regex::new(&format!("^(?:{re})$")).map_err(|e| BuildError {
+        path: path.to_string(),
+        message: format!("invalid regular expression: {e}"),
+    })
+}
+
+#[derive(Debug)]
+enum ValueMatcher {
+    Exact(String),
+    Regex(Regex),
+}
+
+impl ValueMatcher {
+    fn compile(m: &StringMatch, path: &str) -> Result<Self, BuildError> {
+        Ok(match m {
+            StringMatch::Exact(v) => ValueMatcher::Exact(v.clone()),
+            StringMatch::Regex(re) => ValueMatcher::Regex(anchored(re, path)?),
+        })
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            ValueMatcher::Exact(e) => e == v,
+            ValueMatcher::Regex(re) => re.is_match(v),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Matcher {
+    path: PathMatcher,
+    headers: Vec<(HeaderName, ValueMatcher)>,
+    query: Vec<(String, ValueMatcher)>,
+    method: Option<Method>,
+}
+
+impl Matcher {
+    fn matches(&self, req: &RequestInfo<'_>) -> bool {
+        if let Some(m) = &self.method
+            && m != req.method
+        {
+            return false;
+        }
+        if !self.path.matches(req.path) {
+            return false;
+        }
+        // Several values of one header: the first one is matched.
+        for (name, vm) in &self.headers {
+            match req.headers.get(name).and_then(|v| v.to_str().ok()) {
+                Some(v) if vm.matches(v) => {}
+                _ => return false,
+            }
+        }
+        if !self.query.is_empty() {
+            let params = parse_query(req.query.unwrap_or(""));
+            for (name, vm) in &self.query {
+                match params.iter().find(|(k, _)| k == name) {
+                    Some((_, v)) if vm.matches(v) => {}
+                    _ => return false,
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Decodes `a=1&b=%20x` into pairs (percent-decoded; a key without `=` has an empty value).
+pub fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (percent_decode(k), percent_decode(v)),
+            None => (percent_decode(p), String::new()),
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h * 16 + l);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
+}
+
+/// One route, compiled.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    pub name: Arc<str>,
+    matcher: Matcher,
+    /// The normalized prefix of a `Prefix` path match (for `ReplacePrefixMatch`).
+    pub prefix: Option<String>,
+    pub filters: Vec<CompiledFilter>,
+    pub action: Action,
+    pub rate_limit: Option<String>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug)]
+pub struct CompiledVirtualHost {
+    pub name: Arc<str>,
+    pub routes: Vec<CompiledRoute>,
+}
+
+/// Hostname → virtual host index, by the Gateway API precedence.
+#[derive(Debug, Default)]
+struct HostIndex {
+    exact: HashMap<String, usize>,
+    /// (`.example.com`, vhost), longest suffix first.
+    wildcards: Vec<(String, usize)>,
+    any: Option<usize>,
+}
+
+impl HostIndex {
+    fn lookup(&self, host: &str) -> Option<usize> {
+        if let Some(&i) = self.exact.get(host) {
+            return Some(i);
+        }
+        for (suffix, i) in &self.wildcards {
+            if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
+                return Some(*i);
+            }
+        }
+        self.any
+    }
+}
+
+/// The parts of a request that routing looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    /// Lowercase host without port.
+    pub host: &'a str,
+    pub method: &'a Method,
+    /// Path without the query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+/// One listener's routes.
+#[derive(Debug)]
+pub struct ListenerTable {
+    pub name: Arc<str>,
+    pub port: u16,
+    pub rate_limit: Option<String>,
+    pub limits: HttpLimits,
+    pub virtual_hosts: Vec<CompiledVirtualHost>,
+    hosts: HostIndex,
+}
+
+impl ListenerTable {
+    /// The virtual host serving `host` (lowercase, without port), by hostname precedence.
+    pub fn virtual_host(&self, host: &str) -> Option<&CompiledVirtualHost> {
+        self.hosts.lookup(host).map(|i| &self.virtual_hosts[i])
+    }
+
+    /// The first route of the selected virtual host whose match holds.
+    pub fn route(&self, req: &RequestInfo<'_>) -> Option<(&CompiledVirtualHost, &CompiledRoute)> {
+        let vh = self.virtual_host(req.host)?;
+        vh.routes
+            .iter()
+            .find(|r| r.matcher.matches(req))
+            .map(|r| (vh, r))
+    }
+}
+
+/// All listeners' tables plus the shared backends of one config.
+#[derive(Debug)]
+pub struct RouteTable {
+    pub listeners: Vec<Arc<ListenerTable>>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+}
+
+impl RouteTable {
+    /// Compiles a validated config. `previous` lets backends whose definition did not change
+    /// keep their `Arc` (and round-robin position) across reloads.
+    pub fn build(cfg: &ProxyConfig, previous: Option<&RouteTable>) -> Result<Self, BuildError> {
+        let mut upstreams = HashMap::new();
+        for b in &cfg.backends {
+            let reuse = previous
+                .and_then(|p| p.upstreams.get(&b.name))
+                .filter(|u| same_upstream(u, b));
+            let u = match reuse {
+                Some(u) => u.clone(),
+                None => Arc::new(Upstream::new(b)),
+            };
+            upstreams.insert(b.name.clone(), u);
+        }
+        let resolve = |t: &BackendTarget, path: &str| -> Result<Target, BuildError> {
+            match t {
+                BackendTarget::Backend(n) => upstreams
+                    .get(n)
+                    .cloned()
+                    .map(Target::Upstream)
+                    .ok_or_else(|| BuildError {
+                        path: path.to_string(),
+                        message: format!("no backend named {n:?}"),
+                    }),
+                BackendTarget::Invalid(reason) => Ok(Target::Invalid(reason.as_str().into())),
+            }
+        };
+
+        let mut listeners = Vec::new();
+        for (li, l) in cfg.listeners.iter().enumerate() {
+            let lp = format!("listeners[{li}]");
+            let mut hosts = HostIndex::default();
+            let mut vhosts = Vec::new();
+            for (vi, vh) in l.virtual_hosts.iter().enumerate() {
+                let vp = format!("{lp}.virtualHosts[{vi}]");
+                for h in &vh.hostnames {
+                    let h = h.to_ascii_lowercase();
+                    if h == "*" {
+                        hosts.any.get_or_insert(vi);
+                    } else if let Some(suffix) = h.strip_prefix('*') {
+                        if !hosts.wildcards.iter().any(|(s, _)| s == suffix) {
+                            hosts.wildcards.push((suffix.to_string(), vi));
+                        }
+                    } else {
+                        hosts.exact.entry(h).or_insert(vi);
+                    }
+                }
+                let mut routes = Vec::new();
+                for (ri, r) in vh.routes.iter().enumerate() {
+                    let rp = format!("{vp}.routes[{ri}]");
+                    routes.push(compile_route(r, &rp, &resolve)?);
+                }
+                vhosts.push(CompiledVirtualHost {
+                    name: vh.name.as_str().into(),
+                    routes,
+                });
+            }
+            // Longest suffix first; stable, so equal lengths keep config order.
+            hosts
+                .wildcards
+                .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+            listeners.push(Arc::new(ListenerTable {
+                name: l.name.as_str().into(),
+                port: l.port,
+                rate_limit: l.rate_limit.clone(),
+                limits: l.limits,
+                virtual_hosts: vhosts,
+                hosts,
+            }));
+        }
+        Ok(RouteTable {
+            listeners,
+            upstreams,
+        })
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerTable>> {
+        self.listeners.iter().find(|l| &*l.name == name)
+    }
+}
+
+fn same_upstream(u: &Upstream, b: &config::Backend) -> bool {
+    u.endpoints.len() == b.endpoints.len()
+        && u.endpoints
+            .iter()
+            .zip(&b.endpoints)
+            .all(|(a, b)| **a == **b)
+        && u.load_balancer == b.load_balancer
+        && u.protocol == b.protocol
+        && u.connect_timeout == b.connect_timeout
+        && u.rate_limit == b.rate_limit
+}
+
+fn compile_route(
+    r: &config::Route,
+    rp: &str,
+    resolve: &dyn Fn(&BackendTarget, &str) -> Result<Target, BuildError>,
+) -> Result<CompiledRoute, BuildError> {
+    let m = &r.matches;
+    let (path, prefix) = match &m.path {
+        PathMatch::Exact(p) => (PathMatcher::Exact(p.clone()), None),
+        PathMatch::Prefix(p) => {
+            let n = normalize_prefix(p);
+            (PathMatcher::Prefix(n.clone()), Some(n))
+        }
+        PathMatch::Regex(re) => (
+            PathMatcher::Regex(anchored(re, &format!("{rp}.match.path.value"))?),
+            None,
+        ),
+    };
+    let mut headers = Vec::new();
+    for (i, h) in m.headers.iter().enumerate() {
+        let hp = format!("{rp}.match.headers[{i}]");
+        let name =
+            HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                BuildError {
+                    path: format!("{hp}.name"),
+                    message: format!("{:?} is not a header name", h.name),
+                }
+            })?;
+        headers.push((name, ValueMatcher::compile(&h.value, &hp)?));
+    }
+    let mut query = Vec::new();
+    for (i, q) in m.query_params.iter().enumerate() {
+        let qp = format!("{rp}.match.queryParams[{i}]");
+        query.push((q.name.clone(), ValueMatcher::compile(&q.value, &qp)?));
+    }
+    let method = match &m.method {
+        Some(s) => Some(Method::from_bytes(s.as_bytes()).map_err(|_| BuildError {
+            path: format!("{rp}.match.method"),
+            message: format!("{s:?} is not an HTTP method"),
+        })?),
+        None => None,
+    };
+    let action = match &r.action {
+        RouteAction::Forward(f) => {
+            let mut backends = Vec::new();
+            let mut cumulative = Vec::new();
+            let mut sum = 0u64;
+            for (i, wb) in f.backends.iter().enumerate() {
+                let bp = format!("{rp}.action.backends[{i}]");
+                sum += u64::from(wb.weight);
+                cumulative.push(sum);
+                backends.push(WeightedTarget {
+                    target: resolve(&wb.target, &format!("{bp}.target"))?,
+                    weight: wb.weight,
+                    filters: compile_filters(&wb.filters, &format!("{bp}.filters"))?,
+                });
+            }
+            let mut mirrors = Vec::new();
+            for (i, mi) in f.mirrors.iter().enumerate() {
+                mirrors.push(MirrorTarget {
+                    target: resolve(&mi.target, &format!("{rp}.action.mirrors[{i}].target"))?,
+                    percent: mi.percent,
+                });
+            }
+            Action::Forward(ForwardAction {
+                backends,
+                cumulative,
+                mirrors,
+            })
+        }
+        RouteAction::Redirect(rd) => Action::Redirect(rd.clone()),
+        RouteAction::DirectResponse(d) => Action::DirectResponse {
+            status: StatusCode::from_u16(d.status).map_err(|_| BuildError {
+                path: format!("{rp}.action.status"),
+                message: format!("{} is not an HTTP status", d.status),
+            })?,
+            body: bytes::Bytes::from(d.body.clone()),
+        },
+    };
+    Ok(CompiledRoute {
+        name: r.name.as_str().into(),
+        matcher: Matcher {
+            path,
+            headers,
+            query,
+            method,
+        },
+        prefix,
+        filters: compile_filters(&r.filters, &format!("{rp}.filters"))?,
+        action,
+        rate_limit: r.rate_limit.clone(),
+        timeouts: r.timeouts,
+    })
+}
+
+/// Applies a path rewrite. `prefix` is the route's normalized prefix match, if any.
+/// Returns the new path (the caller keeps the query).
+pub fn rewrite_path(rw: &PathRewrite, prefix: Option<&str>, path: &str) -> String {
+    match rw {
+        PathRewrite::ReplaceFullPath(p) => p.clone(),
+        PathRewrite::ReplacePrefixMatch(repl) => {
+            let rest = match prefix {
+                Some("/") | None => path,
+                Some(p) => path.strip_prefix(p).unwrap_or(path),
+            };
+            let base = repl.trim_end_matches('/');
+            let mut out = String::with_capacity(base.len() + rest.len());
+            out.push_str(base);
+            if !rest.is_empty() && !rest.starts_with('/') {
+                out.push('/');
+            }
+            out.push_str(rest);
+            if out.is_empty() {
+                out.push('/');
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,477 @@
+//! Listeners and lifecycle: [`Proxy::start`] binds, [`ProxyHandle::update`] reloads without
+//! dropping connections, [`ProxyHandle::shutdown`] drains.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::access_log::AccessLogger;
+use crate::config::{HttpLimits, ProxyConfig, ValidationError};
+use crate::handler::{ListenerState, Runtime, Snapshot, handle};
+use crate::metrics::{Metrics, ReloadResult};
+use crate::observe::Observer;
+use crate::ratelimit::RateLimiters;
+use crate::routing::{BuildError, RouteTable};
+use crate::upstream::Clients;
+
+/// How the proxy binds its listeners.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// Address for listeners without their own `address` (`--bind-address`). Default 0.0.0.0.
+    pub bind_address: IpAddr,
+    /// Serve a config port on another local port (`--listener-port 80=8080`); a value of 0
+    /// picks a free port.
+    pub listener_port_overrides: HashMap<u16, u16>,
+    /// How long connections of a listener removed by a reload may finish their requests.
+    pub removed_listener_grace: Duration,
+    /// Overrides the `instances` of every distributed rate limit (standalone mode).
+    pub distributed_instances: Option<u32>,
+    /// Metrics to record into (shared with the admin listener); a fresh registry if `None`.
+    pub metrics: Option<Arc<Metrics>>,
+    /// The access logger (reconfigured from each config's `accessLog`); a new one if `None`.
+    pub access_log: Option<Arc<AccessLogger>>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            bind_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            listener_port_overrides: HashMap::new(),
+            removed_listener_grace: Duration::from_secs(30),
+            distributed_instances: None,
+            metrics: None,
+            access_log: None,
+        }
+    }
+}
+
+/// Why a config could not be started or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid config: {}", join(.0))]
+    Invalid(Vec<ValidationError>),
+    #[error("config cannot be compiled: {0}")]
+    Build(#[from] BuildError),
+    #[error("listener {listener}: {address:?} is not an IP address")]
+    Address { listener: String, address: String },
+    #[error("listener {listener}: cannot listen on {address}: {source}")]
+    Bind {
+        listener: String,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listeners {0} and {1} resolve to the same socket")]
+    SameSocket(String, String),
+}
+
+fn join(errs: &[ValidationError]) -> String {
+    errs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A bound listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundListener {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+/// Entry point of the library's server.
+pub struct Proxy;
+
+impl Proxy {
+    /// Validates and compiles `config`, binds one socket per listener and starts serving.
+    pub async fn start(
+        config: ProxyConfig,
+        options: ProxyOptions,
+    ) -> Result<ProxyHandle, ServeError> {
+        let metrics = options
+            .metrics
+            .clone()
+            .unwrap_or_else(|| Arc::new(Metrics::new()));
+        let access_log = options
+            .access_log
+            .clone()
+            .unwrap_or_else(|| Arc::new(AccessLogger::new(metrics.access_log_dropped_counter())));
+        let rt = Arc::new(Runtime {
+            clients: Clients::default(),
+            observer: Observer::new(metrics.clone(), access_log),
+            kill: CancellationToken::new(),
+        });
+        let snapshot = match compile(&config, None, &options) {
+            Ok(s) => s,
+            Err(e) => {
+                metrics.config_reload(ReloadResult::Failure);
+                return Err(e);
+            }
+        };
+        let inner = Arc::new(Inner {
+            rt,
+            metrics,
+            options,
+            current: ArcSwap::new(snapshot.clone()),
+            running: tokio::sync::Mutex::new(Vec::new()),
+        });
+        let handle = ProxyHandle { inner };
+        if let Err(e) = handle.apply(snapshot).await {
+            handle.inner.metrics.config_reload(ReloadResult::Failure);
+            handle.stop_all(Duration::ZERO).await;
+            return Err(e);
+        }
+        handle.inner.metrics.config_reload(ReloadResult::Success);
+        Ok(handle)
+    }
+}
+
+/// A running proxy. Cheap to clone.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rt: Arc<Runtime>,
+    metrics: Arc<Metrics>,
+    options: ProxyOptions,
+    current: ArcSwap<Snapshot>,
+    /// Serialises updates; the listeners currently bound.
+    running: tokio::sync::Mutex<Vec<RunningListener>>,
+}
+
+/// Identity of a listening socket: a reload keeps the socket when this does not change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SocketKey {
+    ip: IpAddr,
+    /// The configured port after overrides (0 = ephemeral, kept across reloads).
+    port: u16,
+    /// The listener's name when `port` is 0, else empty.
+    name: String,
+}
+
+struct RunningListener {
+    key: SocketKey,
+    name: String,
+    address: SocketAddr,
+    state: Arc<ArcSwap<ListenerState>>,
+    /// Stops accepting and starts the graceful drain.
+    stop: CancellationToken,
+    /// Ends the remaining connections (after the grace period).
+    kill: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+fn compile(
+    config: &ProxyConfig,
+    previous: Option<&Snapshot>,
+    options: &ProxyOptions,
+) -> Result<Arc<Snapshot>, ServeError> {
+    config.validate().map_err(ServeError::Invalid)?;
+    let table = RouteTable::build(config, previous.map(|p| &*p.table))?;
+    let limiters = RateLimiters::build_with(
+        &config.rate_limits,
+        previous.map(|p| &*p.limiters),
+        options.distributed_instances,
+    );
+    Ok(Arc::new(Snapshot {
+        config: Arc::new(config.clone()),
+        table: Arc::new(table),
+        limiters: Arc::new(limiters),
+    }))
+}
+
+impl ProxyHandle {
+    /// The bound address of every listener, in config order.
+    pub async fn listeners(&self) -> Vec<BoundListener> {
+        let running = self.inner.running.lock().await;
+        let snap = self.inner.current.load();
+        snap.table
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                running
+                    .iter()
+                    .find(|r| r.name == *l.name)
+                    .map(|r| BoundListener {
+                        name: r.name.clone(),
+                        address: r.address,
+                    })
+            })
+            .collect()
+    }
+
+    /// The bound address of the listener called `name`.
+    pub async fn address(&self, name: &str) -> Option<SocketAddr> {
+        let running = self.inner.running.lock().await;
+        running.iter().find(|r| r.name == name).map(|r| r.address)
+    }
+
+    /// The config being served.
+    pub fn config(&self) -> Arc<ProxyConfig> {
+        self.inner.current.load().config.clone()
+    }
+
+    /// The rate limiters of the config being served (bucket state for `/config_dump`).
+    pub fn rate_limiters(&self) -> Arc<RateLimiters> {
+        self.inner.current.load().limiters.clone()
+    }
+
+    /// The metrics the request path records into.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
+    }
+
+    /// Applies a new config: validates and compiles it, keeps the sockets of listeners whose
+    /// address and port did not change (their connections stay open), binds new ones, drains
+    /// removed ones, and swaps the routing tables atomically (in-flight requests finish with the
+    /// config they started with). Rate-limit buckets of unchanged limits keep their tokens.
+    /// On error nothing changes.
+    pub async fn update(&self, config: ProxyConfig) -> Result<(), ServeError> {
+        let result = async {
+            let previous = self.inner.current.load_full();
+            let snapshot = compile(&config, Some(&previous), &self.inner.options)?;
+            self.apply(snapshot).await
+        }
+        .await;
+        self.inner.metrics.config_reload(if result.is_ok() {
+            ReloadResult::Success
+        } else {
+            ReloadResult::Failure
+        });
+        result
+    }
+
+    async fn apply(&self, snapshot: Arc<Snapshot>) -> Result<(), ServeError> {
+        let opts = &self.inner.options;
+        let mut running = self.inner.running.lock().await;
+        // The socket each listener of the new config wants.
+        let mut wanted: Vec<(SocketKey, usize)> = Vec::new();
+        for (i, l) in snapshot.config.listeners.iter().enumerate() {
+            let ip = match &l.address {
+                Some(a) => a.parse().map_err(|_| ServeError::Address {
+                    listener: l.name.clone(),
+                    address: a.clone(),
+                })?,
+                None => opts.bind_address,
+            };
+            let port = opts
+                .listener_port_overrides
+                .get(&l.port)
+                .copied()
+                .unwrap_or(l.port);
+            // Ephemeral ports are per listener: two listeners on port 0 get two sockets.
+            let name = if port == 0 {
+                l.name.clone()
+            } else {
+                String::new()
+            };
+            let key = SocketKey { ip, port, name };
+            if let Some((_, j)) = wanted.iter().find(|(k, _)| *k == key) {
+                return Err(ServeError::SameSocket(
+                    snapshot.config.listeners[*j].name.clone(),
+                    l.name.clone(),
+                ));
+            }
+            wanted.push((key, i));
+        }
+
+        // Bind the new sockets first: if one fails, nothing has changed.
+        let mut bound = Vec::new();
+        for (key, i) in &wanted {
+            if running.iter().any(|r| r.key == *key) {
+                continue;
+            }
+            let name = &snapshot.config.listeners[*i].name;
+            let addr = SocketAddr::new(key.ip, key.port);
+            let bind_err = |source| ServeError::Bind {
+                listener: name.clone(),
+                address: addr,
+                source,
+            };
+            let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+            let address = listener.local_addr().map_err(bind_err)?;
+            bound.push((key.clone(), listener, address));
+        }
+
+        // Stop listeners whose socket is no longer wanted.
+        let mut kept = Vec::new();
+        for r in running.drain(..) {
+            if wanted.iter().any(|(k, _)| *k == r.key) {
+                kept.push(r);
+            } else {
+                tracing::info!(listener = %r.name, address = %r.address, "listener removed");
+                r.stop.cancel();
+                let kill = r.kill.clone();
+                let grace = opts.removed_listener_grace;
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    kill.cancel();
+                });
+            }
+        }
+
+        let mut next = Vec::new();
+        for (key, i) in wanted {
+            let name = snapshot.config.listeners[i].name.clone();
+            let state = Arc::new(ListenerState {
+                table: snapshot.table.listeners[i].clone(),
+                snapshot: snapshot.clone(),
+            });
+            if let Some(pos) = kept.iter().position(|r| r.key == key) {
+                let mut r = kept.swap_remove(pos);
+                r.state.store(state);
+                r.name = name;
+                next.push(r);
+                continue;
+            }
+            let Some(pos) = bound.iter().position(|(k, _, _)| *k == key) else {
+                continue;
+            };
+            let (_, listener, address) = bound.swap_remove(pos);
+            tracing::info!(listener = %name, %address, "listening");
+            let state = Arc::new(ArcSwap::new(state));
+            let stop = CancellationToken::new();
+            let kill = self.inner.rt.kill.child_token();
+            let task = tokio::spawn(accept_loop(
+                listener,
+                state.clone(),
+                self.inner.rt.clone(),
+                self.inner.metrics.clone(),
+                name.clone(),
+                stop.clone(),
+                kill.clone(),
+            ));
+            next.push(RunningListener {
+                key,
+                name,
+                address,
+                state,
+                stop,
+                kill,
+                task,
+            });
+        }
+        *running = next;
+        if let Err(e) = self
+            .inner
+            .rt
+            .observer
+            .access_log
+            .reconfigure(&snapshot.config.access_log)
+        {
+            tracing::warn!(error = %e, path = ?snapshot.config.access_log.path, "access log not reconfigured");
+        }
+        self.inner.current.store(snapshot);
+        Ok(())
+    }
+
+    /// Graceful drain: stops accepting, lets in-flight requests finish and closes idle
+    /// keep-alive connections; after `grace`, ends whatever is left.
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop_all(grace).await;
+    }
+
+    async fn stop_all(&self, grace: Duration) {
+        let mut running = self.inner.running.lock().await;
+        let listeners: Vec<RunningListener> = running.drain(..).collect();
+        for r in &listeners {
+            r.stop.cancel();
+        }
+        let all = futures::future::join_all(listeners.into_iter().map(|r| r.task));
+        tokio::pin!(all);
+        if tokio::time::timeout(grace, &mut all).await.is_err() {
+            tracing::info!("drain grace period over, closing remaining connections");
+            self.inner.rt.kill.cancel();
+            all.await;
+        }
+        self.inner.rt.kill.cancel();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<ArcSwap<ListenerState>>,
+    rt: Arc<Runtime>,
+    metrics: Arc<Metrics>,
+    name: String,
+    stop: CancellationToken,
+    kill: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let gauge = metrics.connections_gauge(&name);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let limits = state.load().table.limits;
+        let builder = server_builder(limits);
+        let svc_state = state.clone();
+        let svc_rt = rt.clone();
+        let svc = service_fn(move |req| {
+            let st = svc_state.load_full();
+            let rt = svc_rt.clone();
+            async move { Ok::<_, Infallible>(handle(rt, st, req, peer).await) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let kill = kill.clone();
+        let guard = gauge.opened();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+                _ = kill.cancelled() => {}
+            }
+            drop(guard);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+fn server_builder(limits: HttpLimits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // The request path checks the exact limits (and answers 431 with a body); hyper's own
+    // parser limits sit above them as a backstop (hyper answers 431 without a body).
+    let max_headers = (limits.max_headers as usize).saturating_mul(2).max(100);
+    let max_buf = (limits.max_header_bytes as usize)
+        .saturating_mul(2)
+        .max(64 * 1024);
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .keep_alive(true)
+        .max_headers(max_headers)
+        .max_buf_size(max_buf);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes.saturating_mul(2).max(16 * 1024));
+    b
+}

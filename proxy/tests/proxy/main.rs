@@ -1,0 +1,8 @@
+//! Integration tests of the request path over real sockets: an echo backend, the proxy, a client.
+
+mod bench;
+mod cli;
+mod common;
+mod http_features;
+mod lifecycle;
+mod routing;
