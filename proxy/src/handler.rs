@@ -364,7 +364,8 @@ async fn forward<'a>(
         .clone();
     out.upstream_host = Some(endpoint.clone());
 
-    let downstream_h1 = req.version() < Version::HTTP_2;
+    let downstream_version = req.version();
+    let downstream_h1 = downstream_version < Version::HTTP_2;
     let upgrade = downstream_h1
         && upstream.protocol == UpstreamProtocol::Http1
         && headers::is_upgrade(req.headers());
@@ -453,6 +454,9 @@ async fn forward<'a>(
     };
     let mut resp = result.map_err(|e| ProxyError::from_client(&e))?;
 
+    // The response speaks the downstream's protocol, whatever the backend answered with (an
+    // HTTP/1.0 backend must not turn a keep-alive HTTP/1.1 connection into 1.0).
+    *resp.version_mut() = downstream_version;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(resp.headers_mut(), switching && upgrade);
     if switching && let Some(down) = on_downstream_upgrade {

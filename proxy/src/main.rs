@@ -32,10 +32,24 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "resources"])))]
 struct RunArgs {
     /// Native proxy config (YAML or JSON), reloaded on SIGHUP and when the file changes.
     #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Kubernetes objects (files or directories of multi-document YAML/JSON): Gateway API
+    /// GatewayClass/Gateway/HTTPRoute/ReferenceGrant, Service, EndpointSlice,
+    /// RateLimitPolicy, Istio EnvoyFilter (local rate limit) and IstioOperator (access log).
+    /// Reloaded on SIGHUP and when a file changes.
+    #[arg(long, value_name = "PATH", num_args = 1..)]
+    resources: Vec<PathBuf>,
+    /// Namespace of `--resources` objects that have none (like `kubectl apply -n`).
+    #[arg(long, short = 'n', value_name = "NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Serve only these Gateways (`NAMESPACE/NAME`, repeatable); default: every Gateway of
+    /// a GatewayClass we control.
+    #[arg(long = "gateway", value_name = "NAMESPACE/NAME")]
+    gateways: Vec<String>,
     /// Address for listeners that do not set their own.
     #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
     bind_address: IpAddr,
@@ -64,12 +78,17 @@ fn parse_port_map(s: &str) -> Result<(u16, u16), String> {
     Ok((port(a)?, port(b)?))
 }
 
-/// Where the config comes from. The lead adds `Resources(Vec<PathBuf>)` (Kubernetes objects,
-/// translated by mesh-translate) as another variant; everything else stays the same.
+/// Where the config comes from.
 #[derive(Debug, Clone)]
 enum ConfigSource {
     /// A native config file, YAML or JSON.
     Native(PathBuf),
+    /// Kubernetes objects, translated by mesh-translate.
+    Resources {
+        paths: Vec<PathBuf>,
+        load: mesh_translate::LoadOptions,
+        translate: mesh_translate::TranslateOptions,
+    },
 }
 
 impl ConfigSource {
@@ -77,6 +96,11 @@ impl ConfigSource {
     fn load(&self) -> anyhow::Result<ProxyConfig> {
         match self {
             ConfigSource::Native(path) => load_native(path),
+            ConfigSource::Resources {
+                paths,
+                load,
+                translate,
+            } => load_resources(paths, load, translate),
         }
     }
 
@@ -84,6 +108,7 @@ impl ConfigSource {
     fn watched(&self) -> Vec<PathBuf> {
         match self {
             ConfigSource::Native(path) => vec![path.clone()],
+            ConfigSource::Resources { paths, .. } => paths.clone(),
         }
     }
 }
@@ -108,6 +133,40 @@ fn load_native(path: &Path) -> anyhow::Result<ProxyConfig> {
         bail!("invalid config:\n{}", lines.join("\n"));
     }
     Ok(config)
+}
+
+/// Loads and translates Kubernetes objects. Problems in the files are errors naming file,
+/// document and field; what translation could not honour is printed as warnings.
+fn load_resources(
+    paths: &[PathBuf],
+    load: &mesh_translate::LoadOptions,
+    options: &mesh_translate::TranslateOptions,
+) -> anyhow::Result<ProxyConfig> {
+    let loaded = mesh_translate::load(paths, load).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    let translation = mesh_translate::translate(&loaded.resources, options);
+    for w in &translation.warnings {
+        tracing::warn!("{w}");
+    }
+    if translation.config.listeners.is_empty() {
+        bail!(
+            "{}: no Gateway of a GatewayClass we control (controllers {}) to serve",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            options.controller_names.join(", ")
+        );
+    }
+    if let Err(errs) = translation.config.validate() {
+        // A translator bug, not a user error: say so plainly.
+        let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        bail!("translated config is invalid:\n{}", lines.join("\n"));
+    }
+    Ok(translation.config)
 }
 
 fn main() -> std::process::ExitCode {
@@ -148,7 +207,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let source = ConfigSource::Native(args.config.clone());
+    let source = match &args.config {
+        Some(path) => ConfigSource::Native(path.clone()),
+        None => ConfigSource::Resources {
+            paths: args.resources.clone(),
+            load: mesh_translate::LoadOptions {
+                default_namespace: args.namespace.clone(),
+            },
+            translate: mesh_translate::TranslateOptions {
+                default_namespace: args.namespace.clone(),
+                gateways: args.gateways.clone(),
+                ..mesh_translate::TranslateOptions::default()
+            },
+        },
+    };
     // Watch before the first load, so a change made right after it is not missed.
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(16);
     let _watcher = watch(&source.watched(), reload_tx)?;
@@ -257,9 +329,17 @@ fn watch(
     tx: mpsc::Sender<&'static str>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
+    // A file is matched by name within its directory (so a replaced file or a ConfigMap's
+    // `..data` symlink swap counts); a directory matches any change of an entry in it.
     let names: Vec<std::ffi::OsString> = files
         .iter()
+        .filter(|f| !f.is_dir())
         .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
+        .collect();
+    let dirs: Vec<PathBuf> = files
+        .iter()
+        .filter(|f| f.is_dir())
+        .filter_map(|d| d.canonicalize().ok())
         .collect();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         let Ok(ev) = ev else { return };
@@ -267,15 +347,26 @@ fn watch(
             return;
         }
         let relevant = ev.paths.iter().any(|p| {
-            p.file_name().is_some_and(|n| {
-                names.iter().any(|w| w == n) || n.to_string_lossy().starts_with("..")
-            })
+            let in_dir = p
+                .parent()
+                .and_then(|d| d.canonicalize().ok())
+                .is_some_and(|d| dirs.contains(&d));
+            in_dir
+                || p.file_name().is_some_and(|n| {
+                    names.iter().any(|w| w == n) || n.to_string_lossy().starts_with("..")
+                })
         });
         if relevant {
             let _ = tx.try_send("file changed");
         }
     })?;
     for f in files {
+        if f.is_dir() {
+            watcher
+                .watch(f, RecursiveMode::NonRecursive)
+                .with_context(|| format!("cannot watch {}", f.display()))?;
+            continue;
+        }
         let dir = match f.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),

@@ -9,6 +9,11 @@ use mesh_config::{
 };
 use mesh_translate::{LoadOptions, TranslateOptions, load, translate};
 
+/// The repository's verbatim copy of the seed (what `meshctl demo` embeds).
+fn seed_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed-walkthrough")
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -30,7 +35,6 @@ fn fixture_copy_equals_shared_seed() {
         let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
             .map(|p| {
                 (
                     p.file_name().unwrap().to_string_lossy().into_owned(),
@@ -41,12 +45,12 @@ fn fixture_copy_equals_shared_seed() {
         v.sort();
         v
     };
-    assert_eq!(yaml(&fixtures().join("seed")), yaml(&shared));
+    assert_eq!(yaml(&seed_dir()), yaml(&shared));
 }
 
 #[test]
 fn seed_loads_as_is_with_warnings_for_unused_kinds() {
-    let loaded = load(&[fixtures().join("seed")], &seed_options()).unwrap();
+    let loaded = load(&[seed_dir()], &seed_options()).unwrap();
     let r = &loaded.resources;
     assert_eq!(r.gateway_classes.len(), 1);
     assert_eq!(r.gateways.len(), 1);
@@ -68,7 +72,7 @@ fn seed_loads_as_is_with_warnings_for_unused_kinds() {
 
 fn seed_translation() -> mesh_translate::Translation {
     let loaded = load(
-        &[fixtures().join("seed"), fixtures().join("seed-endpoints")],
+        &[seed_dir(), fixtures().join("seed-endpoints")],
         &seed_options(),
     )
     .unwrap();
@@ -226,7 +230,7 @@ fn seed_warnings_explain_emulation_and_operator() {
 
 #[test]
 fn seed_without_endpoint_slices_has_empty_endpoints() {
-    let loaded = load(&[fixtures().join("seed")], &seed_options()).unwrap();
+    let loaded = load(&[seed_dir()], &seed_options()).unwrap();
     let t = translate(&loaded.resources, &TranslateOptions::default());
     t.config.validate().unwrap();
     assert!(t.config.backends.iter().all(|b| b.endpoints.is_empty()));

@@ -682,7 +682,7 @@ spec:
 fn envoy_filter_sidecar_inbound_multiplies_by_endpoints() {
     let ef = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/seed/istio-envoy-filter.yaml"),
+            .join("../examples/seed-walkthrough/istio-envoy-filter.yaml"),
     )
     .unwrap();
     let y = [
