@@ -10,6 +10,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
 
 die() {
     echo "kube-testenv/build.sh: error: $*" >&2
@@ -66,10 +67,13 @@ if complete; then
     exit 0
 fi
 
-log "building $key with $(go version) (takes several minutes the first time)"
+go_version="$(go version)"
+log "building $key with $go_version (takes several minutes the first time)"
 start=$(date +%s)
 tmp="$(mktemp -d "$dest/build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
+chmod 755 "$tmp"
+rm -f "$stamp"
 
 export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS="${GOFLAGS:-} -mod=readonly -trimpath"
 
@@ -109,10 +113,10 @@ done
 rm -rf "$bin"
 mv "$tmp" "$bin"
 trap - EXIT
-{
-    echo "k8s=$k8s_version etcd=$etcd_version kwok=$kwok_version"
-    go version
-    echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) in $(($(date +%s) - start))s"
-} >"$stamp"
+# The stamp is written last, atomically: its presence means the directory is complete.
+printf 'k8s=%s etcd=%s kwok=%s\n%s\nbuilt %s in %ss\n' \
+    "$k8s_version" "$etcd_version" "$kwok_version" "$go_version" \
+    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(($(date +%s) - start))" >"$stamp.tmp"
+mv "$stamp.tmp" "$stamp"
 log "built $key in $(($(date +%s) - start))s"
 echo "$bin"
