@@ -131,7 +131,14 @@ impl TestEnv {
             .tempdir()
             .context("creating the work directory")?
             .keep();
-        let result = start_in(&dir, &bin_dir, keep).await;
+        // The janitor comes first, so the directory goes away even if this process is
+        // killed while starting.
+        let janitor = if keep {
+            None
+        } else {
+            Some(Supervised::janitor(&dir)?)
+        };
+        let result = start_in(&dir, &bin_dir, keep, janitor).await;
         match result {
             Ok(mut env) => {
                 env.startup = started.elapsed();
@@ -292,10 +299,7 @@ impl Drop for TestEnv {
             .take();
         if self.keep {
             eprintln!("mesh-testenv: kept {}", self.dir.display());
-            if let Some(mut j) = janitor {
-                // No janitor was started when keeping; nothing to remove.
-                j.request_stop();
-            }
+            drop(janitor); // none is started when keeping
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
             drop(janitor);
@@ -458,6 +462,9 @@ struct Starter<'a> {
     dir: &'a Path,
     bin_dir: &'a Path,
     procs: Vec<Supervised>,
+    /// (what, seconds since the start) for each readiness step, for the startup report.
+    phases: Vec<(String, f64)>,
+    t0: Instant,
 }
 
 impl Starter<'_> {
@@ -486,7 +493,11 @@ impl Starter<'_> {
             self.check()
                 .with_context(|| format!("while waiting for {what}"))?;
             match f().await {
-                Ok(Some(v)) => return Ok(v),
+                Ok(Some(v)) => {
+                    self.phases
+                        .push((what.to_owned(), self.t0.elapsed().as_secs_f64()));
+                    return Ok(v);
+                }
                 Ok(None) => {}
                 Err(e) => last_err = Some(e),
             }
@@ -513,7 +524,12 @@ impl Starter<'_> {
     }
 }
 
-async fn start_in(dir: &Path, bin_dir: &Path, keep: bool) -> Result<TestEnv> {
+async fn start_in(
+    dir: &Path,
+    bin_dir: &Path,
+    keep: bool,
+    janitor: Option<Supervised>,
+) -> Result<TestEnv> {
     let d = |p: &str| dir.join(p).display().to_string();
     for sub in [
         "pki",
@@ -595,6 +611,8 @@ async fn start_in(dir: &Path, bin_dir: &Path, keep: bool) -> Result<TestEnv> {
         dir,
         bin_dir,
         procs: Vec::new(),
+        phases: Vec::new(),
+        t0: Instant::now(),
     };
     let result = start_processes(
         &mut s,
@@ -608,7 +626,15 @@ async fn start_in(dir: &Path, bin_dir: &Path, keep: bool) -> Result<TestEnv> {
     )
     .await;
     let config = match result {
-        Ok(config) => config,
+        Ok(config) => {
+            let phases: Vec<String> = s
+                .phases
+                .iter()
+                .map(|(what, at)| format!("{what} at {at:.1}s"))
+                .collect();
+            eprintln!("mesh-testenv: {}", phases.join(", "));
+            config
+        }
         Err(e) => {
             // Dropping the processes stops them.
             for p in s.procs.iter_mut().rev() {
@@ -617,12 +643,6 @@ async fn start_in(dir: &Path, bin_dir: &Path, keep: bool) -> Result<TestEnv> {
             drop(s.procs);
             return Err(e);
         }
-    };
-    let janitor = if keep {
-        None
-    } else {
-        let pids: Vec<u32> = s.procs.iter().map(Supervised::pid).collect();
-        Some(Supervised::janitor(dir, &pids)?)
     };
     Ok(TestEnv {
         dir: dir.to_owned(),

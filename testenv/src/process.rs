@@ -49,15 +49,15 @@ impl Supervised {
         Self::start(name, cmd, Stdio::from(out), Stdio::from(err), log)
     }
 
-    /// Starts the janitor that removes `dir` once the test process is gone and `pids` exited.
-    pub(crate) fn janitor(dir: &Path, pids: &[u32]) -> Result<Self> {
+    /// Starts the janitor that removes `dir` once the test process is gone (or closed the
+    /// lifeline) and no process mentions `dir` on its command line any more.
+    pub(crate) fn janitor(dir: &Path) -> Result<Self> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(WATCHDOG)
             .arg("mesh-testenv-watchdog")
             .arg("janitor")
-            .arg(dir)
-            .args(pids.iter().map(u32::to_string));
+            .arg(dir);
         Self::start("janitor", cmd, Stdio::null(), Stdio::null(), Path::new(""))
     }
 
@@ -77,10 +77,6 @@ impl Supervised {
             lifeline,
             exited: None,
         })
-    }
-
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// Fails (with the tail of its log) if the process has exited.
@@ -215,10 +211,31 @@ mod tests {
     }
 
     #[test]
+    fn janitor_waits_for_processes_that_use_the_directory() {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let marker = dir.join("marker");
+        // A process with the directory on its command line, alive for about a second.
+        let mut user = Command::new("sh")
+            .args(["-c", "sleep 1; :"])
+            .arg(&marker)
+            .spawn()
+            .unwrap();
+        let mut j = Supervised::janitor(&dir).unwrap();
+        let started = Instant::now();
+        j.request_stop();
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(dir.exists(), "removed while still in use");
+        user.wait().unwrap();
+        assert!(wait_for(|| !dir.exists()), "removed once unused");
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        j.stop(Duration::from_secs(10));
+    }
+
+    #[test]
     fn janitor_removes_the_directory_after_the_lifeline_closes() {
         let dir = tempfile::tempdir().unwrap().keep();
         std::fs::write(dir.join("f"), "x").unwrap();
-        let mut j = Supervised::janitor(&dir, &[]).unwrap();
+        let mut j = Supervised::janitor(&dir).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         assert!(dir.exists());
         j.stop(Duration::from_secs(10));

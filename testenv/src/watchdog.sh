@@ -6,7 +6,8 @@
 #
 #   run PROGRAM ARGS...  run PROGRAM; on EOF send it SIGTERM, after 5 s SIGKILL.
 #                        Exits with PROGRAM's status when PROGRAM exits by itself.
-#   janitor DIR PID...   on EOF wait (at most 15 s) until the PIDs are gone, then rm -rf DIR.
+#   janitor DIR          on EOF wait (at most 15 s) until no process has DIR/ in its command
+#                        line, then rm -rf DIR.
 set -u
 mode="$1"
 shift
@@ -33,17 +34,25 @@ run)
     exit "$status"
     ;;
 janitor)
+    # Waits until no other process mentions DIR/ on its command line (every component gets
+    # its paths there), at most 15 s, then removes DIR.
     dir="$1"
-    shift
     while read -r _ <&3; do :; done
     i=0
-    while [ "$i" -lt 150 ]; do
-        alive=""
-        for p in "$@"; do
-            if kill -0 "$p" 2>/dev/null; then alive=1; fi
+    while [ "$i" -lt 75 ]; do
+        busy=""
+        for f in /proc/[0-9]*/cmdline; do
+            cmd="$(tr '\0' ' ' <"$f" 2>/dev/null)" || continue
+            case "$cmd" in
+            *" mesh-testenv-watchdog janitor $dir "*) ;; # ourselves (and our subshells)
+            *"$dir/"*)
+                busy=1
+                break
+                ;;
+            esac
         done
-        [ -z "$alive" ] && break
-        sleep 0.1
+        [ -z "$busy" ] && break
+        sleep 0.2
         i=$((i + 1))
     done
     rm -rf "$dir"
