@@ -194,6 +194,27 @@ impl TestEnv {
         self.ca.issue(cn, &[], sans, Usage::Server)
     }
 
+    /// A rustls server configuration (no ALPN: HTTP/1.1; set `alpn_protocols` for h2) with a
+    /// certificate from
+    /// [`TestEnv::issue_cert`] — for an HTTPS server the API server calls, such as a
+    /// URL-mode admission webhook whose `caBundle` is [`TestEnv::ca_pem`].
+    pub fn server_tls_config(&self, sans: &[&str]) -> Result<std::sync::Arc<rustls::ServerConfig>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        install_crypto_provider();
+        let pair = self.issue_cert(sans)?;
+        let certs = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .context("parsing the issued certificate")?;
+        let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())
+            .context("parsing the issued key")?;
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .context("building the TLS server config")?;
+        Ok(std::sync::Arc::new(config))
+    }
+
     /// The directory holding the binaries.
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir

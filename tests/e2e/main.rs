@@ -5,4 +5,5 @@
 
 mod control_plane;
 mod ssa;
+mod url_webhook;
 mod walkthrough;
