@@ -12,7 +12,7 @@ use mesh_testenv::{TestEnv, eventually};
 
 const DEPLOYMENT_YAML: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/seed-walkthrough/deployment.yaml"
+    "/examples/seed-walkthrough/deployment.yaml"
 );
 
 fn selector(map: &std::collections::BTreeMap<String, String>) -> String {
