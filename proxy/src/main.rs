@@ -177,6 +177,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -253,6 +254,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin_shutdown.clone(),
     )
     .await?;
+    // One parseable line per admin server, like the listeners' (tests and scripts read them).
+    for (name, addr) in [
+        ("admin", admin_servers.admin),
+        ("readiness", admin_servers.readiness),
+        ("metrics", admin_servers.metrics),
+    ] {
+        if let Some(addr) = addr {
+            eprintln!("listening server={name} address={addr}");
+        }
+    }
 
     loop {
         let why = tokio::select! {

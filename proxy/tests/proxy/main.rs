@@ -6,3 +6,4 @@ mod common;
 mod http_features;
 mod lifecycle;
 mod routing;
+mod seed;
