@@ -18,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the user's reference scenario (the seed walkthrough) on this machine, no cluster.
+    Demo(cli::demo::DemoArgs),
     /// Inject the mesh sidecar into Kubernetes manifests (offline, like kube-inject).
     Inject(cli::inject::InjectArgs),
     /// Run the control plane (for now: the sidecar-injection webhook).
@@ -26,16 +28,22 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    // The demo prints a report on stdout; its servers' info logs would only interleave.
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => cli::demo::run(args),
         Command::Inject(args) => cli::inject::run(args),
         Command::ControlPlane(args) => cli::control_plane::run(args),
     };

@@ -2,4 +2,5 @@
 
 pub mod config_args;
 pub mod control_plane;
+pub mod demo;
 pub mod inject;
