@@ -602,3 +602,54 @@ async fn rate_limits_at_listener_route_and_backend_scope() {
         (429, Some("0"))
     );
 }
+
+/// Tokens come back after the fill interval, over real sockets and real time: the bucket
+/// empties, stays empty within the interval, and gets exactly `tokensPerFill` back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_tokens_come_back_after_the_interval() {
+    let a = EchoServer::start("a").await;
+    let mut cfg = gateway(
+        json!([{"name": "r", "rateLimit": "short",
+                "action": {"type": "forward", "backends": [{"target": {"backend": "a"}, "weight": 1}]}}]),
+        json!([backend("a", &[a.endpoint()])]),
+    );
+    cfg["rateLimits"] =
+        json!([{"name": "short", "maxTokens": 3, "tokensPerFill": 2, "fillInterval": "600ms"}]);
+    let env = start(cfg).await;
+    let c = TestClient::http1();
+    let statuses = |n: usize| {
+        let c = c.clone();
+        let url = env.url("/");
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                out.push(c.get(&url, &[]).await.unwrap().status.as_u16());
+            }
+            out
+        }
+    };
+    // The bucket's fill boundaries count from its creation; start right after one so the
+    // first phase below cannot straddle a fill.
+    let bucket = env
+        .proxy
+        .rate_limiters()
+        .get("short")
+        .unwrap()
+        .bucket()
+        .clone();
+    tokio::time::sleep(bucket.time_until_next_fill() + Duration::from_millis(20)).await;
+    let _ = statuses(4).await; // drain whatever is there
+    assert_eq!(statuses(2).await, [429, 429], "empty within the interval");
+    tokio::time::sleep(bucket.time_until_next_fill() + Duration::from_millis(50)).await;
+    assert_eq!(
+        statuses(3).await,
+        [200, 200, 429],
+        "tokensPerFill (2) came back"
+    );
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(
+        statuses(4).await,
+        [200, 200, 200, 429],
+        "refilled, but never above maxTokens (3)"
+    );
+}
