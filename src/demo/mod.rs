@@ -129,6 +129,27 @@ fn translate(resources: &Resources, warnings: &mut Vec<String>) -> mesh_proxy::c
     translation.config
 }
 
+/// The seed's objects as the cluster would hold them after step 5 (`with_filter`: step 7),
+/// with EndpointSlices for the local apps.
+fn seed_resources(
+    apps: &[(&str, SocketAddr)],
+    with_filter: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Resources, DemoError> {
+    let slices = endpoint_slices(apps);
+    let mut files = vec![
+        ("deployment.yaml", seed::DEPLOYMENT),
+        ("endpointslices.yaml", slices.as_str()),
+        ("gateway.yaml", seed::GATEWAY),
+        ("httproute-myapp.yaml", seed::ROUTE_MYAPP),
+        ("httproute-otherapp.yaml", seed::ROUTE_OTHERAPP),
+    ];
+    if with_filter {
+        files.push(("istio-envoy-filter.yaml", seed::ENVOY_FILTER));
+    }
+    load(&files, warnings)
+}
+
 impl Demo {
     /// Steps 3–5: the apps, the Gateway and both HTTPRoutes, served by a gateway proxy.
     pub async fn start(options: &DemoOptions) -> Result<Demo, DemoError> {
@@ -147,17 +168,7 @@ impl Demo {
             running.push(app);
         }
         let mut warnings = Vec::new();
-        let slices = endpoint_slices(&apps);
-        let resources = load(
-            &[
-                ("deployment.yaml", seed::DEPLOYMENT),
-                ("endpointslices.yaml", &slices),
-                ("gateway.yaml", seed::GATEWAY),
-                ("httproute-myapp.yaml", seed::ROUTE_MYAPP),
-                ("httproute-otherapp.yaml", seed::ROUTE_OTHERAPP),
-            ],
-            &mut warnings,
-        )?;
+        let resources = seed_resources(&apps, false, &mut warnings)?;
         let config = translate(&resources, &mut warnings);
         let proxy = Proxy::start(
             config,
@@ -185,19 +196,8 @@ impl Demo {
 
     /// Step 7: the EnvoyFilter, applied to the running proxy (no restart, buckets start full).
     pub async fn apply_envoy_filter(&mut self) -> Result<(), DemoError> {
-        let slices = endpoint_slices(&self.apps);
         let mut warnings = Vec::new();
-        let resources = load(
-            &[
-                ("deployment.yaml", seed::DEPLOYMENT),
-                ("endpointslices.yaml", &slices),
-                ("gateway.yaml", seed::GATEWAY),
-                ("httproute-myapp.yaml", seed::ROUTE_MYAPP),
-                ("httproute-otherapp.yaml", seed::ROUTE_OTHERAPP),
-                ("istio-envoy-filter.yaml", seed::ENVOY_FILTER),
-            ],
-            &mut warnings,
-        )?;
+        let resources = seed_resources(&self.apps, true, &mut warnings)?;
         let config = translate(&resources, &mut warnings);
         self.warnings.extend(warnings);
         self.proxy.update(config).await?;
