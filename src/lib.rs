@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod inject;
+pub mod install;
 pub mod kube_yaml;
 pub mod offline;
 pub mod webhook;

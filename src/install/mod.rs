@@ -1,0 +1,9 @@
+//! The installer: profiles and overlay, typed values, manifest rendering, and the cluster
+//! side (server-side apply, prune, readiness, verify, uninstall).
+
+pub mod overlay;
+pub mod profile;
+pub mod values;
+
+#[cfg(test)]
+mod tests;
