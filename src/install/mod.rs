@@ -1,6 +1,7 @@
 //! The installer: profiles and overlay, typed values, manifest rendering, and the cluster
 //! side (server-side apply, prune, readiness, verify, uninstall).
 
+pub mod crds;
 pub mod overlay;
 pub mod profile;
 pub mod values;
