@@ -22,6 +22,8 @@ enum Command {
     Inject(cli::inject::InjectArgs),
     /// Run the control plane (for now: the sidecar-injection webhook).
     ControlPlane(cli::control_plane::ControlPlaneArgs),
+    /// Render the install manifests.
+    Manifest(cli::manifest::ManifestArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +40,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Inject(args) => cli::inject::run(args),
         Command::ControlPlane(args) => cli::control_plane::run(args),
+        Command::Manifest(args) => cli::manifest::run(args),
     };
     match result {
         Ok(code) => code,

@@ -3,3 +3,5 @@
 pub mod config_args;
 pub mod control_plane;
 pub mod inject;
+pub mod install_args;
+pub mod manifest;
