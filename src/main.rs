@@ -24,6 +24,12 @@ enum Command {
     ControlPlane(cli::control_plane::ControlPlaneArgs),
     /// Render the install manifests.
     Manifest(cli::manifest::ManifestArgs),
+    /// Install or upgrade the mesh (server-side apply; prunes what the profile no longer has).
+    Install(cli::install::InstallArgs),
+    /// Check the cluster against the rendered manifests: missing, drifted, not ready.
+    VerifyInstall(cli::install::VerifyArgs),
+    /// Remove what install created (CRDs only with --purge).
+    Uninstall(cli::install::UninstallArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +47,9 @@ fn main() -> std::process::ExitCode {
         Command::Inject(args) => cli::inject::run(args),
         Command::ControlPlane(args) => cli::control_plane::run(args),
         Command::Manifest(args) => cli::manifest::run(args),
+        Command::Install(args) => cli::install::install(args),
+        Command::VerifyInstall(args) => cli::install::verify(args),
+        Command::Uninstall(args) => cli::install::uninstall(args),
     };
     match result {
         Ok(code) => code,

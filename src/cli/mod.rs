@@ -3,5 +3,6 @@
 pub mod config_args;
 pub mod control_plane;
 pub mod inject;
+pub mod install;
 pub mod install_args;
 pub mod manifest;

@@ -2,6 +2,7 @@
 //! side (server-side apply, prune, readiness, verify, uninstall).
 
 pub mod certs;
+pub mod cluster;
 pub mod crds;
 pub mod overlay;
 pub mod profile;
