@@ -131,7 +131,7 @@ pub fn install(args: InstallArgs) -> Result<ExitCode> {
             bail!("cancelled");
         }
         let start = Instant::now();
-        let report = cluster::apply_plan(&cluster, &plan).await?;
+        let report = cluster::apply_plan(&cluster, &plan, args.readiness_timeout.max(Duration::from_secs(30))).await?;
         for (verb, list) in [
             ("created", &report.created),
             ("configured", &report.configured),

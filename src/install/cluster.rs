@@ -201,6 +201,8 @@ impl Cluster {
         };
         match api.get_opt(&r.name).await {
             Ok(o) => Ok(o.map(|o| serde_json::to_value(o).expect("objects serialize"))),
+            // The kind itself is gone (its CRD was deleted since discovery).
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
             Err(e) => Err(anyhow!("reading {r}: {e}")),
         }
     }
@@ -392,7 +394,12 @@ async fn wait_crds_established(
 }
 
 /// Apply the plan in order (CRDs first, waiting until they are established), then prune.
-pub async fn apply_plan(cluster: &Cluster, plan: &Plan) -> Result<ApplyReport> {
+/// Pruned objects get `prune_timeout` to be gone (a namespace takes a while).
+pub async fn apply_plan(
+    cluster: &Cluster,
+    plan: &Plan,
+    prune_timeout: Duration,
+) -> Result<ApplyReport> {
     let mut report = ApplyReport::default();
     let mut crds = Vec::new();
     let mut crds_done = false;
@@ -423,11 +430,14 @@ pub async fn apply_plan(cluster: &Cluster, plan: &Plan) -> Result<ApplyReport> {
     if !crds_done {
         wait_crds_established(cluster, &crds, Duration::from_secs(60)).await?;
     }
+    let mut pruned = Vec::new();
     for r in &plan.prune {
         if cluster.delete(r).await? {
             report.pruned.push(r.to_string());
+            pruned.push(r.clone());
         }
     }
+    wait_gone(cluster, &pruned, prune_timeout).await?;
     Ok(report)
 }
 
@@ -762,6 +772,29 @@ pub async fn verify(cluster: &Cluster, resolved: &Resolved) -> Result<(usize, Ve
     Ok((plan.objects.len(), problems))
 }
 
+/// Wait until none of `refs` exists any more.
+pub async fn wait_gone(cluster: &Cluster, refs: &[LiveRef], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut left = Vec::new();
+        for r in refs {
+            if cluster.get(r).await?.is_some() {
+                left.push(r.to_string());
+            }
+        }
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(anyhow!(
+                "deleted, but still present after {timeout:?}: {}",
+                left.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Delete everything labelled as ours (CRDs too with `purge`), webhooks first, the namespace
 /// last, and wait until it is gone. Returns what was deleted.
 pub async fn uninstall(cluster: &Cluster, purge: bool, timeout: Duration) -> Result<Vec<LiveRef>> {
@@ -777,25 +810,7 @@ pub async fn uninstall(cluster: &Cluster, purge: bool, timeout: Duration) -> Res
             }
         }
     }
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut left = Vec::new();
-        for r in &deleted {
-            if cluster.get(r).await?.is_some() {
-                left.push(r.to_string());
-            }
-        }
-        if left.is_empty() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            return Err(anyhow!(
-                "deleted, but still present after {timeout:?}: {}",
-                left.join(", ")
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_gone(cluster, &deleted, timeout).await?;
     if purge {
         cluster.forget_kinds().await;
     }

@@ -52,7 +52,10 @@ pub fn generate() -> Vec<(&'static str, String)> {
         let mut v = serde_json::to_value(crd).expect("CRD serializes");
         if header == HEADER_GWAPI {
             // Upstream marks its CRDs with the bundle version and channel.
+            // `*.k8s.io` groups are protected: the API server requires the approval
+            // annotation (upstream's value).
             v["metadata"]["annotations"] = serde_json::json!({
+                "api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/3328",
                 "gateway.networking.k8s.io/bundle-version": "v1.5.1",
                 "gateway.networking.k8s.io/channel": "standard",
             });
