@@ -216,6 +216,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("c"), &tls.cert_pem).unwrap();
         std::fs::write(dir.path().join("k"), &tls.key_pem).unwrap();
-        crate::webhook::tls::CertStore::load(&dir.path().join("c"), &dir.path().join("k")).unwrap();
+        crate::webhook::tls::CertStore::load(dir.path().join("c"), dir.path().join("k")).unwrap();
     }
 }

@@ -247,7 +247,7 @@ pub fn apply_set(root: &mut Value, arg: &str, prov: &mut Provenance) -> Result<(
                     .iter()
                     .position(|e| match e.get(key) {
                         Some(Value::String(s)) => s == value,
-                        Some(other) if !other.is_null() => other.to_string() == *value,
+                        Some(other) if !other.is_null() => typed_value(value) == *other,
                         _ => false,
                     })
                     .ok_or_else(|| err(format!("{here}: no element with {key}={value}")))?;

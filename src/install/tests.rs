@@ -189,3 +189,42 @@ fn the_seed_istio_operator_maps_with_one_warning_for_the_rest() {
          spec.values.pilot.env.OTHER"
     );
 }
+
+#[test]
+fn readiness_reasons() {
+    use super::cluster::not_ready_reason;
+    use serde_json::json;
+    let d = |spec: i64, gen_: i64, status: serde_json::Value| json!({"metadata": {"generation": gen_}, "spec": {"replicas": spec}, "status": status});
+    assert_eq!(
+        not_ready_reason("Deployment", &d(1, 2, json!({"observedGeneration": 1}))).as_deref(),
+        Some("the new spec is not observed yet")
+    );
+    assert_eq!(
+        not_ready_reason(
+            "Deployment",
+            &d(2, 1, json!({"observedGeneration": 1, "updatedReplicas": 2, "availableReplicas": 1, "replicas": 2}))
+        )
+        .as_deref(),
+        Some("1/2 replicas available")
+    );
+    assert_eq!(
+        not_ready_reason(
+            "Deployment",
+            &d(
+                1,
+                1,
+                json!({"observedGeneration": 1, "updatedReplicas": 1, "availableReplicas": 1, "replicas": 1})
+            )
+        ),
+        None
+    );
+    assert!(not_ready_reason("CustomResourceDefinition", &json!({})).is_some());
+    assert_eq!(
+        not_ready_reason(
+            "CustomResourceDefinition",
+            &json!({"status": {"conditions": [{"type": "Established", "status": "True"}]}})
+        ),
+        None
+    );
+    assert_eq!(not_ready_reason("ConfigMap", &json!({})), None);
+}
