@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod inject;
+pub mod install;
 pub mod kube_yaml;
 pub mod offline;
 pub mod webhook;

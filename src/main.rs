@@ -24,6 +24,14 @@ enum Command {
     Inject(cli::inject::InjectArgs),
     /// Run the control plane (for now: the sidecar-injection webhook).
     ControlPlane(cli::control_plane::ControlPlaneArgs),
+    /// Render the install manifests.
+    Manifest(cli::manifest::ManifestArgs),
+    /// Install or upgrade the mesh (server-side apply; prunes what the profile no longer has).
+    Install(cli::install::InstallArgs),
+    /// Check the cluster against the rendered manifests: missing, drifted, not ready.
+    VerifyInstall(cli::install::VerifyArgs),
+    /// Remove what install created (CRDs only with --purge).
+    Uninstall(cli::install::UninstallArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,8 +44,10 @@ fn main() -> std::process::ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // kube_client logs every failed request at ERROR; our errors already say it once.
+                tracing_subscriber::EnvFilter::new(format!("{default_level},kube_client=off"))
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -46,6 +56,10 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => cli::demo::run(args),
         Command::Inject(args) => cli::inject::run(args),
         Command::ControlPlane(args) => cli::control_plane::run(args),
+        Command::Manifest(args) => cli::manifest::run(args),
+        Command::Install(args) => cli::install::install(args),
+        Command::VerifyInstall(args) => cli::install::verify(args),
+        Command::Uninstall(args) => cli::install::uninstall(args),
     };
     match result {
         Ok(code) => code,

@@ -4,3 +4,6 @@ pub mod config_args;
 pub mod control_plane;
 pub mod demo;
 pub mod inject;
+pub mod install;
+pub mod install_args;
+pub mod manifest;

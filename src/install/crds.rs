@@ -1,0 +1,117 @@
+//! The CRDs the installer applies, generated from Rust types and checked in under
+//! `manifests/` (the test `crds_are_current` fails when a checked-in file is stale;
+//! `UPDATE_GOLDEN=1` rewrites them).
+//!
+//! - `manifests/crds/`: ours (`policy.meshctl.io`), from `mesh_translate::RateLimitPolicy`.
+//! - `manifests/gateway-api/`: the Gateway API standard channel, generated from the
+//!   `gateway-api` crate 0.22 (kopium-generated from the upstream Gateway API v1.5.1
+//!   standard-channel CRDs; see `manifests/gateway-api/README.md` for what that loses).
+
+use kube::CustomResourceExt;
+use serde_json::Value;
+
+const HEADER_OURS: &str = "# Generated from mesh_translate::RateLimitPolicy (translate/src/policy.rs) by\n# meshctl's install::crds; do not edit. Regenerate: UPDATE_GOLDEN=1 cargo test --lib crds_are_current\n";
+const HEADER_GWAPI: &str = "# Gateway API v1.5.1 standard channel, generated from the Rust types of the gateway-api\n# crate 0.22.0 (kopium output of the upstream CRDs) by meshctl's install::crds; do not edit.\n# Regenerate: UPDATE_GOLDEN=1 cargo test --lib crds_are_current\n";
+
+/// (path under `manifests/`, generated text) for every CRD.
+pub fn generate() -> Vec<(&'static str, String)> {
+    use gateway_api::apis::standard as gw;
+    let ours = [(
+        "crds/ratelimitpolicies.policy.meshctl.io.yaml",
+        mesh_translate::RateLimitPolicy::crd(),
+    )];
+    let gwapi = [
+        (
+            "gateway-api/gatewayclasses.yaml",
+            gw::gatewayclasses::GatewayClass::crd(),
+        ),
+        ("gateway-api/gateways.yaml", gw::gateways::Gateway::crd()),
+        (
+            "gateway-api/httproutes.yaml",
+            gw::httproutes::HttpRoute::crd(),
+        ),
+        (
+            "gateway-api/grpcroutes.yaml",
+            gw::grpcroutes::GrpcRoute::crd(),
+        ),
+        (
+            "gateway-api/referencegrants.yaml",
+            gw::referencegrants::ReferenceGrant::crd(),
+        ),
+        (
+            "gateway-api/backendtlspolicies.yaml",
+            gw::backendtlspolicies::BackendTlsPolicy::crd(),
+        ),
+        ("gateway-api/tlsroutes.yaml", gw::tlsroutes::TlsRoute::crd()),
+        (
+            "gateway-api/listenersets.yaml",
+            gw::listenersets::ListenerSet::crd(),
+        ),
+    ];
+    let render = |header: &str, crd| {
+        let mut v = serde_json::to_value(crd).expect("CRD serializes");
+        if header == HEADER_GWAPI {
+            // Upstream marks its CRDs with the bundle version and channel.
+            // `*.k8s.io` groups are protected: the API server requires the approval
+            // annotation (upstream's value).
+            v["metadata"]["annotations"] = serde_json::json!({
+                "api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/3328",
+                "gateway.networking.k8s.io/bundle-version": "v1.5.1",
+                "gateway.networking.k8s.io/channel": "standard",
+            });
+        }
+        format!(
+            "{header}{}",
+            serde_saphyr::to_string(&v).expect("CRD renders")
+        )
+    };
+    ours.into_iter()
+        .map(|(p, c)| (p, render(HEADER_OURS, c)))
+        .chain(gwapi.into_iter().map(|(p, c)| (p, render(HEADER_GWAPI, c))))
+        .collect()
+}
+
+/// The checked-in CRDs, embedded.
+pub const OURS: &[&str] = &[include_str!(
+    "../../manifests/crds/ratelimitpolicies.policy.meshctl.io.yaml"
+)];
+pub const GATEWAY_API: &[&str] = &[
+    include_str!("../../manifests/gateway-api/gatewayclasses.yaml"),
+    include_str!("../../manifests/gateway-api/gateways.yaml"),
+    include_str!("../../manifests/gateway-api/httproutes.yaml"),
+    include_str!("../../manifests/gateway-api/grpcroutes.yaml"),
+    include_str!("../../manifests/gateway-api/referencegrants.yaml"),
+    include_str!("../../manifests/gateway-api/backendtlspolicies.yaml"),
+    include_str!("../../manifests/gateway-api/tlsroutes.yaml"),
+    include_str!("../../manifests/gateway-api/listenersets.yaml"),
+];
+
+pub fn parse(texts: &[&str]) -> Vec<Value> {
+    texts
+        .iter()
+        .map(|t| serde_saphyr::from_str(t).expect("checked-in CRD parses"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn crds_are_current() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+        let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+        let mut stale = Vec::new();
+        for (path, text) in super::generate() {
+            let file = root.join(path);
+            if update {
+                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+                std::fs::write(&file, &text).unwrap();
+            } else if std::fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
+                stale.push(path);
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "stale CRDs under manifests/: {stale:?}; regenerate with UPDATE_GOLDEN=1 cargo test --lib crds_are_current"
+        );
+    }
+}
