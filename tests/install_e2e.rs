@@ -348,15 +348,40 @@ async fn uninstall_leaves_none_of_our_objects_and_runs_twice() {
     assert_eq!(crds.len(), 9, "{crds:?}");
     let out = ok(meshctl(env, &["uninstall", "-y"]), "second uninstall");
     assert!(out.contains("nothing to uninstall"), "{out}");
-    ok(meshctl(env, &["uninstall", "-y", "--purge"]), "purge");
+    let out = meshctl(env, &["verify-install"]);
+    assert_eq!(out.status.code(), Some(1), "verify after uninstall fails");
+}
+
+/// `--purge` also deletes the CRDs. It runs in an environment of its own: a deleted CRD can
+/// stay terminating for minutes while the API server tears down its storage, and the other
+/// tests must not meet a half-deleted CRD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_purge_removes_the_crds_too() {
+    let env = TestEnv::start()
+        .await
+        .expect("a test environment of its own");
+    let c = cluster(&env);
+    run_install(&env, "default");
+    ok(meshctl(&env, &["uninstall", "-y", "--purge"]), "purge");
+    assert_eq!(owned_refs(&c).await, Vec::<String>::new());
     c.forget_kinds().await;
+    // Every CRD is gone or terminating.
     let crds = c
         .owned(&[("apiextensions.k8s.io/v1", "CustomResourceDefinition")])
         .await
         .unwrap();
-    assert!(crds.is_empty(), "{crds:?}");
-    let out = meshctl(env, &["verify-install"]);
-    assert_eq!(out.status.code(), Some(1), "verify after uninstall fails");
+    for r in &crds {
+        let live = c.get(r).await.unwrap();
+        assert!(
+            live.as_ref()
+                .is_none_or(|o| o["metadata"]["deletionTimestamp"].is_string()),
+            "{r} is neither gone nor terminating"
+        );
+    }
+    ok(
+        meshctl(&env, &["uninstall", "-y", "--purge"]),
+        "purge twice",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -810,8 +810,19 @@ pub async fn uninstall(cluster: &Cluster, purge: bool, timeout: Duration) -> Res
             }
         }
     }
-    wait_gone(cluster, &deleted, timeout).await?;
+    let (crds, others): (Vec<LiveRef>, Vec<LiveRef>) =
+        deleted.iter().cloned().partition(|r| r.kind == CRD.1);
+    wait_gone(cluster, &others, timeout).await?;
     if purge {
+        // A deleted CRD is gone once the API server's cleanup has removed its objects and torn
+        // down its storage, which can take minutes while other clients still watch the kind.
+        // Like `kubectl delete --wait=false`, wait a little, then leave them terminating.
+        let crd_wait = timeout.min(Duration::from_secs(20));
+        if let Err(e) = wait_gone(cluster, &crds, crd_wait).await {
+            tracing::warn!(
+                "CRDs are terminating; the API server removes them when its cleanup finishes ({e})"
+            );
+        }
         cluster.forget_kinds().await;
     }
     Ok(deleted)
