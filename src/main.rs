@@ -20,8 +20,11 @@ struct Cli {
 enum Command {
     /// Inject the mesh sidecar into Kubernetes manifests (offline, like kube-inject).
     Inject(cli::inject::InjectArgs),
-    /// Run the control plane (for now: the sidecar-injection webhook).
+    /// Run the control plane: the sidecar-injection webhook and, with cluster access, the
+    /// Gateway API control plane (config distribution on 15012).
     ControlPlane(cli::control_plane::ControlPlaneArgs),
+    /// Show every proxy connected to the control plane and its config sync state.
+    ProxyStatus(cli::proxy_status::ProxyStatusArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Inject(args) => cli::inject::run(args),
         Command::ControlPlane(args) => cli::control_plane::run(args),
+        Command::ProxyStatus(args) => cli::proxy_status::run(args),
     };
     match result {
         Ok(code) => code,

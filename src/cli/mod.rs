@@ -3,3 +3,4 @@
 pub mod config_args;
 pub mod control_plane;
 pub mod inject;
+pub mod proxy_status;
