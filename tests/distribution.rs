@@ -149,7 +149,11 @@ fn weights(config: &ProxyConfig) -> Vec<u32> {
     out
 }
 
-async fn wait_report(hub: &Hub, what: &str, f: impl Fn(&meshctl::controlplane::ProxiesReport) -> bool) {
+async fn wait_report(
+    hub: &Hub,
+    what: &str,
+    f: impl Fn(&meshctl::controlplane::ProxiesReport) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = hub.report();
@@ -373,7 +377,10 @@ async fn scale_1000_routes_10000_endpoints() {
     let change = t.elapsed();
     assert_eq!(u.version, g.to_string());
     u.reply.send(Ok(())).unwrap();
-    wait_report(&server.hub, "ACK", |r| r.proxies[0].sync_state() == "SYNCED").await;
+    wait_report(&server.hub, "ACK", |r| {
+        r.proxies[0].sync_state() == "SYNCED"
+    })
+    .await;
     let bytes = server.hub.report().proxies[0].last_sent_bytes.unwrap();
 
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -391,7 +398,11 @@ async fn scale_1000_routes_10000_endpoints() {
          time to propagate one weight change (publish -> snapshot at the proxy): {change:?}\n  \
          snapshot size: {bytes} bytes\n  \
          memory of the test process (control plane + proxy client + 3 copies of the objects): VmRSS {} / VmHWM {}",
-        if cfg!(debug_assertions) { "debug" } else { "release" },
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
         mem("VmRSS:"),
         mem("VmHWM:"),
     );
