@@ -22,7 +22,7 @@ enum Command {
     Inject(cli::inject::InjectArgs),
     /// Run the control plane: the sidecar-injection webhook and, with cluster access, the
     /// Gateway API control plane (config distribution on 15012).
-    ControlPlane(cli::control_plane::ControlPlaneArgs),
+    ControlPlane(Box<cli::control_plane::ControlPlaneArgs>),
     /// Show every proxy connected to the control plane and its config sync state.
     ProxyStatus(cli::proxy_status::ProxyStatusArgs),
 }
@@ -40,7 +40,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inject(args) => cli::inject::run(args),
-        Command::ControlPlane(args) => cli::control_plane::run(args),
+        Command::ControlPlane(args) => cli::control_plane::run(*args),
         Command::ProxyStatus(args) => cli::proxy_status::run(args),
     };
     match result {

@@ -151,7 +151,7 @@ impl FrameDecoder {
     }
 
     /// The next complete message, if one is buffered.
-    pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_message<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
@@ -374,7 +374,7 @@ async fn stream_once(
         };
         decoder.push(&data);
         while let Some(message) = decoder
-            .next::<ControlPlaneMessage>()
+            .next_message::<ControlPlaneMessage>()
             .map_err(|e| ClientError::Stream(e.to_string()))?
         {
             let ControlPlaneMessage::Snapshot {
@@ -438,11 +438,11 @@ mod tests {
             let mut d = FrameDecoder::default();
             d.push(&bytes[..split]);
             let mut got = Vec::new();
-            while let Some(m) = d.next::<ProxyMessage>().unwrap() {
+            while let Some(m) = d.next_message::<ProxyMessage>().unwrap() {
                 got.push(m);
             }
             d.push(&bytes[split..]);
-            while let Some(m) = d.next::<ProxyMessage>().unwrap() {
+            while let Some(m) = d.next_message::<ProxyMessage>().unwrap() {
                 got.push(m);
             }
             assert_eq!(got, vec![a.clone(), b.clone()], "split at {split}");
@@ -455,7 +455,7 @@ mod tests {
         let mut d = FrameDecoder::default();
         d.push(&((MAX_FRAME_BYTES as u32) + 1).to_be_bytes());
         assert!(matches!(
-            d.next::<ProxyMessage>(),
+            d.next_message::<ProxyMessage>(),
             Err(FrameError::TooLarge(_))
         ));
     }

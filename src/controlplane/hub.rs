@@ -225,7 +225,10 @@ impl Hub {
         let mut decoder = FrameDecoder::default();
         let hello = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                if let Some(m) = decoder.next::<ProxyMessage>().map_err(|e| e.to_string())? {
+                if let Some(m) = decoder
+                    .next_message::<ProxyMessage>()
+                    .map_err(|e| e.to_string())?
+                {
                     return Ok(m);
                 }
                 match body.frame().await {
@@ -280,7 +283,7 @@ impl Hub {
             let gone = gone.clone();
             tokio::spawn(async move {
                 let reason = loop {
-                    match decoder.next::<ProxyMessage>() {
+                    match decoder.next_message::<ProxyMessage>() {
                         Err(e) => break format!("bad message: {e}"),
                         Ok(Some(m)) => {
                             hub.on_message(id, m);

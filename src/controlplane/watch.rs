@@ -47,9 +47,9 @@ pub struct Stores {
     pub gateway_deployments: Store<Deployment>,
 }
 
-fn all<T: Clone>(store: &Store<T>) -> Vec<T>
+fn all<T>(store: &Store<T>) -> Vec<T>
 where
-    T: Resource + 'static,
+    T: Resource + Clone + 'static,
     T::DynamicType: Eq + Hash + Clone,
 {
     store.state().iter().map(|o| (**o).clone()).collect()
