@@ -1,6 +1,7 @@
 //! meshctl library: the injection core, the admission webhook and YAML helpers.
 #![forbid(unsafe_code)]
 
+pub mod controlplane;
 pub mod demo;
 pub mod inject;
 pub mod install;

@@ -22,8 +22,11 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Inject the mesh sidecar into Kubernetes manifests (offline, like kube-inject).
     Inject(cli::inject::InjectArgs),
-    /// Run the control plane (for now: the sidecar-injection webhook).
-    ControlPlane(cli::control_plane::ControlPlaneArgs),
+    /// Run the control plane: the sidecar-injection webhook and, with cluster access, the
+    /// Gateway API control plane (config distribution on 15012).
+    ControlPlane(Box<cli::control_plane::ControlPlaneArgs>),
+    /// Show every proxy connected to the control plane and its config sync state.
+    ProxyStatus(cli::proxy_status::ProxyStatusArgs),
     /// Render the install manifests.
     Manifest(cli::manifest::ManifestArgs),
     /// Install or upgrade the mesh (server-side apply; prunes what the profile no longer has).
@@ -55,7 +58,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Demo(args) => cli::demo::run(args),
         Command::Inject(args) => cli::inject::run(args),
-        Command::ControlPlane(args) => cli::control_plane::run(args),
+        Command::ControlPlane(args) => cli::control_plane::run(*args),
+        Command::ProxyStatus(args) => cli::proxy_status::run(args),
         Command::Manifest(args) => cli::manifest::run(args),
         Command::Install(args) => cli::install::install(args),
         Command::VerifyInstall(args) => cli::install::verify(args),

@@ -32,7 +32,7 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "resources"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "resources", "control_plane"])))]
 struct RunArgs {
     /// Native proxy config (YAML or JSON), reloaded on SIGHUP and when the file changes.
     #[arg(long, value_name = "FILE")]
@@ -43,6 +43,23 @@ struct RunArgs {
     /// Reloaded on SIGHUP and when a file changes.
     #[arg(long, value_name = "PATH", num_args = 1..)]
     resources: Vec<PathBuf>,
+    /// Get the config from the control plane (`HOST:PORT`, TLS; see
+    /// docs/config-distribution.md). With `--gateway NS/NAME` the proxy serves that Gateway;
+    /// without, it identifies as the sidecar of pod `$POD_NAMESPACE/$POD_NAME`.
+    #[arg(long, value_name = "HOST:PORT", env = "MESH_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// CA bundle (PEM) that verifies the control plane's certificate.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MESH_CA_ROOT_PATH",
+        default_value = "/var/run/meshctl/ca/root-cert.pem"
+    )]
+    ca_file: PathBuf,
+    /// Name the control plane's certificate must carry (default: the host of
+    /// `--control-plane`).
+    #[arg(long, value_name = "NAME")]
+    control_plane_server_name: Option<String>,
     /// Namespace of `--resources` objects that have none (like `kubectl apply -n`).
     #[arg(long, short = 'n', value_name = "NAMESPACE", default_value = "default")]
     namespace: String,
@@ -208,6 +225,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    if let Some(address) = args.control_plane.clone() {
+        return run_with_control_plane(args, address, hup, term, int).await;
+    }
     let source = match &args.config {
         Some(path) => ConfigSource::Native(path.clone()),
         None => ConfigSource::Resources {
@@ -387,4 +407,134 @@ fn watch(
             .with_context(|| format!("cannot watch {}", dir.display()))?;
     }
     Ok(watcher)
+}
+
+/// Who this proxy is for the control plane: `--gateway NS/NAME`, else the sidecar of the pod
+/// named by `POD_NAME`/`POD_NAMESPACE` (`SERVICE_ACCOUNT` optional).
+fn node_identity(args: &RunArgs) -> anyhow::Result<mesh_proxy::distribution::NodeIdentity> {
+    use mesh_proxy::distribution::NodeIdentity;
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match args.gateways.as_slice() {
+        [] => {
+            let (Some(namespace), Some(pod)) = (env("POD_NAMESPACE"), env("POD_NAME")) else {
+                bail!(
+                    "--control-plane needs an identity: --gateway NAMESPACE/NAME, or POD_NAME \
+                     and POD_NAMESPACE in the environment (sidecar)"
+                );
+            };
+            Ok(NodeIdentity::Sidecar {
+                namespace,
+                pod,
+                service_account: env("SERVICE_ACCOUNT"),
+            })
+        }
+        [gateway] => {
+            let Some((namespace, name)) = gateway
+                .split_once('/')
+                .filter(|(n, m)| !n.is_empty() && !m.is_empty() && !m.contains('/'))
+            else {
+                bail!("--gateway {gateway:?}: expected NAMESPACE/NAME");
+            };
+            Ok(NodeIdentity::Gateway {
+                namespace: namespace.into(),
+                name: name.into(),
+                pod: env("POD_NAME"),
+            })
+        }
+        _ => bail!("with --control-plane, give one --gateway (the proxy serves one Gateway)"),
+    }
+}
+
+/// `run --control-plane`: wait for the first snapshot, start serving it, then apply each new
+/// one (ACK) or keep the previous config (NACK). While the control plane is away the proxy
+/// keeps serving; the client reconnects with backoff.
+async fn run_with_control_plane(
+    args: RunArgs,
+    address: String,
+    mut hup: tokio::signal::unix::Signal,
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    use mesh_proxy::distribution::{ClientOptions, Update, run_client};
+    let node = node_identity(&args)?;
+    let mut client_options = ClientOptions::new(address.clone(), args.ca_file.clone(), node);
+    if let Some(name) = &args.control_plane_server_name {
+        client_options.server_name = name.clone();
+    }
+    tracing::info!(control_plane = %address, node = %client_options.node.describe(), "waiting for the first config from the control plane");
+    let (tx, mut rx) = mpsc::channel::<Update>(1);
+    let client_shutdown = CancellationToken::new();
+    let client = tokio::spawn(run_client(client_options, tx, client_shutdown.clone()));
+    let metrics = Arc::new(Metrics::new());
+    let admin_state = Arc::new(AdminState::new(metrics.clone()));
+    let admin_shutdown = CancellationToken::new();
+    let admin_servers = admin::start(
+        &AdminAddresses::from(&args.admin),
+        admin_state.clone(),
+        admin_shutdown.clone(),
+    )
+    .await?;
+    let options = ProxyOptions {
+        bind_address: args.bind_address,
+        listener_port_overrides: args
+            .listener_ports
+            .iter()
+            .copied()
+            .collect::<HashMap<_, _>>(),
+        distributed_instances: args.distributed_instances,
+        metrics: Some(metrics.clone()),
+        ..ProxyOptions::default()
+    };
+    let mut proxy: Option<ProxyHandle> = None;
+    loop {
+        let update = tokio::select! {
+            Some(u) = rx.recv() => u,
+            _ = hup.recv() => { tracing::info!("SIGHUP: the config comes from the control plane"); continue }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let version = update.version.clone();
+        let result = match &proxy {
+            None => {
+                if let Err(errs) = update.config.validate() {
+                    let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
+                    Err(format!("invalid config:\n{}", lines.join("\n")))
+                } else {
+                    match Proxy::start(update.config, options.clone()).await {
+                        Ok(p) => {
+                            proxy = Some(p);
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            }
+            Some(p) if *p.config() == update.config => Ok(()),
+            Some(p) => p.update(update.config).await.map_err(|e| e.to_string()),
+        };
+        match &result {
+            Ok(()) => {
+                metrics.config_reload(ReloadResult::Success);
+                tracing::info!(version = %version, "applied config from the control plane");
+                if let Some(p) = &proxy {
+                    publish(p, &admin_state).await;
+                }
+            }
+            Err(e) => {
+                metrics.config_reload(ReloadResult::Failure);
+                tracing::error!(version = %version, "config from the control plane rejected, still serving the previous one: {e}");
+            }
+        }
+        let _ = update.reply.send(result);
+    }
+    client_shutdown.cancel();
+    let _ = client.await;
+    tracing::info!(grace = ?args.drain_timeout, "draining");
+    admin_state.set_draining(true);
+    if let Some(p) = proxy {
+        p.shutdown(args.drain_timeout).await;
+    }
+    admin_shutdown.cancel();
+    admin_servers.join().await;
+    Ok(())
 }

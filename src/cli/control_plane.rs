@@ -1,4 +1,5 @@
-//! `meshctl control-plane`: for now only the sidecar-injection webhook.
+//! `meshctl control-plane`: the sidecar-injection webhook, and (with cluster access) the
+//! Gateway API control plane: config distribution to proxies, gateway deployments, status.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +46,119 @@ pub struct ControlPlaneArgs {
     /// How often cert and config files are checked for changes.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    /// Do not run the injection webhook (only the Gateway API control plane).
+    #[arg(long)]
+    pub no_webhook: bool,
+    #[command(flatten)]
+    pub distribution: DistributionArgs,
+}
+
+/// The Gateway API control plane (needs cluster access).
+#[derive(Args, Debug)]
+pub struct DistributionArgs {
+    /// Config distribution listen address (TLS, HTTP/2; in a pod: 0.0.0.0:15012).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    pub distribution_addr: SocketAddr,
+    /// Serving certificate chain for config distribution (PEM). Without it, a CA and a
+    /// certificate are generated into --distribution-cert-dir (kept across restarts).
+    #[arg(long, value_name = "FILE", requires_all = ["distribution_key", "distribution_ca"])]
+    pub distribution_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub distribution_key: Option<PathBuf>,
+    /// The CA proxies use to verify --distribution-cert (copied into each gateway namespace
+    /// as ConfigMap meshctl-ca-root-cert).
+    #[arg(long, value_name = "FILE")]
+    pub distribution_ca: Option<PathBuf>,
+    /// Where the generated CA (root-cert.pem), certificate and key live
+    /// (default: $TMPDIR/meshctl-distribution).
+    #[arg(long, value_name = "DIR")]
+    pub distribution_cert_dir: Option<PathBuf>,
+    /// Names (DNS or IP) of the generated certificate; repeatable.
+    #[arg(
+        long = "distribution-san",
+        value_name = "NAME",
+        default_values = ["meshd.mesh-system.svc", "meshd.mesh-system.svc.cluster.local", "localhost", "127.0.0.1"]
+    )]
+    pub distribution_sans: Vec<String>,
+    /// Admin endpoint (`/debug/proxies` for `meshctl proxy-status`, `/ready`), or `off`.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    pub admin_addr: String,
+    /// GatewayClass controller names we own; repeatable.
+    #[arg(
+        long = "controller-name",
+        value_name = "NAME",
+        default_values = ["meshctl.io/gateway-controller", "istio.io/gateway-controller"]
+    )]
+    pub controller_names: Vec<String>,
+    /// Image registry of the gateway proxy image `<hub>/mesh-proxy:<tag>`.
+    #[arg(long, default_value = "ghcr.io/meshctl")]
+    pub hub: String,
+    #[arg(long, default_value = "latest")]
+    pub tag: String,
+    /// Address gateway proxies dial.
+    #[arg(long, default_value = "meshd.mesh-system.svc:15012")]
+    pub proxy_control_plane_address: String,
+    /// Service type of gateways without the `networking.istio.io/service-type` annotation.
+    #[arg(long, default_value = "LoadBalancer")]
+    pub gateway_service_type: String,
+    /// Do not create Deployments/Services for Gateways.
+    #[arg(long)]
+    pub no_gateway_deployments: bool,
+    /// Do not write Gateway API status.
+    #[arg(long)]
+    pub no_status: bool,
+    /// Changes arriving within this window are translated and pushed together.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub debounce: Duration,
+}
+
+impl DistributionArgs {
+    fn config(&self) -> Result<meshctl::controlplane::ControlPlaneConfig> {
+        use meshctl::controlplane::{ControlPlaneConfig, certs::CertSource, gateways};
+        let cert = match (
+            &self.distribution_cert,
+            &self.distribution_key,
+            &self.distribution_ca,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => CertSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            },
+            _ => CertSource::Generated {
+                dir: self
+                    .distribution_cert_dir
+                    .clone()
+                    .unwrap_or_else(|| std::env::temp_dir().join("meshctl-distribution")),
+                sans: self.distribution_sans.clone(),
+            },
+        };
+        let admin_addr = match self.admin_addr.as_str() {
+            "off" => None,
+            a => Some(a.parse().with_context(|| format!("--admin-addr {a:?}"))?),
+        };
+        let translate = mesh_translate::TranslateOptions {
+            controller_names: self.controller_names.clone(),
+            ..mesh_translate::TranslateOptions::default()
+        };
+        let gateway_deployments =
+            (!self.no_gateway_deployments).then(|| gateways::GatewayDeploymentOptions {
+                image: format!("{}/mesh-proxy:{}", self.hub, self.tag),
+                control_plane_address: self.proxy_control_plane_address.clone(),
+                default_service_type: self.gateway_service_type.clone(),
+                pod_labels: translate.gateway_labels.clone(),
+                ca_pem: None,
+            });
+        Ok(ControlPlaneConfig {
+            distribution_addr: self.distribution_addr,
+            admin_addr,
+            cert,
+            translate,
+            gateway_deployments,
+            write_status: !self.no_status,
+            debounce: self.debounce,
+        })
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -70,14 +184,52 @@ async fn serve(args: ControlPlaneArgs) -> Result<()> {
         None => InjectionConfig::default(),
     };
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    let namespaces: Arc<dyn NamespaceLookup> =
-        if !args.no_cluster && (args.kubeconfig.is_some() || in_cluster) {
-            let client = kube_client(args.kubeconfig.as_ref()).await?;
-            KubeNamespaces::start(client)
-        } else {
-            tracing::warn!("no cluster access: namespace labels are not consulted");
-            Arc::new(StaticNamespaces::default())
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut control_plane = None;
+    let namespaces: Arc<dyn NamespaceLookup> = if !args.no_cluster
+        && (args.kubeconfig.is_some() || in_cluster)
+    {
+        let client = kube_client(args.kubeconfig.as_ref()).await?;
+        let config = args.distribution.config()?;
+        control_plane = Some(tokio::spawn(meshctl::controlplane::run(
+            client.clone(),
+            config,
+            shutdown.clone(),
+        )));
+        KubeNamespaces::start(client)
+    } else {
+        tracing::warn!(
+            "no cluster access: namespace labels are not consulted, no Gateway API control plane"
+        );
+        Arc::new(StaticNamespaces::default())
+    };
+    if args.no_webhook {
+        let Some(cp) = control_plane else {
+            anyhow::bail!("--no-webhook without cluster access leaves nothing to run");
         };
+        tokio::select! {
+            r = cp => r.context("control plane task")??,
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm() => {}
+        }
+        shutdown.cancel();
+        return Ok(());
+    }
+    if let Some(cp) = control_plane {
+        tokio::spawn(async move {
+            match cp.await {
+                Ok(Err(e)) => {
+                    tracing::error!("control plane stopped: {e:#}");
+                    std::process::exit(1);
+                }
+                Err(e) => {
+                    tracing::error!("control plane task: {e}");
+                    std::process::exit(1);
+                }
+                Ok(Ok(())) => {}
+            }
+        });
+    }
     let certs = CertStore::load(&args.tls_cert, &args.tls_key).context("serving certificate")?;
     let state = AppState::new(
         cfg,
@@ -97,9 +249,22 @@ async fn serve(args: ControlPlaneArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", args.webhook_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "sidecar-injection webhook listening (POST /inject)");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let webhook_shutdown = async {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm() => {}
+        }
     };
-    webhook::serve(listener, certs, state, shutdown).await?;
+    webhook::serve(listener, certs, state, webhook_shutdown).await?;
+    shutdown.cancel();
     Ok(())
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
 }

@@ -7,3 +7,4 @@ pub mod inject;
 pub mod install;
 pub mod install_args;
 pub mod manifest;
+pub mod proxy_status;

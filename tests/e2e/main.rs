@@ -4,6 +4,7 @@
 //! by every test in this binary; each test works in a namespace of its own.
 
 mod control_plane;
+mod gateway_controlplane;
 mod injection_webhook;
 mod ssa;
 mod url_webhook;

@@ -1,0 +1,403 @@
+//! The config distribution server (port 15012): accepts proxy streams, sends each proxy its
+//! snapshot and a new one on change, records ACK/NACK per proxy.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::SinkExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_proxy::config::ProxyConfig;
+use mesh_proxy::distribution::{
+    ControlPlaneMessage, FrameDecoder, NodeIdentity, ProxyMessage, STREAM_PATH, encode,
+};
+use mesh_translate::TranslateOptions;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::world::World;
+
+/// What the control plane knows about one connected proxy (`/debug/proxies`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyState {
+    pub id: u64,
+    pub node: NodeIdentity,
+    pub peer: String,
+    pub proxy_version: String,
+    /// Milliseconds since the Unix epoch.
+    pub connected_since_ms: u64,
+    pub last_sent_version: Option<String>,
+    pub last_sent_ms: Option<u64>,
+    pub last_sent_bytes: Option<usize>,
+    pub last_ack_version: Option<String>,
+    pub last_ack_ms: Option<u64>,
+    pub last_nack: Option<Nack>,
+    /// Instances counted for this proxy's distributed rate limits.
+    pub instances: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Nack {
+    pub version: String,
+    pub error: String,
+    pub at_ms: u64,
+}
+
+impl ProxyState {
+    /// `SYNCED` (last sent = last ACK), `NACKED`, `STALE` (sent, no answer yet), `WAITING`.
+    pub fn sync_state(&self) -> &'static str {
+        match (
+            &self.last_sent_version,
+            &self.last_ack_version,
+            &self.last_nack,
+        ) {
+            (None, _, _) => "WAITING",
+            (Some(s), _, Some(n)) if &n.version == s => "NACKED",
+            (Some(s), Some(a), _) if a == s => "SYNCED",
+            _ => "STALE",
+        }
+    }
+}
+
+/// `/debug/proxies` body.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxiesReport {
+    /// Generation of the current world (0 = not synced with the API server yet).
+    pub generation: u64,
+    pub proxies: Vec<ProxyState>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Shared state of the distribution server.
+pub struct Hub {
+    world: watch::Receiver<Option<Arc<World>>>,
+    options: TranslateOptions,
+    proxies: Mutex<BTreeMap<u64, ProxyState>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(world: watch::Receiver<Option<Arc<World>>>, options: TranslateOptions) -> Arc<Hub> {
+        Arc::new(Hub {
+            world,
+            options,
+            proxies: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn report(&self) -> ProxiesReport {
+        let generation = self.world.borrow().as_ref().map_or(0, |w| w.generation);
+        ProxiesReport {
+            generation,
+            proxies: self
+                .proxies
+                .lock()
+                .expect("proxies lock")
+                .values()
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Connected proxies of one Gateway.
+    pub fn connected(&self, gateway_key: &str) -> u32 {
+        self.proxies
+            .lock()
+            .expect("proxies lock")
+            .values()
+            .filter(|p| p.node.gateway_key().as_deref() == Some(gateway_key))
+            .count() as u32
+    }
+
+    /// Instances enforcing a distributed limit of a Gateway: the ready replicas of its
+    /// Deployment, else (not deployed by us, e.g. a proxy run by hand) the connected proxies.
+    pub fn instances(&self, node: &NodeIdentity, world: &World) -> u32 {
+        let Some(key) = node.gateway_key() else {
+            return 1;
+        };
+        world
+            .gateway_replicas
+            .get(&key)
+            .copied()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| self.connected(&key))
+            .max(1)
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut ProxyState)) {
+        if let Some(p) = self.proxies.lock().expect("proxies lock").get_mut(&id) {
+            f(p);
+        }
+    }
+
+    /// Serves proxies on `listener` until `shutdown`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "config distribution: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let hub = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, "config distribution: TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let hub = hub.clone();
+                    let shutdown = shutdown.clone();
+                    async move { Ok::<_, Infallible>(hub.handle(req, peer, shutdown).await) }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Some(Duration::from_secs(15)))
+                    .keep_alive_timeout(Duration::from_secs(15))
+                    .adaptive_window(true)
+                    .serve_connection(TokioIo::new(tls), service);
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, "config distribution connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Response<BoxBody<Bytes, Infallible>> {
+        let plain = |status: StatusCode, text: String| {
+            Response::builder()
+                .status(status)
+                .header(http::header::CONTENT_TYPE, "text/plain")
+                .body(Full::new(Bytes::from(text)).boxed())
+                .expect("valid response")
+        };
+        if req.uri().path() != STREAM_PATH {
+            return plain(StatusCode::NOT_FOUND, format!("use POST {STREAM_PATH}\n"));
+        }
+        if req.method() != http::Method::POST {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
+        }
+        let mut body = req.into_body();
+        let mut decoder = FrameDecoder::default();
+        let hello = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(m) = decoder
+                    .next_message::<ProxyMessage>()
+                    .map_err(|e| e.to_string())?
+                {
+                    return Ok(m);
+                }
+                match body.frame().await {
+                    None => return Err("stream ended before hello".to_string()),
+                    Some(Err(e)) => return Err(e.to_string()),
+                    Some(Ok(f)) => {
+                        if let Ok(d) = f.into_data() {
+                            decoder.push(&d);
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        let (node, proxy_version) = match hello {
+            Ok(Ok(ProxyMessage::Hello {
+                node,
+                proxy_version,
+            })) => (node, proxy_version),
+            Ok(Ok(other)) => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    format!("the first message must be hello, got {other:?}\n"),
+                );
+            }
+            Ok(Err(e)) => return plain(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "no hello within 10s\n".into()),
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(id, %peer, node = %node.describe(), "proxy connected");
+        self.proxies.lock().expect("proxies lock").insert(
+            id,
+            ProxyState {
+                id,
+                node: node.clone(),
+                peer: peer.to_string(),
+                proxy_version,
+                connected_since_ms: now_ms(),
+                last_sent_version: None,
+                last_sent_ms: None,
+                last_sent_bytes: None,
+                last_ack_version: None,
+                last_ack_ms: None,
+                last_nack: None,
+                instances: 1,
+            },
+        );
+        let gone = shutdown.child_token();
+        // Proxy → control plane: ACK/NACK.
+        {
+            let hub = self.clone();
+            let gone = gone.clone();
+            tokio::spawn(async move {
+                let reason = loop {
+                    match decoder.next_message::<ProxyMessage>() {
+                        Err(e) => break format!("bad message: {e}"),
+                        Ok(Some(m)) => {
+                            hub.on_message(id, m);
+                            continue;
+                        }
+                        Ok(None) => {}
+                    }
+                    let frame = tokio::select! {
+                        f = body.frame() => f,
+                        _ = gone.cancelled() => break "closed".into(),
+                    };
+                    match frame {
+                        None => break "the proxy closed the stream".into(),
+                        Some(Err(e)) => break e.to_string(),
+                        Some(Ok(f)) => {
+                            if let Ok(d) = f.into_data() {
+                                decoder.push(&d);
+                            }
+                        }
+                    }
+                };
+                tracing::info!(id, "proxy disconnected: {reason}");
+                gone.cancel();
+            });
+        }
+        // Control plane → proxy: snapshots.
+        let (tx, rx) = futures::channel::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        tokio::spawn(self.clone().push(id, node, tx, gone));
+        Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/x-meshctl-frames")
+            .body(StreamBody::new(rx).boxed())
+            .expect("valid response")
+    }
+
+    fn on_message(&self, id: u64, message: ProxyMessage) {
+        match message {
+            ProxyMessage::Hello { .. } => {
+                tracing::warn!(id, "second hello ignored");
+            }
+            ProxyMessage::Ack { version } => {
+                tracing::debug!(id, %version, "ACK");
+                self.update(id, |p| {
+                    p.last_ack_version = Some(version);
+                    p.last_ack_ms = Some(now_ms());
+                });
+            }
+            ProxyMessage::Nack { version, error } => {
+                tracing::warn!(id, %version, "NACK: {error}");
+                self.update(id, |p| {
+                    p.last_nack = Some(Nack {
+                        version,
+                        error,
+                        at_ms: now_ms(),
+                    });
+                });
+            }
+        }
+    }
+
+    async fn push(
+        self: Arc<Self>,
+        id: u64,
+        node: NodeIdentity,
+        mut tx: futures::channel::mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+        gone: CancellationToken,
+    ) {
+        let mut world_rx = self.world.clone();
+        let mut last: Option<Arc<ProxyConfig>> = None;
+        loop {
+            let world = world_rx.borrow_and_update().clone();
+            if let Some(world) = world {
+                let instances = self.instances(&node, &world);
+                let hub = self.clone();
+                let node2 = node.clone();
+                let world2 = world.clone();
+                // Translation can take a while with thousands of routes: off the async threads.
+                let config = tokio::task::spawn_blocking(move || {
+                    world2.config_for(&node2, instances, &hub.options)
+                })
+                .await
+                .expect("translation does not panic");
+                let changed = match &last {
+                    None => true,
+                    Some(l) => !Arc::ptr_eq(l, &config) && **l != *config,
+                };
+                if changed {
+                    let version = world.generation.to_string();
+                    let mut c = (*config).clone();
+                    c.version = version.clone();
+                    let bytes = encode(&ControlPlaneMessage::Snapshot {
+                        version: version.clone(),
+                        config: Box::new(c),
+                    });
+                    let len = bytes.len();
+                    tokio::select! {
+                        r = tx.send(Ok(Frame::data(bytes))) => if r.is_err() { break },
+                        _ = gone.cancelled() => break,
+                    }
+                    tracing::info!(id, node = %node.describe(), %version, bytes = len, "config sent");
+                    self.update(id, |p| {
+                        p.last_sent_version = Some(version);
+                        p.last_sent_ms = Some(now_ms());
+                        p.last_sent_bytes = Some(len);
+                        p.instances = instances;
+                    });
+                }
+                last = Some(config);
+            }
+            tokio::select! {
+                r = world_rx.changed() => if r.is_err() { break },
+                _ = gone.cancelled() => break,
+            }
+        }
+        gone.cancel();
+        self.proxies.lock().expect("proxies lock").remove(&id);
+    }
+}

@@ -1,0 +1,111 @@
+//! The control plane (`meshctl control-plane`): watches the cluster, translates Gateway API
+//! objects with `mesh-translate`, pushes each proxy its config over the config distribution
+//! protocol (`docs/config-distribution.md`), deploys Gateways, writes Gateway API status.
+//!
+//! ```text
+//! reflectors ──(debounce)──► World ──► Hub (one stream per proxy: snapshot on change, ACK/NACK)
+//!                              └────► Reconciler (gateway Deployment/Service) + StatusWriter
+//! ```
+
+pub mod admin;
+pub mod certs;
+pub mod gateways;
+pub mod hub;
+pub mod status;
+pub mod watch;
+pub mod world;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use mesh_translate::TranslateOptions;
+use tokio::sync::{mpsc, watch as tokio_watch};
+use tokio_util::sync::CancellationToken;
+
+pub use hub::{Hub, ProxiesReport, ProxyState};
+pub use world::World;
+
+/// Everything `meshctl control-plane` needs besides the kube client.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    /// Config distribution (TLS, HTTP/2).
+    pub distribution_addr: SocketAddr,
+    /// `/debug/proxies`, `/ready` (plain HTTP; keep it on 127.0.0.1).
+    pub admin_addr: Option<SocketAddr>,
+    pub cert: certs::CertSource,
+    pub translate: TranslateOptions,
+    /// Gateway Deployments (`None`: do not deploy Gateways).
+    pub gateway_deployments: Option<gateways::GatewayDeploymentOptions>,
+    /// Write Gateway API status.
+    pub write_status: bool,
+    /// How long a burst of changes is collected before it is translated and pushed.
+    pub debounce: Duration,
+}
+
+/// Runs until `shutdown`.
+pub async fn run(
+    client: kube::Client,
+    config: ControlPlaneConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let tls = certs::load(&config.cert).context("config distribution certificate")?;
+    let listener = tokio::net::TcpListener::bind(config.distribution_addr)
+        .await
+        .with_context(|| format!("binding {}", config.distribution_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, ca = %tls.ca_path.display(), "config distribution listening (TLS, HTTP/2)");
+
+    let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+    let (stores, pending) = watch::start(&client, changes_tx);
+    let (world_tx, world_rx) = tokio_watch::channel(None);
+    tokio::spawn(watch::publish_worlds(
+        stores,
+        pending,
+        changes_rx,
+        world_tx,
+        config.debounce,
+    ));
+    let hub = Hub::new(world_rx.clone(), config.translate.clone());
+    if let Some(addr) = config.admin_addr {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(addr = %l.local_addr()?, "control-plane admin listening (/debug/proxies)");
+        tokio::spawn(admin::serve(l, hub.clone(), shutdown.clone()));
+    }
+
+    // Gateway Deployments and status follow every world; a periodic pass retries failures.
+    {
+        let mut world_rx = world_rx;
+        let client = client.clone();
+        let options = config.translate.clone();
+        let mut reconciler = config.gateway_deployments.clone().map(|mut g| {
+            g.ca_pem = Some(tls.ca_pem.clone());
+            gateways::Reconciler::new(client.clone(), g)
+        });
+        let mut status = config.write_status.then(status::StatusWriter::default);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    r = world_rx.changed() => if r.is_err() { return },
+                    _ = tick.tick() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let Some(world) = world_rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                if let Some(r) = reconciler.as_mut() {
+                    r.reconcile(&world.resources, &options.controller_names)
+                        .await;
+                }
+                if let Some(s) = status.as_mut() {
+                    s.write(&client, &world.resources, &options).await;
+                }
+            }
+        });
+    }
+    hub.serve(listener, tls.server_config, shutdown).await;
+    Ok(())
+}

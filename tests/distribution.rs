@@ -1,0 +1,409 @@
+//! Config distribution in-process, without the API server: the control plane's server
+//! ([`meshctl::controlplane::Hub`]) fed with worlds the test publishes, and the proxy's client
+//! ([`mesh_proxy::distribution::run_client`]) over real TLS and HTTP/2. Plus the scale test
+//! (1,000 HTTPRoutes, 10,000 endpoints) that prints its numbers.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_proxy::config::ProxyConfig;
+use mesh_proxy::distribution::{ClientOptions, NodeIdentity, Update, run_client};
+use mesh_translate::{LoadOptions, Resources, TranslateOptions};
+use meshctl::controlplane::certs::{self, CertSource};
+use meshctl::controlplane::{Hub, World};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/seed-walkthrough");
+
+fn seed_resources(myapp_weights: (u32, u32)) -> Resources {
+    let mut text = String::new();
+    for f in ["gateway.yaml", "httproute-otherapp.yaml"] {
+        text.push_str(&std::fs::read_to_string(format!("{SEED}/{f}")).unwrap());
+        text.push_str("\n---\n");
+    }
+    text.push_str(
+        &std::fs::read_to_string(format!("{SEED}/httproute-myapp.yaml"))
+            .unwrap()
+            .replace("weight: 80", &format!("weight: {}", myapp_weights.0))
+            .replace("weight: 20", &format!("weight: {}", myapp_weights.1)),
+    );
+    text.push_str("\n---\n");
+    for svc in ["myapp-v1", "myapp-v2", "otherapp"] {
+        write!(
+            text,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 5678}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-abc\n  labels: {{kubernetes.io/service-name: {svc}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 5678}}]\nendpoints: [{{addresses: [10.244.0.9], conditions: {{ready: true}}}}]\n---\n"
+        )
+        .unwrap();
+    }
+    mesh_translate::load_str(
+        "seed.yaml",
+        &text,
+        &LoadOptions {
+            default_namespace: "demo".into(),
+        },
+    )
+    .unwrap()
+    .resources
+}
+
+struct Server {
+    hub: Arc<Hub>,
+    worlds: watch::Sender<Option<Arc<World>>>,
+    addr: std::net::SocketAddr,
+    ca: std::path::PathBuf,
+    shutdown: CancellationToken,
+    generation: u64,
+}
+
+impl Server {
+    async fn start(dir: &std::path::Path, port: u16) -> Server {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = certs::load(&CertSource::Generated {
+            dir: dir.to_path_buf(),
+            sans: vec!["meshd.mesh-system.svc".into()],
+        })
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (worlds, rx) = watch::channel(None);
+        let hub = Hub::new(rx, TranslateOptions::default());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(
+            hub.clone()
+                .serve(listener, tls.server_config, shutdown.clone()),
+        );
+        Server {
+            hub,
+            worlds,
+            addr,
+            ca: tls.ca_path,
+            shutdown,
+            generation: 0,
+        }
+    }
+
+    fn publish(&mut self, resources: Resources, replicas: BTreeMap<String, u32>) -> u64 {
+        self.generation += 1;
+        self.worlds.send_replace(Some(Arc::new(World::new(
+            self.generation,
+            Arc::new(resources),
+            replicas,
+        ))));
+        self.generation
+    }
+
+    fn client(&self, backoff: Duration) -> (mpsc::Receiver<Update>, CancellationToken) {
+        let mut options = ClientOptions::new(
+            self.addr.to_string(),
+            self.ca.clone(),
+            NodeIdentity::Gateway {
+                namespace: "demo".into(),
+                name: "istio-gwapi".into(),
+                pod: Some("gw-0".into()),
+            },
+        );
+        options.server_name = "meshd.mesh-system.svc".into();
+        options.min_backoff = backoff;
+        options.max_backoff = backoff * 4;
+        let (tx, rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        tokio::spawn(run_client(options, tx, stop.clone()));
+        (rx, stop)
+    }
+}
+
+async fn next(rx: &mut mpsc::Receiver<Update>) -> Update {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("a snapshot within 20 s")
+        .expect("client running")
+}
+
+fn weights(config: &ProxyConfig) -> Vec<u32> {
+    let json = serde_json::to_value(config).unwrap();
+    let mut out = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<u32>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let (Some(w), Some(t)) = (m.get("weight"), m.get("target"))
+                    && t.to_string().contains("myapp")
+                {
+                    out.push(w.as_u64().unwrap() as u32);
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&json, &mut out);
+    out.sort();
+    out.dedup();
+    out
+}
+
+async fn wait_report(
+    hub: &Hub,
+    what: &str,
+    f: impl Fn(&meshctl::controlplane::ProxiesReport) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = hub.report();
+        if f(&r) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {r:#?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn snapshot_ack_nack_and_push_on_change_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), 0).await;
+    let (mut rx, _stop) = server.client(Duration::from_millis(50));
+    // Nothing before the first world.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err()
+    );
+    wait_report(&server.hub, "proxy registered", |r| r.proxies.len() == 1).await;
+    let g1 = server.publish(seed_resources((80, 20)), BTreeMap::new());
+    let u = next(&mut rx).await;
+    assert_eq!(u.version, g1.to_string());
+    assert_eq!(u.config.version, u.version);
+    assert_eq!(u.config.listeners.len(), 1, "{:?}", u.config.listeners);
+    assert_eq!(weights(&u.config), vec![20, 80]);
+    u.reply.send(Ok(())).unwrap();
+    wait_report(&server.hub, "ACK recorded", |r| {
+        let p = &r.proxies[0];
+        p.last_ack_version.as_deref() == Some(&*g1.to_string()) && p.sync_state() == "SYNCED"
+    })
+    .await;
+
+    // A world that changes nothing for this proxy: no snapshot.
+    server.publish(seed_resources((80, 20)), BTreeMap::new());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "unchanged config must not be pushed again"
+    );
+
+    // Weights change: pushed; the proxy rejects it: NACK with the error.
+    let g3 = server.publish(seed_resources((50, 50)), BTreeMap::new());
+    let u = next(&mut rx).await;
+    assert_eq!(u.version, g3.to_string());
+    assert_eq!(weights(&u.config), vec![50]);
+    u.reply.send(Err("listener port 80 in use".into())).unwrap();
+    wait_report(&server.hub, "NACK recorded", |r| {
+        let p = &r.proxies[0];
+        p.sync_state() == "NACKED"
+            && p.last_nack.as_ref().is_some_and(|n| {
+                n.version == g3.to_string() && n.error == "listener port 80 in use"
+            })
+            && p.last_ack_version.as_deref() == Some(&*g1.to_string())
+    })
+    .await;
+    let report = serde_json::to_value(server.hub.report()).unwrap();
+    assert_eq!(report["proxies"][0]["node"]["kind"], "gateway");
+    assert_eq!(report["proxies"][0]["node"]["pod"], "gw-0");
+}
+
+#[tokio::test]
+async fn client_reconnects_after_the_control_plane_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), 0).await;
+    let port = server.addr.port();
+    server.publish(seed_resources((80, 20)), BTreeMap::new());
+    let (mut rx, _stop) = server.client(Duration::from_millis(100));
+    let u = next(&mut rx).await;
+    u.reply.send(Ok(())).unwrap();
+
+    // The control plane goes away: streams end, the client retries with backoff.
+    server.shutdown.cancel();
+    drop(server);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err()
+    );
+    // It comes back on the same port with the same CA (kept in the directory).
+    let mut server = Server::start(dir.path(), port).await;
+    let g = server.publish(seed_resources((50, 50)), BTreeMap::new());
+    let u = next(&mut rx).await;
+    assert_eq!(u.version, g.to_string());
+    assert_eq!(weights(&u.config), vec![50]);
+    u.reply.send(Ok(())).unwrap();
+    wait_report(&server.hub, "ACK after reconnect", |r| {
+        r.proxies.len() == 1 && r.proxies[0].sync_state() == "SYNCED"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn distributed_rate_limits_follow_gateway_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), 0).await;
+    let mut resources = seed_resources((80, 20));
+    let policy = mesh_translate::load_str(
+        "rlp.yaml",
+        "apiVersion: policy.meshctl.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: shared, namespace: demo}\n\
+         spec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: istio-gwapi}]\n\
+         \x20 maxTokens: 90\n  tokensPerFill: 30\n  fillInterval: 1m\n  mode: Distributed\n",
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    resources.extend(policy.resources);
+    let replicas = |n| BTreeMap::from([("demo/istio-gwapi".to_string(), n)]);
+    server.publish(resources.clone(), replicas(1));
+    let (mut rx, _stop) = server.client(Duration::from_millis(50));
+    let instances = |c: &ProxyConfig| match &c.rate_limits[0].mode {
+        mesh_proxy::config::RateLimitMode::Distributed { instances } => *instances,
+        other => panic!("{other:?}"),
+    };
+    let u = next(&mut rx).await;
+    assert_eq!(instances(&u.config), 1, "{:?}", u.config.rate_limits);
+    u.reply.send(Ok(())).unwrap();
+    // Scaled to 3 ready replicas: pushed again with 3 instances.
+    server.publish(resources, replicas(3));
+    let u = next(&mut rx).await;
+    assert_eq!(instances(&u.config), 3, "{:?}", u.config.rate_limits);
+    u.reply.send(Ok(())).unwrap();
+    wait_report(&server.hub, "instances recorded", |r| {
+        r.proxies[0].instances == 3
+    })
+    .await;
+}
+
+/// 1,000 HTTPRoutes (each with its own Service) and 10,000 endpoints (10 per Service) on one
+/// Gateway. Prints: translation time, time to the first config at a connected proxy, time to
+/// propagate one weight change, snapshot size, memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_1000_routes_10000_endpoints() {
+    const ROUTES: usize = 1000;
+    const ENDPOINTS_PER_SERVICE: usize = 10;
+    let build = |changed_weight: u32| {
+        let options = LoadOptions {
+            default_namespace: "demo".into(),
+        };
+        let mut all = mesh_translate::load_str(
+            "gateway.yaml",
+            &std::fs::read_to_string(format!("{SEED}/gateway.yaml")).unwrap(),
+            &options,
+        )
+        .unwrap()
+        .resources;
+        // The YAML reader allows 1,024 documents per file: 100 routes (300 documents) a file.
+        let mut text = String::new();
+        for i in 0..ROUTES {
+            let w = if i == 500 { changed_weight } else { 1 };
+            write!(
+                text,
+                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r{i}}}\n\
+                 spec:\n  parentRefs: [{{name: istio-gwapi}}]\n  hostnames: [\"h{i}.example.com\"]\n  rules:\n  \
+                 - matches: [{{path: {{type: PathPrefix, value: /p{i}}}}}]\n    backendRefs: [{{name: s{i}, port: 80, weight: {w}}}]\n\
+                 ---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n\
+                 ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-x\n  labels: {{kubernetes.io/service-name: s{i}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
+            )
+            .unwrap();
+            for e in 0..ENDPOINTS_PER_SERVICE {
+                let n = i * ENDPOINTS_PER_SERVICE + e;
+                writeln!(
+                    text,
+                    "- {{addresses: [10.{}.{}.{}], conditions: {{ready: true}}}}",
+                    n / 65536,
+                    (n / 256) % 256,
+                    n % 256
+                )
+                .unwrap();
+            }
+            if i % 100 == 99 {
+                all.extend(
+                    mesh_translate::load_str("scale.yaml", &text, &options)
+                        .unwrap()
+                        .resources,
+                );
+                text.clear();
+            }
+        }
+        all
+    };
+    let resources = build(1);
+    let changed = build(7);
+    assert_eq!(resources.http_routes.len(), ROUTES);
+    let endpoints: usize = resources
+        .endpoint_slices
+        .iter()
+        .map(|s| s.endpoints.as_ref().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(endpoints, ROUTES * ENDPOINTS_PER_SERVICE);
+
+    let t = Instant::now();
+    let translation = mesh_translate::translate(
+        &resources,
+        &TranslateOptions {
+            gateways: vec!["demo/istio-gwapi".into()],
+            ..TranslateOptions::default()
+        },
+    );
+    let translate_time = t.elapsed();
+    assert_eq!(translation.config.backends.len(), ROUTES);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), 0).await;
+    let (mut rx, _stop) = server.client(Duration::from_millis(50));
+    wait_report(&server.hub, "connected", |r| r.proxies.len() == 1).await;
+    let t = Instant::now();
+    server.publish(resources, BTreeMap::new());
+    let u = next(&mut rx).await;
+    let first = t.elapsed();
+    assert_eq!(u.config.backends.len(), ROUTES);
+    u.reply.send(Ok(())).unwrap();
+
+    let t = Instant::now();
+    let g = server.publish(changed, BTreeMap::new());
+    let u = next(&mut rx).await;
+    let change = t.elapsed();
+    assert_eq!(u.version, g.to_string());
+    u.reply.send(Ok(())).unwrap();
+    wait_report(&server.hub, "ACK", |r| {
+        r.proxies[0].sync_state() == "SYNCED"
+    })
+    .await;
+    let bytes = server.hub.report().proxies[0].last_sent_bytes.unwrap();
+
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let mem = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .map(|l| l[k.len()..].trim().to_string())
+            .unwrap_or_default()
+    };
+    eprintln!(
+        "scale: {ROUTES} HTTPRoutes, {endpoints} endpoints, 1 Gateway ({} build)\n  \
+         translation (one proxy's config): {translate_time:?}\n  \
+         time to first config (publish -> snapshot decoded at the proxy): {first:?}\n  \
+         time to propagate one weight change (publish -> snapshot at the proxy): {change:?}\n  \
+         snapshot size: {bytes} bytes\n  \
+         memory of the test process (control plane + proxy client + 3 copies of the objects): VmRSS {} / VmHWM {}",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        mem("VmRSS:"),
+        mem("VmHWM:"),
+    );
+}

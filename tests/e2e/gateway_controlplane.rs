@@ -1,0 +1,786 @@
+//! The seed walkthrough end to end on the real API server, with the real binaries:
+//! `meshctl control-plane` (outside the cluster, `--kubeconfig`) watches the objects the seed
+//! applies, deploys the Gateway (Deployment + Service, run by kwok), writes Gateway API
+//! status, and pushes config to a real `mesh-proxy run --control-plane` gateway process.
+//!
+//! How traffic reaches "pods" that kwok runs without running anything: the test creates a
+//! network namespace (a veth pair to the host) and runs the gateway proxy inside it. In that
+//! namespace, iptables DNAT sends each pod IP:5678 from the EndpointSlices (10.244.x.y, what
+//! the control plane pushes, unchanged) to a small HTTP server of the test on the host end
+//! of the veth, which answers like the seed's app (`myapp v1`, `myapp v2`, `otherapp`). The
+//! proxy, the config and the addresses are exactly what a cluster would have; only the pod
+//! behind each IP is a process of the test. Needs root (CAP_NET_ADMIN) for `unshare`, `ip`
+//! and `iptables`.
+//!
+//! `meshctl install` is another issue's work: the test applies the CRDs itself (Gateway API
+//! and RateLimitPolicy generated from the Rust types with `CustomResourceExt::crd()`, the
+//! Istio EnvoyFilter CRD with an open schema, as Istio's own is for patches).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gateway_api::apis::standard::{
+    gatewayclasses::GatewayClass, gateways::Gateway, httproutes::HttpRoute,
+    referencegrants::ReferenceGrant,
+};
+use http_body_util::{BodyExt, Empty};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use mesh_testenv::{TestEnv, eventually};
+use serde_json::{Value, json};
+
+const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/seed-walkthrough");
+
+fn seed(file: &str) -> String {
+    format!("{SEED}/{file}")
+}
+
+async fn sh(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("{program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace held by `unshare --net sh -c read` (it ends, and with it the
+/// namespace and the veth pair, when the test process goes away and the pipe closes).
+struct NetNs {
+    holder: tokio::process::Child,
+    pid: u32,
+    host_ip: String,
+    ns_ip: String,
+}
+
+impl NetNs {
+    async fn create() -> NetNs {
+        let holder = tokio::process::Command::new("unshare")
+            .args(["--net", "--", "sh", "-c", "read x"])
+            .stdin(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("unshare (needs root)");
+        let pid = holder.id().unwrap();
+        let k = 16 + (std::process::id() % 200);
+        let (host_if, ns_if) = (format!("mcph{k}"), format!("mcpn{k}"));
+        let (host_ip, ns_ip) = (format!("100.88.{k}.1"), format!("100.88.{k}.2"));
+        let netns = format!("--net=/proc/{pid}/ns/net");
+        // A route is needed for the pod IPs (the DNAT in OUTPUT happens after routing).
+        // The namespace exists once unshare has exec'ed sh.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = sh("ip", &["link", "del", &host_if]).await;
+        sh(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+            ],
+        )
+        .await
+        .unwrap();
+        sh("ip", &["link", "set", &ns_if, "netns", &pid.to_string()])
+            .await
+            .unwrap();
+        sh(
+            "ip",
+            &["addr", "add", &format!("{host_ip}/30"), "dev", &host_if],
+        )
+        .await
+        .unwrap();
+        sh("ip", &["link", "set", &host_if, "up"]).await.unwrap();
+        let script = format!(
+            "ip link set lo up && ip addr add {ns_ip}/30 dev {ns_if} && ip link set {ns_if} up && \
+             ip route add default via {host_ip}"
+        );
+        sh("nsenter", &[&netns, "sh", "-c", &script]).await.unwrap();
+        NetNs {
+            holder,
+            pid,
+            host_ip,
+            ns_ip,
+        }
+    }
+
+    fn nsenter_arg(&self) -> String {
+        format!("--net=/proc/{}/ns/net", self.pid)
+    }
+
+    /// Inside the namespace, connections to `pod_ip:port` go to `to`.
+    async fn dnat(&self, pod_ip: &str, port: u16, to: SocketAddr) {
+        sh(
+            "nsenter",
+            &[
+                &self.nsenter_arg(),
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-d",
+                pod_ip,
+                "-p",
+                "tcp",
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to.to_string(),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = self.holder.start_kill();
+    }
+}
+
+/// The seed's app: answers every request with its name.
+async fn backend(ip: &str, name: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || async move { name });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Resp {
+    status: u16,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+async fn get(url: &str) -> Result<Resp, String> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
+    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// The seed's `check_canary.py`: 100 sequential GETs, count the bodies naming v1 and v2.
+async fn canary(url: &str) -> (u32, u32) {
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..100 {
+        let r = get(url).await.unwrap();
+        if r.body.contains("v1") {
+            v1 += 1;
+        } else if r.body.contains("v2") {
+            v2 += 1;
+        }
+    }
+    (v1, v2)
+}
+
+/// `seq 1 100 | xargs -P100 curl ...`: 100 parallel GETs, responses by status.
+async fn parallel(url: &str) -> (BTreeMap<u16, u32>, Vec<Resp>) {
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let url = url.to_string();
+            tokio::spawn(async move { get(&url).await.unwrap() })
+        })
+        .collect();
+    let mut counts = BTreeMap::new();
+    let mut limited = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        *counts.entry(r.status).or_insert(0) += 1;
+        if r.status == 429 {
+            limited.push(r);
+        }
+    }
+    (counts, limited)
+}
+
+fn mesh_proxy_binary() -> PathBuf {
+    // target/debug/deps/e2e-HASH → target/debug/mesh-proxy, built here if needed.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "-p", "mesh-proxy", "--bin", "mesh-proxy"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building mesh-proxy");
+    dir.join("mesh-proxy")
+}
+
+async fn apply_crds(env: &TestEnv) {
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client().unwrap());
+    let envoy_filter: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "envoyfilters.networking.istio.io"},
+        "spec": {
+            "group": "networking.istio.io",
+            "names": {"kind": "EnvoyFilter", "plural": "envoyfilters", "singular": "envoyfilter", "listKind": "EnvoyFilterList"},
+            "scope": "Namespaced",
+            "versions": [{"name": "v1alpha3", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}],
+        },
+    }))
+    .unwrap();
+    for crd in [
+        GatewayClass::crd(),
+        Gateway::crd(),
+        HttpRoute::crd(),
+        ReferenceGrant::crd(),
+        mesh_translate::RateLimitPolicy::crd(),
+        envoy_filter,
+    ] {
+        let mut crd = crd;
+        let name = crd.metadata.name.clone().unwrap();
+        if name.ends_with(".k8s.io") {
+            // What the upstream Gateway API CRDs carry (protected *.k8s.io group).
+            crd.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(
+                    "api-approved.kubernetes.io".into(),
+                    "https://github.com/kubernetes-sigs/gateway-api/pull/3328".into(),
+                );
+        }
+        crds.patch(
+            &name,
+            &PatchParams::apply("meshctl-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+        eventually(
+            Duration::from_secs(60),
+            &format!("CRD {name} Established"),
+            || async {
+                let c = crds.get(&name).await?;
+                Ok(c.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(()))
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
+fn condition<'a>(conds: &'a Value, t: &str) -> Option<&'a Value> {
+    conds.as_array()?.iter().find(|c| c["type"] == t)
+}
+
+/// The route's status entry for our controller: (Accepted, ResolvedRefs).
+async fn route_conditions(routes: &Api<HttpRoute>, name: &str) -> Option<(Value, Value, i64)> {
+    let r = routes.get(name).await.ok()?;
+    let generation = r.metadata.generation.unwrap_or(0);
+    let status = serde_json::to_value(&r.status).ok()?;
+    let parent = status["parents"]
+        .as_array()?
+        .iter()
+        .find(|p| p["controllerName"] == "istio.io/gateway-controller")?
+        .clone();
+    Some((
+        condition(&parent["conditions"], "Accepted")?.clone(),
+        condition(&parent["conditions"], "ResolvedRefs")?.clone(),
+        generation,
+    ))
+}
+
+struct Child {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Child {
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+fn spawn_logged(mut cmd: tokio::process::Command, log: &Path) -> Child {
+    let file = std::fs::File::create(log).unwrap();
+    let child = cmd
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    Child {
+        child,
+        log: log.to_path_buf(),
+    }
+}
+
+fn control_plane(env: &TestEnv, dir: &Path, dist: &str, admin: &str, log: &str) -> Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshctl"));
+    cmd.args([
+        "control-plane",
+        "--no-webhook",
+        "--kubeconfig",
+        env.kubeconfig().to_str().unwrap(),
+        "--distribution-addr",
+        dist,
+        "--admin-addr",
+        admin,
+        "--distribution-cert-dir",
+        dir.join("pki").to_str().unwrap(),
+        // What the seed profile (istio-gwapi.yaml) asks for: a NodePort ingress gateway.
+        "--gateway-service-type",
+        "NodePort",
+        "--hub",
+        "registry.example/meshctl",
+        "--tag",
+        "e2e",
+    ])
+    .env("RUST_LOG", "info,meshctl=debug,kube=warn");
+    spawn_logged(cmd, &dir.join(log))
+}
+
+async fn config_dump(ns_ip: &str) -> Option<Value> {
+    let r = get(&format!("http://{ns_ip}:15000/config_dump"))
+        .await
+        .ok()?;
+    serde_json::from_str(&r.body).ok()
+}
+
+#[tokio::test]
+async fn seed_walkthrough_through_the_control_plane() {
+    let env = TestEnv::shared();
+    let client = env.client().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    apply_crds(env).await;
+    let ns = env.create_namespace("cp").await.unwrap();
+
+    let netns = NetNs::create().await;
+    let dist = format!("{}:{}", netns.host_ip, free_port(&netns.host_ip));
+    let admin_url = format!("http://127.0.0.1:{}", free_port("127.0.0.1"));
+    let admin = admin_url.trim_start_matches("http://").to_string();
+    let mut cp = control_plane(env, dir, &dist, &admin, "control-plane.log");
+
+    // The seed, step by step (`kubectl -n demo ...`).
+    env.kubectl_ok(&["label", "ns", &ns, "istio-injection=enabled"])
+        .await
+        .unwrap();
+    for f in [
+        "deployment.yaml",
+        "gateway.yaml",
+        "httproute-myapp.yaml",
+        "httproute-otherapp.yaml",
+    ] {
+        env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed(f)])
+            .await
+            .unwrap();
+    }
+
+    // The control plane deploys the Gateway (Istio's naming: <gateway>-<class>).
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let gw_deploy = eventually(Duration::from_secs(60), "gateway Deployment", || async {
+        Ok(deployments.get_opt("istio-gwapi-istio").await?)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cp.log_tail()));
+    let owner = &gw_deploy.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Gateway", "istio-gwapi")
+    );
+    let labels = gw_deploy
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        labels["gateway.networking.k8s.io/gateway-name"],
+        "istio-gwapi"
+    );
+    assert_eq!(labels["istio"], "ingressgateway");
+    let container = &gw_deploy
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    assert_eq!(
+        container.image.as_deref(),
+        Some("registry.example/meshctl/mesh-proxy:e2e")
+    );
+    let args = container.args.clone().unwrap().join(" ");
+    assert!(
+        args.contains(&format!(
+            "--control-plane meshd.mesh-system.svc:15012 --gateway {ns}/istio-gwapi"
+        )),
+        "{args}"
+    );
+    let svc = eventually(Duration::from_secs(30), "gateway Service", || async {
+        Ok(services.get_opt("istio-gwapi-istio").await?)
+    })
+    .await
+    .unwrap();
+    let spec = svc.spec.as_ref().unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+    let port80 = spec
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|p| p.port == 80)
+        .expect("port 80 from the listener");
+    assert!(port80.node_port.is_some(), "{port80:?}");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let ca = cms.get("meshctl-ca-root-cert").await.unwrap();
+    assert!(ca.data.unwrap()["root-cert.pem"].contains("BEGIN CERTIFICATE"));
+
+    // Status: routes Accepted and ResolvedRefs, with observedGeneration.
+    let routes: Api<HttpRoute> = Api::namespaced(client.clone(), &ns);
+    for name in ["myapp-route", "other-route"] {
+        let (accepted, resolved, generation) = eventually(
+            Duration::from_secs(30),
+            &format!("{name} Accepted"),
+            || async {
+                Ok(route_conditions(&routes, name)
+                    .await
+                    .filter(|(a, r, _)| a["status"] == "True" && r["status"] == "True"))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cp.log_tail()));
+        assert_eq!(accepted["reason"], "Accepted");
+        assert_eq!(resolved["reason"], "ResolvedRefs");
+        assert_eq!(accepted["observedGeneration"], generation);
+    }
+    let classes: Api<GatewayClass> = Api::all(client.clone());
+    let class = serde_json::to_value(classes.get("istio").await.unwrap().status).unwrap();
+    assert_eq!(
+        condition(&class["conditions"], "Accepted").unwrap()["status"],
+        "True"
+    );
+    let gateways: Api<Gateway> = Api::namespaced(client.clone(), &ns);
+    let gw_status = eventually(Duration::from_secs(30), "Gateway Programmed", || async {
+        let s = serde_json::to_value(gateways.get("istio-gwapi").await?.status)?;
+        Ok(condition(&s["conditions"], "Programmed")
+            .is_some_and(|c| c["status"] == "True")
+            .then_some(s))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        condition(&gw_status["conditions"], "Accepted").unwrap()["status"],
+        "True"
+    );
+    assert_eq!(
+        gw_status["addresses"][0]["value"],
+        json!(spec.cluster_ip.clone().unwrap())
+    );
+    assert_eq!(gw_status["listeners"][0]["attachedRoutes"], 2);
+
+    // Pods (kwok) have IPs; the EndpointSlices carry them. Serve them through the netns.
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    for (svc, body) in [
+        ("myapp-v1", "myapp v1"),
+        ("myapp-v2", "myapp v2"),
+        ("otherapp", "otherapp"),
+    ] {
+        let ip = eventually(
+            Duration::from_secs(120),
+            &format!("{svc} endpoint"),
+            || async {
+                let list = slices
+                    .list(
+                        &ListParams::default().labels(&format!("kubernetes.io/service-name={svc}")),
+                    )
+                    .await?;
+                Ok(list
+                    .items
+                    .iter()
+                    .flat_map(|s| s.endpoints.iter().flatten())
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                    .find_map(|e| e.addresses.first().cloned()))
+            },
+        )
+        .await
+        .unwrap();
+        let addr = backend(&netns.host_ip, body).await;
+        netns.dnat(&ip, 5678, addr).await;
+    }
+
+    // The gateway proxy: the real binary, in the netns, connected to the control plane.
+    let mut proxy_cmd = tokio::process::Command::new("nsenter");
+    proxy_cmd
+        .arg(netns.nsenter_arg())
+        .arg(mesh_proxy_binary())
+        .args([
+            "run",
+            "--control-plane",
+            &dist,
+            "--control-plane-server-name",
+            "meshd.mesh-system.svc",
+            "--ca-file",
+            dir.join("pki/root-cert.pem").to_str().unwrap(),
+            "--gateway",
+            &format!("{ns}/istio-gwapi"),
+            "--admin-address",
+            "0.0.0.0:15000",
+            "--readiness-address",
+            "off",
+            "--metrics-address",
+            "off",
+        ])
+        .env("POD_NAME", "e2e-gateway-proxy")
+        .env("RUST_LOG", "info");
+    let proxy = spawn_logged(proxy_cmd, &dir.join("proxy.log"));
+    let base = format!("http://{}:80", netns.ns_ip);
+    let routed = eventually(
+        Duration::from_secs(30),
+        "the gateway to route /",
+        || async {
+            Ok(get(&format!("{base}/"))
+                .await
+                .ok()
+                .filter(|r| r.status == 200))
+        },
+    )
+    .await;
+    if let Err(e) = routed {
+        let last = get(&format!("{base}/")).await.map(|r| (r.status, r.body));
+        panic!(
+            "{e}\nlast answer: {last:?}\nconfig: {:?}\nproxy:\n{}\ncontrol plane:\n{}",
+            config_dump(&netns.ns_ip).await,
+            proxy.log_tail(),
+            cp.log_tail()
+        );
+    }
+
+    // proxy-status shows it, SYNCED.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["proxy-status", "--control-plane-admin", &admin_url])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("meshctl proxy-status:\n{table}");
+    assert!(
+        table.contains(&format!("gateway {ns}/istio-gwapi (e2e-gateway-proxy)"))
+            && table.contains("SYNCED"),
+        "{table}"
+    );
+
+    // Step 6: check_canary.py — about 80/20 (within 3σ: σ = 4).
+    let r = get(&format!("{base}/")).await.unwrap();
+    assert_eq!(r.headers["x-mesh"], "istio");
+    assert_eq!(r.headers["x-canary"], "v2-20pct");
+    let (v1, v2) = canary(&format!("{base}/")).await;
+    eprintln!("canary 80/20: v1: {v1}, v2: {v2}");
+    assert_eq!(v1 + v2, 100);
+    assert!((8..=32).contains(&v2), "v1 {v1} v2 {v2}");
+
+    // Step 7: the EnvoyFilter; 100 parallel requests per path.
+    env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed("istio-envoy-filter.yaml")])
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "rate limits pushed", || async {
+        Ok(config_dump(&netns.ns_ip).await.filter(|d| {
+            d["config"]["rateLimits"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+        }))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cp.log_tail()));
+    let (root, limited) = parallel(&format!("{base}/")).await;
+    let (other, _) = parallel(&format!("{base}/other")).await;
+    eprintln!("100 parallel: / {root:?}, /other {other:?}");
+    assert_eq!(root, BTreeMap::from([(200, 20), (429, 80)]));
+    assert_eq!(other, BTreeMap::from([(200, 10), (429, 90)]));
+    let h = &limited[0].headers;
+    assert_eq!(h["x-rate-limited"], "TOO_MANY_REQUESTS");
+    assert_eq!(h["content-length"], "18");
+    assert_eq!(h["content-type"], "text/plain");
+    assert_eq!(h["x-canary"], "v2-20pct");
+    assert_eq!(h["x-mesh"], "istio");
+
+    // Take the limit away again for the traffic checks below.
+    env.kubectl_ok(&["delete", "-n", &ns, "-f", &seed("istio-envoy-filter.yaml")])
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "rate limits removed", || async {
+        Ok(config_dump(&netns.ns_ip).await.filter(|d| {
+            d["config"]["rateLimits"]
+                .as_array()
+                .is_none_or(|a| a.is_empty())
+        }))
+    })
+    .await
+    .unwrap();
+
+    // Weights to 50/50: in the proxy within 1 s.
+    let patch = r#"[{"op":"replace","path":"/spec/rules/0/backendRefs/0/weight","value":50},{"op":"replace","path":"/spec/rules/0/backendRefs/1/weight","value":50}]"#;
+    let before = Instant::now();
+    env.kubectl_ok(&[
+        "patch",
+        "httproute",
+        "-n",
+        &ns,
+        "myapp-route",
+        "--type=json",
+        "-p",
+        patch,
+    ])
+    .await
+    .unwrap();
+    let patched = Instant::now();
+    loop {
+        let dump = config_dump(&netns.ns_ip).await.unwrap_or_default();
+        if dump.to_string().contains("\"weight\":50") {
+            break;
+        }
+        assert!(
+            before.elapsed() < Duration::from_secs(10),
+            "weights never changed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let from_patch = patched.elapsed();
+    let from_kubectl = before.elapsed();
+    eprintln!(
+        "weights 50/50: serving {from_patch:?} after the API server took the patch ({from_kubectl:?} including kubectl)"
+    );
+    assert!(from_patch < Duration::from_secs(1), "{from_patch:?}");
+    let (v1, v2) = canary(&format!("{base}/")).await;
+    eprintln!("canary 50/50: v1: {v1}, v2: {v2}");
+    assert!((35..=65).contains(&v2), "v1 {v1} v2 {v2}");
+
+    // A route to a missing Service: ResolvedRefs=False BackendNotFound; its share gets 500.
+    let missing = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: missing-route, namespace: {ns}}}\n\
+         spec:\n  parentRefs: [{{kind: Gateway, name: istio-gwapi}}]\n  rules:\n  \
+         - matches: [{{path: {{type: PathPrefix, value: /missing}}}}]\n    \
+         backendRefs: [{{name: otherapp, port: 80, weight: 1}}, {{name: no-such-service, port: 80, weight: 1}}]\n"
+    );
+    let file = dir.join("missing.yaml");
+    std::fs::write(&file, missing).unwrap();
+    env.kubectl_ok(&["apply", "-f", file.to_str().unwrap()])
+        .await
+        .unwrap();
+    let (accepted, resolved, _) =
+        eventually(Duration::from_secs(30), "missing-route status", || async {
+            Ok(route_conditions(&routes, "missing-route")
+                .await
+                .filter(|(_, r, _)| r["status"] == "False"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(accepted["status"], "True");
+    assert_eq!(resolved["reason"], "BackendNotFound");
+    eventually(Duration::from_secs(10), "/missing routed", || async {
+        Ok(get(&format!("{base}/missing"))
+            .await
+            .ok()
+            .filter(|r| r.status != 404))
+    })
+    .await
+    .unwrap();
+    let mut codes = BTreeMap::new();
+    for _ in 0..100 {
+        *codes
+            .entry(get(&format!("{base}/missing")).await.unwrap().status)
+            .or_insert(0) += 1;
+    }
+    eprintln!("/missing (otherapp 1 : no-such-service 1): {codes:?}");
+    assert_eq!(codes.len(), 2, "{codes:?}");
+    assert!((35..=65).contains(&codes[&500]), "{codes:?}");
+
+    // Deleting a route: 404.
+    env.kubectl_ok(&["delete", "httproute", "-n", &ns, "myapp-route"])
+        .await
+        .unwrap();
+    let t = Instant::now();
+    eventually(Duration::from_secs(5), "/ to answer 404", || async {
+        Ok(get(&format!("{base}/"))
+            .await
+            .ok()
+            .filter(|r| r.status == 404))
+    })
+    .await
+    .unwrap();
+    eprintln!("route deleted: 404 after {:?}", t.elapsed());
+    assert_eq!(get(&format!("{base}/other")).await.unwrap().status, 200);
+
+    // The control plane goes away: the proxy keeps serving; it comes back: the proxy
+    // reconnects (same CA, kept in the cert directory) and gets changes again.
+    cp.child.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(&format!("{base}/other")).await.unwrap().status, 200);
+    let _cp2 = control_plane(env, dir, &dist, &admin, "control-plane-2.log");
+    env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed("httproute-myapp.yaml")])
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "/ routed again after the restart",
+        || async {
+            Ok(get(&format!("{base}/"))
+                .await
+                .ok()
+                .filter(|r| r.status == 200))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log_tail()));
+    drop(proxy);
+}
