@@ -12,6 +12,7 @@ pub mod headers;
 pub mod metrics;
 mod observe;
 pub mod ratelimit;
+pub mod redirect;
 pub mod routing;
 pub mod server;
 #[cfg(feature = "testing")]

@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Serve a config until SIGTERM/SIGINT.
     Run(RunArgs),
+    /// Program the pod's traffic capture (nat rules); what the injected `mesh-init` runs.
+    Redirect(mesh_proxy::redirect::RedirectArgs),
 }
 
 #[derive(clap::Args)]
@@ -191,6 +193,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::Redirect(args) => mesh_proxy::redirect::run(&args),
         }
     });
     match result {
