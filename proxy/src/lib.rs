@@ -15,6 +15,7 @@ pub mod ratelimit;
 pub mod redirect;
 pub mod routing;
 pub mod server;
+pub mod sidecar;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod upstream;

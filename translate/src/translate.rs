@@ -1580,6 +1580,8 @@ fn build_listeners(cx: &mut Ctx<'_>, gws: &[Gw<'_>], entries: Vec<Entry>) -> Vec
             virtual_hosts,
             rate_limit: cx.port_limits.get(&port).cloned().filter(|s| !s.is_empty()),
             limits: Default::default(),
+            services: Vec::new(),
+            inbound_ports: Vec::new(),
         });
     }
     listeners
