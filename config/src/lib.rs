@@ -673,7 +673,10 @@ impl ProxyConfig {
                 if let Some(b) = &svc.tcp_backend
                     && !backend_names.contains(b.as_str())
                 {
-                    err(format!("{sp}.tcpBackend"), format!("no backend named {b:?}"));
+                    err(
+                        format!("{sp}.tcpBackend"),
+                        format!("no backend named {b:?}"),
+                    );
                 }
                 for (ri, r) in svc.routes.iter().enumerate() {
                     routes.push((format!("{sp}.routes[{ri}]"), r));

@@ -16,6 +16,7 @@ pub mod redirect;
 pub mod routing;
 pub mod server;
 pub mod sidecar;
+pub mod sidecar_cli;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod upstream;

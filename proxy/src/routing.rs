@@ -582,10 +582,7 @@ impl RouteTable {
                         path: format!("{sp}.addresses[{ai}]"),
                         message: format!("{a:?} is not an IP address"),
                     })?;
-                    services.insert(
-                        std::net::SocketAddr::new(ip, svc.port),
-                        compiled.clone(),
-                    );
+                    services.insert(std::net::SocketAddr::new(ip, svc.port), compiled.clone());
                 }
             }
             let inbound_limits = l

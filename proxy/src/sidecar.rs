@@ -297,7 +297,12 @@ mod tests {
 
     #[test]
     fn http1_request_lines_are_http() {
-        for m in ["GET / HTTP/1.1\r\n", "POST /x HTTP/1.0", "DELETE ", "OPTIONS * HTTP/1.1"] {
+        for m in [
+            "GET / HTTP/1.1\r\n",
+            "POST /x HTTP/1.0",
+            "DELETE ",
+            "OPTIONS * HTTP/1.1",
+        ] {
             assert_eq!(classify(m.as_bytes()), Some(Protocol::Http1), "{m}");
         }
     }
@@ -312,7 +317,9 @@ mod tests {
 
     #[test]
     fn prefixes_wait_for_more() {
-        for p in ["G", "GE", "GET", "P", "PO", "PU", "PRI * HT", "OPTIONS", "CONN"] {
+        for p in [
+            "G", "GE", "GET", "P", "PO", "PU", "PRI * HT", "OPTIONS", "CONN",
+        ] {
             assert_eq!(classify(p.as_bytes()), None, "{p}");
         }
         assert_eq!(classify(b""), None);
