@@ -63,7 +63,8 @@ pub struct Outcome {
 }
 
 /// The downstream connection is closed without a response: a sidecar passthrough whose
-/// destination refused the connection fails the way the un-meshed connection would have.
+/// destination refused the connection (or closed it without answering) fails the way the
+/// un-meshed connection would have.
 #[derive(Debug, thiserror::Error)]
 #[error("the original destination refused the connection")]
 pub struct CloseConnection;
@@ -119,7 +120,14 @@ pub async fn handle(
         outcome: &out,
         arrival,
     });
-    if out.passthrough && matches!(out.error, Some(ProxyError::Connect(_))) {
+    // A passthrough whose destination refused (or closed without answering) fails like the
+    // un-meshed connection: the downstream connection is closed, no response is made up.
+    if out.passthrough
+        && matches!(
+            out.error,
+            Some(ProxyError::Connect(_) | ProxyError::UpstreamReset(_))
+        )
+    {
         if let Some(entry) = entry {
             rt.observer.access_log.log(entry);
         }

@@ -54,7 +54,7 @@ impl Default for ProxyOptions {
             distributed_instances: None,
             metrics: None,
             access_log: None,
-            protocol_detection_timeout: Duration::from_millis(100),
+            protocol_detection_timeout: Duration::from_secs(1),
         }
     }
 }

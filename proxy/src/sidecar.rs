@@ -128,7 +128,9 @@ pub(crate) async fn serve_captured(c: Captured, guard: ConnectionGuard) {
         tracing::debug!(peer = %c.peer, "connection was not redirected (no original destination); closing");
         return;
     };
-    match detect(&c.stream, c.detect_timeout).await {
+    let protocol = detect(&c.stream, c.detect_timeout).await;
+    tracing::debug!(peer = %c.peer, %dst, ?protocol, "captured connection");
+    match protocol {
         Protocol::Http1 | Protocol::Http2 => serve_http(c, dst).await,
         Protocol::Opaque => serve_tcp(c, dst).await,
     }

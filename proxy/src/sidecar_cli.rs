@@ -59,8 +59,10 @@ pub struct SidecarArgs {
     /// this pod.
     #[arg(long, value_name = "PATH", num_args = 1..)]
     pub resources: Vec<PathBuf>,
-    /// How long a captured connection may stay silent before it is treated as opaque TCP.
-    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
+    /// How long a captured connection may stay silent before it is treated as opaque TCP
+    /// (server-first protocols wait this long before their first byte; too short a value
+    /// misdetects HTTP from a client that is slow to write on a busy node).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub protocol_detection_timeout: Duration,
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub pod_name: String,
