@@ -74,19 +74,63 @@ pub struct Listener {
     pub rate_limit: Option<String>,
     #[serde(default)]
     pub limits: HttpLimits,
+    /// `sidecarOutbound` only: the mesh Services this proxy routes, found by the captured
+    /// connection's original destination (`address:port`). Connections to any other
+    /// destination are passed through to it unchanged (HTTP is still observed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<MeshService>,
+    /// `sidecarInbound` only: per-port settings of the local app (ports not listed are still
+    /// forwarded, without a port limit).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbound_ports: Vec<InboundPort>,
 }
 
-/// What a listener is for. Only `gateway` is served today; the sidecar kinds are the shape
-/// the capture path will fill in.
+/// One port of a mesh Service as a sidecar's outbound side sees it (Gateway API mesh routing,
+/// "GAMMA": HTTPRoutes whose parentRef is the Service).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshService {
+    /// `namespace/name:port`.
+    pub name: String,
+    /// The IP addresses the app dials for this Service (its ClusterIPs).
+    pub addresses: Vec<String>,
+    pub port: u16,
+    /// HTTP requests to the Service: evaluated in order, first match wins; no match → 404.
+    /// The translator puts here the Service's HTTPRoutes, or one route to its own endpoints.
+    /// Route names share the listener's namespace (unique within the listener).
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Where opaque (non-HTTP) connections go: a backend (normally the Service port's own
+    /// endpoints). `None`: to the original destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_backend: Option<String>,
+}
+
+/// Settings of one port of the app behind a sidecar's inbound listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundPort {
+    /// The app's (container) port, i.e. the captured connection's original port.
+    pub port: u16,
+    /// A rate limit applied to HTTP requests to this port (per pod: every sidecar has its own
+    /// bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+}
+
+/// What a listener is for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum ListenerKind {
     /// Traffic addressed to the proxy itself, routed by hostname and route (ingress gateway).
     #[default]
     Gateway,
-    /// Captured traffic arriving at the pod, forwarded to the local app.
+    /// Captured traffic arriving at the pod (`mesh-proxy redirect`'s inbound port), forwarded
+    /// to the local app on the original port over loopback. Non-HTTP is copied untouched.
     SidecarInbound,
-    /// Captured traffic leaving the pod, routed by the destination Service's routes.
+    /// Captured traffic leaving the pod: HTTP to a mesh Service ([`Listener::services`]) is
+    /// routed by its routes, anything else goes to the original destination. Non-HTTP is
+    /// copied untouched.
     SidecarOutbound,
 }
 
@@ -591,6 +635,8 @@ impl ProxyConfig {
             }
             check_limit(&mut err, format!("{lp}.rateLimit"), &l.rate_limit);
             let mut route_names = BTreeSet::new();
+            // Every route of the listener: its virtual hosts' and its mesh Services'.
+            let mut routes: Vec<(String, &Route)> = Vec::new();
             for (vi, vh) in l.virtual_hosts.iter().enumerate() {
                 let vp = format!("{lp}.virtualHosts[{vi}]");
                 for (hi, h) in vh.hostnames.iter().enumerate() {
@@ -599,7 +645,56 @@ impl ProxyConfig {
                     }
                 }
                 for (ri, r) in vh.routes.iter().enumerate() {
-                    let rp = format!("{vp}.routes[{ri}]");
+                    routes.push((format!("{vp}.routes[{ri}]"), r));
+                }
+            }
+            let mut destinations = BTreeSet::new();
+            for (si, svc) in l.services.iter().enumerate() {
+                let sp = format!("{lp}.services[{si}]");
+                if svc.port == 0 {
+                    err(format!("{sp}.port"), "must not be 0".into());
+                }
+                for (ai, a) in svc.addresses.iter().enumerate() {
+                    match a.parse::<std::net::IpAddr>() {
+                        Ok(ip) => {
+                            if !destinations.insert((ip, svc.port)) {
+                                err(
+                                    format!("{sp}.addresses[{ai}]"),
+                                    format!("{a}:{} is used by two services", svc.port),
+                                );
+                            }
+                        }
+                        Err(_) => err(
+                            format!("{sp}.addresses[{ai}]"),
+                            format!("{a:?} is not an IP address"),
+                        ),
+                    }
+                }
+                if let Some(b) = &svc.tcp_backend
+                    && !backend_names.contains(b.as_str())
+                {
+                    err(
+                        format!("{sp}.tcpBackend"),
+                        format!("no backend named {b:?}"),
+                    );
+                }
+                for (ri, r) in svc.routes.iter().enumerate() {
+                    routes.push((format!("{sp}.routes[{ri}]"), r));
+                }
+            }
+            let mut inbound_ports = BTreeSet::new();
+            for (pi, ip) in l.inbound_ports.iter().enumerate() {
+                let pp = format!("{lp}.inboundPorts[{pi}]");
+                if !inbound_ports.insert(ip.port) {
+                    err(
+                        format!("{pp}.port"),
+                        format!("port {} is listed twice", ip.port),
+                    );
+                }
+                check_limit(&mut err, format!("{pp}.rateLimit"), &ip.rate_limit);
+            }
+            {
+                for (rp, r) in routes {
                     if !route_names.insert(r.name.as_str()) {
                         err(
                             format!("{rp}.name"),

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{self, CountingBody, LoggedBody, PendingLog, ProxyBody, TeeBody};
-use crate::config::{ProxyConfig, UpstreamProtocol};
+use crate::config::{Backend, ListenerKind, ProxyConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::observe::{Arrival, Finished};
@@ -58,7 +58,19 @@ pub struct Outcome {
     pub rate_limited: Option<String>,
     /// Answered by the route itself (direct response or redirect).
     pub direct: bool,
+    /// Served by a sidecar passthrough route (original destination, or the local app).
+    pub passthrough: bool,
 }
+
+/// The downstream connection is closed without a response: a sidecar passthrough whose
+/// destination refused the connection (or closed it without answering) fails the way the
+/// un-meshed connection would have.
+#[derive(Debug, thiserror::Error)]
+#[error("the original destination refused the connection")]
+pub struct CloseConnection;
+
+/// Inbound: the app is reached over loopback on the original port.
+const INBOUND_APP_IP: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// Serves one request. Never fails: every failure is turned into a response by
 /// [`ProxyError::into_response`].
@@ -67,7 +79,8 @@ pub async fn handle(
     st: Arc<ListenerState>,
     req: Request<Incoming>,
     peer: SocketAddr,
-) -> Response<ProxyBody> {
+    original_dst: Option<SocketAddr>,
+) -> Result<Response<ProxyBody>, CloseConnection> {
     let start = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
@@ -83,7 +96,17 @@ pub async fn handle(
         None => req.map(body::boxed),
     };
     let mut out = Outcome::default();
-    let resp = serve(&rt, &st, req, peer, start, &mut out, &mut request_id).await;
+    let resp = serve(
+        &rt,
+        &st,
+        req,
+        peer,
+        original_dst,
+        start,
+        &mut out,
+        &mut request_id,
+    )
+    .await;
     let entry = rt.observer.request_done(Finished {
         listener: &st.table.name,
         method: &method,
@@ -97,7 +120,20 @@ pub async fn handle(
         outcome: &out,
         arrival,
     });
-    match entry {
+    // A passthrough whose destination refused (or closed without answering) fails like the
+    // un-meshed connection: the downstream connection is closed, no response is made up.
+    if out.passthrough
+        && matches!(
+            out.error,
+            Some(ProxyError::Connect(_) | ProxyError::UpstreamReset(_))
+        )
+    {
+        if let Some(entry) = entry {
+            rt.observer.access_log.log(entry);
+        }
+        return Err(CloseConnection);
+    }
+    Ok(match entry {
         Some(entry) => resp.map(|b| {
             LoggedBody::wrap(
                 b,
@@ -110,7 +146,7 @@ pub async fn handle(
             )
         }),
         None => resp,
-    }
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -119,6 +155,7 @@ async fn serve(
     st: &ListenerState,
     req: Request<ProxyBody>,
     peer: SocketAddr,
+    original_dst: Option<SocketAddr>,
     start: Instant,
     out: &mut Outcome,
     request_id: &mut Option<HeaderValue>,
@@ -136,14 +173,42 @@ async fn serve(
 
     let (host_port, host) = request_host(&req);
     let path = req.uri().path().to_string();
-    let route = st.table.route(&RequestInfo {
+    let info = RequestInfo {
         host: &host,
         method: req.method(),
         path: &path,
         query: req.uri().query(),
         headers: req.headers(),
-    });
-    let (_, route) = match route {
+    };
+    let passthrough: CompiledRoute;
+    let route = match (st.table.kind, original_dst) {
+        (ListenerKind::Gateway, _) => st.table.route(&info).map(|(_, r)| r),
+        (ListenerKind::SidecarOutbound, Some(dst)) => match st.table.service(dst) {
+            Some(svc) => svc.route(&info),
+            None => {
+                out.passthrough = true;
+                passthrough = CompiledRoute::passthrough(
+                    "passthrough".into(),
+                    dst,
+                    None,
+                    Backend::default_connect_timeout(),
+                );
+                Some(&passthrough)
+            }
+        },
+        (ListenerKind::SidecarInbound, Some(dst)) => {
+            out.passthrough = true;
+            passthrough = CompiledRoute::passthrough(
+                format!("inbound|{}", dst.port()).into(),
+                SocketAddr::new(INBOUND_APP_IP, dst.port()),
+                st.table.inbound_limit(dst.port()).map(str::to_string),
+                Backend::default_connect_timeout(),
+            );
+            Some(&passthrough)
+        }
+        (_, None) => None,
+    };
+    let route = match route {
         Some(r) => r,
         None => {
             // The listener's limit applies to every request it gets, routed or not.

@@ -13,8 +13,11 @@ pub mod headers;
 pub mod metrics;
 mod observe;
 pub mod ratelimit;
+pub mod redirect;
 pub mod routing;
 pub mod server;
+pub mod sidecar;
+pub mod sidecar_cli;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod upstream;

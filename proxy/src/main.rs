@@ -29,6 +29,12 @@ struct Cli {
 enum Command {
     /// Serve a config until SIGTERM/SIGINT.
     Run(RunArgs),
+    /// Program the pod's traffic capture (nat rules); what the injected `mesh-init` runs.
+    Redirect(mesh_proxy::redirect::RedirectArgs),
+    /// Run as a pod's sidecar: capture-aware inbound and outbound listeners.
+    Sidecar(mesh_proxy::sidecar_cli::SidecarArgs),
+    /// Exit 0 once the local sidecar is ready (classic-mode postStart hook).
+    Wait(mesh_proxy::sidecar_cli::WaitArgs),
 }
 
 #[derive(clap::Args)]
@@ -188,10 +194,14 @@ fn load_resources(
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let default_level = match &cli.command {
+        Command::Sidecar(a) => a.log_level.clone(),
+        _ => "info".to_string(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -209,6 +219,9 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::Redirect(args) => mesh_proxy::redirect::run(&args),
+            Command::Sidecar(args) => mesh_proxy::sidecar_cli::run(args).await,
+            Command::Wait(args) => mesh_proxy::sidecar_cli::wait(args).await,
         }
     });
     match result {

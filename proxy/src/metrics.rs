@@ -10,6 +10,9 @@
 //! | `mesh_config_reloads_total` | counter | `result` (`success`, `failure`) | Config loads and reloads (file, SIGHUP, control-plane push), by outcome. |
 //! | `mesh_connections_active` | gauge | `listener` | Downstream connections open now. |
 //! | `mesh_access_log_dropped_total` | counter | | Access-log lines dropped because the writer fell behind. |
+//! | `mesh_tcp_connections_total` | counter | `listener`, `backend` | Opaque (non-HTTP) connections a sidecar passed through, once connected upstream (`backend`: the mesh Service's backend, `passthrough`, or `inbound\|PORT`). Connect failures count in `mesh_upstream_errors_total`. |
+//! | `mesh_tcp_received_bytes_total` | counter | `listener`, `backend` | Bytes of opaque connections received from downstream. |
+//! | `mesh_tcp_sent_bytes_total` | counter | `listener`, `backend` | Bytes of opaque connections sent downstream. |
 //!
 //! Hot path: resolve a [`RouteMetrics`] handle per (listener, route, backend) once per config
 //! (labels are `Arc<str>`, the histogram is resolved up front), then [`RouteMetrics::record`]
@@ -62,6 +65,12 @@ pub struct RateLimitedLabels {
 pub struct UpstreamErrorLabels {
     pub backend: Arc<str>,
     pub kind: UpstreamErrorKind,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub listener: Arc<str>,
+    pub backend: Arc<str>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -148,6 +157,9 @@ pub struct Metrics {
     config_reloads: Family<ReloadLabels, Counter>,
     connections_active: Family<ListenerLabels, Gauge>,
     access_log_dropped: Counter,
+    tcp_connections: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -166,6 +178,9 @@ impl Metrics {
         let config_reloads = Family::<ReloadLabels, Counter>::default();
         let connections_active = Family::<ListenerLabels, Gauge>::default();
         let access_log_dropped = Counter::default();
+        let tcp_connections = Family::<TcpLabels, Counter>::default();
+        let tcp_received = Family::<TcpLabels, Counter>::default();
+        let tcp_sent = Family::<TcpLabels, Counter>::default();
 
         let mut registry = Registry::default();
         registry.register(
@@ -205,7 +220,25 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        registry.register(
+            "mesh_tcp_connections",
+            "Opaque (non-HTTP) connections passed through by a sidecar, by listener and backend",
+            tcp_connections.clone(),
+        );
+        registry.register(
+            "mesh_tcp_received_bytes",
+            "Bytes of opaque connections received from downstream",
+            tcp_received.clone(),
+        );
+        registry.register(
+            "mesh_tcp_sent_bytes",
+            "Bytes of opaque connections sent downstream",
+            tcp_sent.clone(),
+        );
         Metrics {
+            tcp_connections,
+            tcp_received,
+            tcp_sent,
             registry,
             requests,
             duration,
@@ -294,6 +327,37 @@ impl Metrics {
                     listener: listener.into(),
                 }),
         }
+    }
+
+    /// Counts one opaque connection passed through (connected upstream).
+    pub fn tcp_connection(&self, listener: &str, backend: &str) {
+        self.tcp_connections
+            .get_or_create(&TcpLabels {
+                listener: listener.into(),
+                backend: backend.into(),
+            })
+            .inc();
+    }
+
+    /// Counts the bytes of a finished opaque connection.
+    pub fn tcp_bytes(&self, listener: &str, backend: &str, received: u64, sent: u64) {
+        let labels = TcpLabels {
+            listener: listener.into(),
+            backend: backend.into(),
+        };
+        self.tcp_received.get_or_create(&labels).inc_by(received);
+        self.tcp_sent.get_or_create(&labels).inc_by(sent);
+    }
+
+    /// Current value of `mesh_tcp_connections_total` for these labels.
+    pub fn tcp_connections_count(&self, listener: &str, backend: &str) -> u64 {
+        self.tcp_connections
+            .get(&TcpLabels {
+                listener: listener.into(),
+                backend: backend.into(),
+            })
+            .map(|c| c.get())
+            .unwrap_or(0)
     }
 
     /// Counts one access log line dropped.

@@ -15,8 +15,8 @@ use http::{Method, StatusCode};
 use regex::Regex;
 
 use crate::config::{
-    self, BackendTarget, Filter, HttpLimits, LoadBalancer, PathMatch, PathRewrite, ProxyConfig,
-    RouteAction, StringMatch, Timeouts, UpstreamProtocol,
+    self, BackendTarget, Filter, HttpLimits, ListenerKind, LoadBalancer, PathMatch, PathRewrite,
+    ProxyConfig, RouteAction, StringMatch, Timeouts, UpstreamProtocol,
 };
 
 /// A problem that makes a config impossible to compile (beyond [`ProxyConfig::validate`]).
@@ -432,10 +432,32 @@ pub struct RequestInfo<'a> {
 pub struct ListenerTable {
     pub name: Arc<str>,
     pub port: u16,
+    pub kind: ListenerKind,
     pub rate_limit: Option<String>,
     pub limits: HttpLimits,
     pub virtual_hosts: Vec<CompiledVirtualHost>,
     hosts: HostIndex,
+    /// Sidecar outbound: mesh Services by original destination.
+    services: HashMap<std::net::SocketAddr, Arc<CompiledService>>,
+    /// Sidecar inbound: the rate limit of each app port that has one.
+    inbound_limits: HashMap<u16, String>,
+}
+
+/// One mesh Service port of a sidecar outbound listener, compiled.
+#[derive(Debug)]
+pub struct CompiledService {
+    pub name: Arc<str>,
+    pub routes: Vec<CompiledRoute>,
+    /// Where opaque TCP goes; `None`: the original destination.
+    pub tcp_backend: Option<Arc<Upstream>>,
+}
+
+impl CompiledService {
+    /// The first route whose match holds (the host is not looked at: the destination chose
+    /// the Service).
+    pub fn route(&self, req: &RequestInfo<'_>) -> Option<&CompiledRoute> {
+        self.routes.iter().find(|r| r.matcher.matches(req))
+    }
 }
 
 impl ListenerTable {
@@ -451,6 +473,16 @@ impl ListenerTable {
             .iter()
             .find(|r| r.matcher.matches(req))
             .map(|r| (vh, r))
+    }
+
+    /// Sidecar outbound: the mesh Service behind an original destination.
+    pub fn service(&self, dst: std::net::SocketAddr) -> Option<&Arc<CompiledService>> {
+        self.services.get(&dst)
+    }
+
+    /// Sidecar inbound: the rate limit of an app port.
+    pub fn inbound_limit(&self, port: u16) -> Option<&str> {
+        self.inbound_limits.get(&port).map(String::as_str)
     }
 }
 
@@ -523,13 +555,51 @@ impl RouteTable {
             hosts
                 .wildcards
                 .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+            let mut services = HashMap::new();
+            for (si, svc) in l.services.iter().enumerate() {
+                let sp = format!("{lp}.services[{si}]");
+                let mut routes = Vec::new();
+                for (ri, r) in svc.routes.iter().enumerate() {
+                    routes.push(compile_route(r, &format!("{sp}.routes[{ri}]"), &resolve)?);
+                }
+                let tcp_backend = match &svc.tcp_backend {
+                    Some(b) => match resolve(
+                        &BackendTarget::Backend(b.clone()),
+                        &format!("{sp}.tcpBackend"),
+                    )? {
+                        Target::Upstream(u) => Some(u),
+                        Target::Invalid(_) => None,
+                    },
+                    None => None,
+                };
+                let compiled = Arc::new(CompiledService {
+                    name: svc.name.as_str().into(),
+                    routes,
+                    tcp_backend,
+                });
+                for (ai, a) in svc.addresses.iter().enumerate() {
+                    let ip: std::net::IpAddr = a.parse().map_err(|_| BuildError {
+                        path: format!("{sp}.addresses[{ai}]"),
+                        message: format!("{a:?} is not an IP address"),
+                    })?;
+                    services.insert(std::net::SocketAddr::new(ip, svc.port), compiled.clone());
+                }
+            }
+            let inbound_limits = l
+                .inbound_ports
+                .iter()
+                .filter_map(|p| p.rate_limit.clone().map(|r| (p.port, r)))
+                .collect();
             listeners.push(Arc::new(ListenerTable {
                 name: l.name.as_str().into(),
                 port: l.port,
+                kind: l.kind,
                 rate_limit: l.rate_limit.clone(),
                 limits: l.limits,
                 virtual_hosts: vhosts,
                 hosts,
+                services,
+                inbound_limits,
             }));
         }
         Ok(RouteTable {
@@ -647,6 +717,50 @@ fn compile_route(
         rate_limit: r.rate_limit.clone(),
         timeouts: r.timeouts,
     })
+}
+
+impl CompiledRoute {
+    /// A route that sends every request to one fixed endpoint: the sidecar's path to the
+    /// original destination (outbound, not a mesh Service) or to the local app (inbound).
+    /// Built per request; `name` is the route and backend label.
+    pub fn passthrough(
+        name: Arc<str>,
+        endpoint: std::net::SocketAddr,
+        rate_limit: Option<String>,
+        connect_timeout: Duration,
+    ) -> CompiledRoute {
+        let upstream = Upstream {
+            name: name.clone(),
+            endpoints: vec![endpoint.to_string().into()],
+            load_balancer: LoadBalancer::RoundRobin,
+            protocol: UpstreamProtocol::Http1,
+            connect_timeout,
+            rate_limit: None,
+            next: AtomicUsize::new(0),
+        };
+        CompiledRoute {
+            name,
+            matcher: Matcher {
+                path: PathMatcher::Prefix("/".into()),
+                headers: Vec::new(),
+                query: Vec::new(),
+                method: None,
+            },
+            prefix: Some("/".into()),
+            filters: Vec::new(),
+            action: Action::Forward(ForwardAction {
+                backends: vec![WeightedTarget {
+                    target: Target::Upstream(Arc::new(upstream)),
+                    weight: 1,
+                    filters: Vec::new(),
+                }],
+                cumulative: vec![1],
+                mirrors: Vec::new(),
+            }),
+            rate_limit,
+            timeouts: Timeouts::default(),
+        }
+    }
 }
 
 /// Applies a path rewrite. `prefix` is the route's normalized prefix match, if any.

@@ -2,7 +2,6 @@
 //! dropping connections, [`ProxyHandle::shutdown`] drains.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLogger;
-use crate::config::{HttpLimits, ProxyConfig, ValidationError};
+use crate::config::{HttpLimits, ListenerKind, ProxyConfig, ValidationError};
 use crate::handler::{ListenerState, Runtime, Snapshot, handle};
 use crate::metrics::{Metrics, ReloadResult};
 use crate::observe::Observer;
@@ -41,6 +40,9 @@ pub struct ProxyOptions {
     pub metrics: Option<Arc<Metrics>>,
     /// The access logger (reconfigured from each config's `accessLog`); a new one if `None`.
     pub access_log: Option<Arc<AccessLogger>>,
+    /// Sidecar listeners: how long to wait for a captured connection's first bytes before
+    /// treating it as opaque TCP (server-first protocols send nothing).
+    pub protocol_detection_timeout: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -52,6 +54,7 @@ impl Default for ProxyOptions {
             distributed_instances: None,
             metrics: None,
             access_log: None,
+            protocol_detection_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -352,6 +355,7 @@ impl ProxyHandle {
                 name.clone(),
                 stop.clone(),
                 kill.clone(),
+                opts.protocol_detection_timeout,
             ));
             next.push(RunningListener {
                 key,
@@ -400,6 +404,7 @@ impl ProxyHandle {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
     state: Arc<ArcSwap<ListenerState>>,
@@ -408,6 +413,7 @@ async fn accept_loop(
     name: String,
     stop: CancellationToken,
     kill: CancellationToken,
+    detect_timeout: Duration,
 ) {
     let graceful = GracefulShutdown::new();
     let gauge = metrics.connections_gauge(&name);
@@ -425,14 +431,34 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        let limits = state.load().table.limits;
+        let (limits, kind) = {
+            let st = state.load();
+            (st.table.limits, st.table.kind)
+        };
+        if kind != ListenerKind::Gateway {
+            // Captured connections: original destination, protocol detection, then HTTP or
+            // an opaque copy (crate::sidecar).
+            tokio::spawn(crate::sidecar::serve_captured(
+                crate::sidecar::Captured {
+                    stream,
+                    peer,
+                    state: state.clone(),
+                    rt: rt.clone(),
+                    graceful: graceful.watcher(),
+                    kill: kill.clone(),
+                    detect_timeout,
+                },
+                gauge.opened(),
+            ));
+            continue;
+        }
         let builder = server_builder(limits);
         let svc_state = state.clone();
         let svc_rt = rt.clone();
         let svc = service_fn(move |req| {
             let st = svc_state.load_full();
             let rt = svc_rt.clone();
-            async move { Ok::<_, Infallible>(handle(rt, st, req, peer).await) }
+            async move { handle(rt, st, req, peer, None).await }
         });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -456,7 +482,7 @@ async fn accept_loop(
     graceful.shutdown().await;
 }
 
-fn server_builder(limits: HttpLimits) -> auto::Builder<TokioExecutor> {
+pub(crate) fn server_builder(limits: HttpLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     // The request path checks the exact limits (and answers 431 with a body); hyper's own
     // parser limits sit above them as a backstop (hyper answers 431 without a body).

@@ -21,6 +21,7 @@ mod load;
 pub mod policy;
 mod precedence;
 mod resources;
+pub mod sidecar;
 pub mod status;
 mod translate;
 mod typed;
@@ -32,6 +33,7 @@ pub use load::{LoadError, LoadOptions, LoadProblem, Loaded, load, load_str};
 pub use policy::RateLimitPolicy;
 pub use precedence::PrecedenceKey;
 pub use resources::Resources;
+pub use sidecar::{SidecarOptions, translate_sidecar};
 pub use translate::{TranslateOptions, Translation, translate};
 
 /// Something the user should see: an object ignored, a field without effect, a reference that

@@ -31,7 +31,7 @@ use crate::status::{
 use crate::{Warning, hostname, validate};
 
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// What to translate and how.
@@ -111,24 +111,35 @@ struct Entry {
     rule_name: Option<String>,
 }
 
-struct BackendEntry {
-    backend: Backend,
-    service: (String, String),
-    port_name: Option<String>,
-    service_port: u16,
+pub(crate) struct BackendEntry {
+    pub(crate) backend: Backend,
+    pub(crate) service: (String, String),
+    pub(crate) port_name: Option<String>,
+    pub(crate) service_port: u16,
 }
 
-struct Ctx<'a> {
-    res: &'a Resources,
-    opts: &'a TranslateOptions,
-    warnings: Vec<Warning>,
-    backends: BTreeMap<String, BackendEntry>,
-    rate_limits: BTreeMap<String, RateLimit>,
+pub(crate) struct Ctx<'a> {
+    pub(crate) res: &'a Resources,
+    pub(crate) opts: &'a TranslateOptions,
+    pub(crate) warnings: Vec<Warning>,
+    pub(crate) backends: BTreeMap<String, BackendEntry>,
+    pub(crate) rate_limits: BTreeMap<String, RateLimit>,
     port_limits: BTreeMap<u16, String>,
 }
 
-impl Ctx<'_> {
-    fn warn(&mut self, context: impl Into<String>, message: impl Into<String>) {
+impl<'a> Ctx<'a> {
+    pub(crate) fn new(res: &'a Resources, opts: &'a TranslateOptions) -> Self {
+        Ctx {
+            res,
+            opts,
+            warnings: Vec::new(),
+            backends: BTreeMap::new(),
+            rate_limits: BTreeMap::new(),
+            port_limits: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) fn warn(&mut self, context: impl Into<String>, message: impl Into<String>) {
         self.warnings.push(Warning::new(context, message));
     }
 }
@@ -436,7 +447,7 @@ fn namespace_allowed(cx: &Ctx<'_>, gw_ns: &str, l: &GatewayListeners, route_ns: 
     }
 }
 
-fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
     let ml = sel
         .match_labels
         .iter()
@@ -496,11 +507,16 @@ fn attach_routes(
                 section_name: pr.section_name.clone(),
                 port: pr.port,
             };
+            if kind == "Service" && (group.is_empty() || group == "core") {
+                // A mesh (GAMMA) route: the sidecars' outbound side serves it
+                // (`translate_sidecar`), a gateway does not.
+                continue;
+            }
             if group != GATEWAY_GROUP || kind != "Gateway" {
                 cx.warn(
                     &ctx,
                     format!(
-                        "parentRef {kind} {pns}/{}: only Gateway parents are supported (mesh routes attached to a Service come with sidecars); not attached",
+                        "parentRef {kind} {pns}/{}: only Gateway and Service (mesh) parents are supported; not attached",
                         pr.name
                     ),
                 );
@@ -663,12 +679,12 @@ fn attach_routes(
     }
 }
 
-type Built = (
+pub(crate) type Built = (
     Vec<(PrecedenceKey, Route, Option<String>)>,
     Vec<(Reason, String)>,
 );
 
-fn build_routes(cx: &mut Ctx<'_>, r: &HttpRoute, ns: &str, name: &str) -> Built {
+pub(crate) fn build_routes(cx: &mut Ctx<'_>, r: &HttpRoute, ns: &str, name: &str) -> Built {
     let mut out = Vec::new();
     let mut ref_problems = Vec::new();
     let created = r.metadata.creation_timestamp.as_ref();
@@ -1002,7 +1018,7 @@ fn ref_permitted(cx: &Ctx<'_>, from_ns: &str, to_ns: &str, to_name: &str) -> boo
 }
 
 /// Resolves a backendRef to a backend name (creating the backend), or says why not.
-fn resolve_backend(
+pub(crate) fn resolve_backend(
     cx: &mut Ctx<'_>,
     route_ns: &str,
     group: Option<&str>,
@@ -1308,7 +1324,7 @@ fn apply_policies(cx: &mut Ctx<'_>, gws: &[Gw<'_>], entries: &mut [Entry]) {
     }
 }
 
-fn fmt_labels(l: &BTreeMap<String, String>) -> String {
+pub(crate) fn fmt_labels(l: &BTreeMap<String, String>) -> String {
     let parts: Vec<String> = l.iter().map(|(k, v)| format!("{k}: {v}")).collect();
     format!("{{{}}}", parts.join(", "))
 }
@@ -1580,12 +1596,14 @@ fn build_listeners(cx: &mut Ctx<'_>, gws: &[Gw<'_>], entries: Vec<Entry>) -> Vec
             virtual_hosts,
             rate_limit: cx.port_limits.get(&port).cloned().filter(|s| !s.is_empty()),
             limits: Default::default(),
+            services: Vec::new(),
+            inbound_ports: Vec::new(),
         });
     }
     listeners
 }
 
-fn access_log(cx: &mut Ctx<'_>) -> AccessLog {
+pub(crate) fn access_log(cx: &mut Ctx<'_>) -> AccessLog {
     let mut path: Option<(String, String)> = None;
     let mut ops: Vec<_> = cx.res.operators.iter().collect();
     ops.sort_by_key(|o| ns_name(&o.metadata, &cx.opts.default_namespace));

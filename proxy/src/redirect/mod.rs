@@ -1,0 +1,308 @@
+//! Traffic capture: the nat rules `mesh-proxy redirect` (the injected `mesh-init` container)
+//! programs, and how they are applied and removed.
+//!
+//! [`RedirectSpec`] is shared with the injector (`meshctl`'s `src/inject/`), which writes
+//! [`RedirectSpec::args`] into the pod; this subcommand parses the same flags back, so the flags
+//! in the pod and the rules applied cannot drift. [`RedirectSpec::iptables_rules`] is a pure
+//! function tested as text; [`apply`] runs `iptables-restore` / `iptables`.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+mod apply;
+pub use apply::{Backend, BackendChoice, RedirectArgs, apply, cleanup, cleanup_commands, run};
+
+/// Our chains in the nat table.
+pub const CHAINS: [&str; 4] = [
+    "MESH_INBOUND",
+    "MESH_IN_REDIRECT",
+    "MESH_OUTPUT",
+    "MESH_REDIRECT",
+];
+
+/// A set of TCP ports: `*` (all), or a comma-separated list. Empty means none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortSet {
+    All,
+    List(BTreeSet<u16>),
+}
+
+impl PortSet {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "*" {
+            return Ok(Self::All);
+        }
+        let mut set = BTreeSet::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let port: u16 = part
+                .parse()
+                .map_err(|_| format!("{part:?} is not a port number (1-65535) or \"*\""))?;
+            if port == 0 {
+                return Err("port 0 is not a valid port".into());
+            }
+            set.insert(port);
+        }
+        Ok(Self::List(set))
+    }
+
+    pub fn none() -> Self {
+        Self::List(BTreeSet::new())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Self::List(l) if l.is_empty())
+    }
+
+    /// The canonical flag value: `*`, or ports sorted and comma-joined.
+    pub fn to_flag(&self) -> String {
+        match self {
+            Self::All => "*".into(),
+            Self::List(l) => join(l.iter()),
+        }
+    }
+}
+
+/// An IPv4 CIDR (`10.0.0.0/8`); a bare address means `/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 address or CIDR"))?;
+        let prefix = match p {
+            None => 32,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 32)
+                .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+/// A set of IPv4 ranges: `*` (all) or a comma-separated list of CIDRs. Empty means none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpRanges {
+    All,
+    List(BTreeSet<Cidr>),
+}
+
+impl IpRanges {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "*" {
+            return Ok(Self::All);
+        }
+        let mut set = BTreeSet::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            set.insert(Cidr::parse(part)?);
+        }
+        Ok(Self::List(set))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Self::List(l) if l.is_empty())
+    }
+
+    pub fn to_flag(&self) -> String {
+        match self {
+            Self::All => "*".into(),
+            Self::List(l) => join(l.iter()),
+        }
+    }
+}
+
+fn join<T: std::fmt::Display>(it: impl Iterator<Item = T>) -> String {
+    it.map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Everything `mesh-proxy redirect` needs. Built from config + pod annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectSpec {
+    pub proxy_uid: i64,
+    pub proxy_gid: i64,
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    pub include_inbound_ports: PortSet,
+    /// Always contains the proxy's own listening ports besides the user's.
+    pub exclude_inbound_ports: PortSet,
+    pub include_outbound_ports: PortSet,
+    pub exclude_outbound_ports: PortSet,
+    pub include_outbound_ip_ranges: IpRanges,
+    pub exclude_outbound_ip_ranges: IpRanges,
+}
+
+impl RedirectSpec {
+    /// Arguments after the image's `mesh-proxy` entrypoint. Empty lists are omitted.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "redirect".into(),
+            "--proxy-uid".into(),
+            self.proxy_uid.to_string(),
+            "--proxy-gid".into(),
+            self.proxy_gid.to_string(),
+            "--inbound-port".into(),
+            self.inbound_port.to_string(),
+            "--outbound-port".into(),
+            self.outbound_port.to_string(),
+        ];
+        let mut push = |flag: &str, empty: bool, v: String| {
+            if !empty {
+                a.push(flag.into());
+                a.push(v);
+            }
+        };
+        let p = |s: &PortSet| (s.is_empty(), s.to_flag());
+        let r = |s: &IpRanges| (s.is_empty(), s.to_flag());
+        let (e, v) = p(&self.include_inbound_ports);
+        push("--include-inbound-ports", e, v);
+        let (e, v) = p(&self.exclude_inbound_ports);
+        push("--exclude-inbound-ports", e, v);
+        let (e, v) = p(&self.include_outbound_ports);
+        push("--include-outbound-ports", e, v);
+        let (e, v) = p(&self.exclude_outbound_ports);
+        push("--exclude-outbound-ports", e, v);
+        let (e, v) = r(&self.include_outbound_ip_ranges);
+        push("--include-outbound-ip-ranges", e, v);
+        let (e, v) = r(&self.exclude_outbound_ip_ranges);
+        push("--exclude-outbound-ip-ranges", e, v);
+        a
+    }
+
+    /// The rules in `iptables-restore` format (nat table, IPv4).
+    ///
+    /// Inbound: PREROUTING → MESH_INBOUND; excluded ports RETURN; included ports (or all)
+    /// jump to MESH_IN_REDIRECT (REDIRECT to the inbound port).
+    /// Outbound: OUTPUT → MESH_OUTPUT; the proxy's own traffic (uid/gid) RETURNs, except
+    /// loopback traffic to a non-127.0.0.1 address (the pod talking to itself through its
+    /// own IP), which goes through inbound; 127.0.0.1 RETURNs; excluded ports and ranges
+    /// RETURN; included ports, then included ranges (or everything) jump to MESH_REDIRECT
+    /// (REDIRECT to the outbound port).
+    pub fn iptables_rules(&self) -> String {
+        let mut o = String::new();
+        let w = &mut o;
+        let _ = writeln!(w, "* nat");
+        for chain in CHAINS {
+            let _ = writeln!(w, ":{chain} - [0:0]");
+        }
+        let _ = writeln!(
+            w,
+            "-A MESH_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+            self.inbound_port
+        );
+        let _ = writeln!(
+            w,
+            "-A MESH_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+            self.outbound_port
+        );
+        // Inbound.
+        if !self.include_inbound_ports.is_empty() {
+            let _ = writeln!(w, "-A PREROUTING -p tcp -j MESH_INBOUND");
+            match &self.include_inbound_ports {
+                PortSet::All => {
+                    if let PortSet::List(ex) = &self.exclude_inbound_ports {
+                        for p in ex {
+                            let _ = writeln!(w, "-A MESH_INBOUND -p tcp --dport {p} -j RETURN");
+                        }
+                    }
+                    let _ = writeln!(w, "-A MESH_INBOUND -p tcp -j MESH_IN_REDIRECT");
+                }
+                PortSet::List(inc) => {
+                    let ex = match &self.exclude_inbound_ports {
+                        PortSet::List(ex) => ex.clone(),
+                        PortSet::All => inc.clone(),
+                    };
+                    for p in inc.difference(&ex) {
+                        let _ =
+                            writeln!(w, "-A MESH_INBOUND -p tcp --dport {p} -j MESH_IN_REDIRECT");
+                    }
+                }
+            }
+        }
+        // Outbound.
+        let _ = writeln!(w, "-A OUTPUT -p tcp -j MESH_OUTPUT");
+        let (uid, gid) = (self.proxy_uid, self.proxy_gid);
+        let _ = writeln!(
+            w,
+            "-A MESH_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner {uid} -j MESH_IN_REDIRECT"
+        );
+        let _ = writeln!(
+            w,
+            "-A MESH_OUTPUT -o lo -m owner ! --uid-owner {uid} -j RETURN"
+        );
+        let _ = writeln!(w, "-A MESH_OUTPUT -m owner --uid-owner {uid} -j RETURN");
+        let _ = writeln!(
+            w,
+            "-A MESH_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --gid-owner {gid} -j MESH_IN_REDIRECT"
+        );
+        let _ = writeln!(
+            w,
+            "-A MESH_OUTPUT -o lo -m owner ! --gid-owner {gid} -j RETURN"
+        );
+        let _ = writeln!(w, "-A MESH_OUTPUT -m owner --gid-owner {gid} -j RETURN");
+        let _ = writeln!(w, "-A MESH_OUTPUT -d 127.0.0.1/32 -j RETURN");
+        match &self.exclude_outbound_ports {
+            PortSet::All => {
+                let _ = writeln!(w, "-A MESH_OUTPUT -p tcp -j RETURN");
+            }
+            PortSet::List(ex) => {
+                for p in ex {
+                    let _ = writeln!(w, "-A MESH_OUTPUT -p tcp --dport {p} -j RETURN");
+                }
+            }
+        }
+        match &self.exclude_outbound_ip_ranges {
+            IpRanges::All => {
+                let _ = writeln!(w, "-A MESH_OUTPUT -j RETURN");
+            }
+            IpRanges::List(ex) => {
+                for c in ex {
+                    let _ = writeln!(w, "-A MESH_OUTPUT -d {c} -j RETURN");
+                }
+            }
+        }
+        match &self.include_outbound_ports {
+            PortSet::All => {
+                let _ = writeln!(w, "-A MESH_OUTPUT -p tcp -j MESH_REDIRECT");
+            }
+            PortSet::List(inc) => {
+                for p in inc {
+                    let _ = writeln!(w, "-A MESH_OUTPUT -p tcp --dport {p} -j MESH_REDIRECT");
+                }
+            }
+        }
+        match &self.include_outbound_ip_ranges {
+            IpRanges::All => {
+                let _ = writeln!(w, "-A MESH_OUTPUT -j MESH_REDIRECT");
+            }
+            IpRanges::List(inc) => {
+                for c in inc {
+                    let _ = writeln!(w, "-A MESH_OUTPUT -d {c} -j MESH_REDIRECT");
+                }
+            }
+        }
+        let _ = writeln!(w, "COMMIT");
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,344 @@
+//! Sidecar mode: connections captured by `mesh-proxy redirect`'s nat rules.
+//!
+//! Per accepted connection on a `sidecarInbound`/`sidecarOutbound` listener:
+//!
+//! 1. the original destination is read from the socket (`SO_ORIGINAL_DST`, set by the nat
+//!    `REDIRECT`); a connection that was not redirected (its original destination is the
+//!    listener itself) is closed, so nothing can loop through the proxy;
+//! 2. the protocol is detected by peeking at the first bytes ([`classify`]): an HTTP/1.x
+//!    request line or the HTTP/2 preface → HTTP, served by the request path
+//!    (`handler::handle`, with routes chosen by the original destination); anything else, or
+//!    nothing within the detection timeout (server-first protocols) → opaque TCP;
+//! 3. opaque TCP is copied both ways untouched: outbound to the mesh Service's TCP backend or
+//!    the original destination, inbound to the app on `127.0.0.1:<original port>`. A
+//!    destination that refuses is answered with a reset (the proxy already accepted the
+//!    connection, so the client sees a reset instead of a refusal, never a success).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::Watcher;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::access_log::{AccessLogEntry, ResponseFlags};
+use crate::config::{Backend, ListenerKind};
+use crate::handler::{ListenerState, Runtime, handle};
+use crate::metrics::{ConnectionGuard, UpstreamErrorKind};
+
+/// What a captured connection speaks, as far as its first bytes tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// An HTTP/1.x request line (`GET `, `POST `, ...).
+    Http1,
+    /// The HTTP/2 connection preface (`PRI * HTTP/2.0`), prior knowledge (h2c).
+    Http2,
+    /// Anything else: copied untouched.
+    Opaque,
+}
+
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
+];
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// Classifies the first bytes of a connection; `None` means "could still be either: read
+/// more". Pure, so tested without sockets.
+pub fn classify(first: &[u8]) -> Option<Protocol> {
+    if first.is_empty() {
+        return None;
+    }
+    if first.starts_with(H2_PREFACE) {
+        return Some(Protocol::Http2);
+    }
+    if METHODS.iter().any(|m| first.starts_with(m)) {
+        return Some(Protocol::Http1);
+    }
+    let could_be = |pattern: &[u8]| first.len() < pattern.len() && pattern.starts_with(first);
+    if could_be(H2_PREFACE) || METHODS.iter().any(|m| could_be(m)) {
+        return None;
+    }
+    Some(Protocol::Opaque)
+}
+
+/// Peeks until [`classify`] decides, the peer stops sending (EOF), or `timeout` passes.
+async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
+    let mut buf = [0u8; 16];
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return Protocol::Opaque,
+        };
+        if n == 0 {
+            return Protocol::Opaque;
+        }
+        if let Some(p) = classify(&buf[..n]) {
+            return p;
+        }
+        // Part of a method or preface is here, the rest is on its way: `peek` returns at once
+        // while data is buffered, so wait a little instead of spinning.
+        if Instant::now() >= deadline {
+            return Protocol::Opaque;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The destination the connection had before the nat `REDIRECT`; `None` if it was not
+/// redirected (its original destination is the listening socket itself) or unknown.
+pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr().ok()?;
+    let dst = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    let dst = dst.ok()?.as_socket()?;
+    (dst != local).then_some(dst)
+}
+
+/// One accepted connection of a sidecar listener.
+pub(crate) struct Captured {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub state: Arc<ArcSwap<ListenerState>>,
+    pub rt: Arc<Runtime>,
+    pub graceful: Watcher,
+    pub kill: CancellationToken,
+    pub detect_timeout: Duration,
+}
+
+pub(crate) async fn serve_captured(c: Captured, guard: ConnectionGuard) {
+    let Some(dst) = original_dst(&c.stream) else {
+        tracing::debug!(peer = %c.peer, "connection was not redirected (no original destination); closing");
+        return;
+    };
+    let protocol = detect(&c.stream, c.detect_timeout).await;
+    tracing::debug!(peer = %c.peer, %dst, ?protocol, "captured connection");
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => serve_http(c, dst).await,
+        Protocol::Opaque => serve_tcp(c, dst).await,
+    }
+    drop(guard);
+}
+
+async fn serve_http(c: Captured, dst: SocketAddr) {
+    let Captured {
+        stream,
+        peer,
+        state,
+        rt,
+        graceful,
+        kill,
+        ..
+    } = c;
+    let builder = crate::server::server_builder(state.load().table.limits);
+    let svc = service_fn(move |req| {
+        let st = state.load_full();
+        handle(rt.clone(), st, req, peer, Some(dst))
+    });
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .into_owned();
+    let conn = graceful.watch(conn);
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = kill.cancelled() => {}
+    }
+}
+
+/// Inbound: the app, on loopback at the original port.
+fn app_addr(dst: SocketAddr) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port())
+}
+
+async fn serve_tcp(c: Captured, dst: SocketAddr) {
+    let st = c.state.load_full();
+    let listener = st.table.name.clone();
+    let (backend, target, connect_timeout): (Arc<str>, String, Duration) = match st.table.kind {
+        ListenerKind::SidecarInbound => (
+            format!("inbound|{}", dst.port()).into(),
+            app_addr(dst).to_string(),
+            Backend::default_connect_timeout(),
+        ),
+        _ => match st
+            .table
+            .service(dst)
+            .and_then(|s| s.tcp_backend.as_ref())
+            .and_then(|u| u.pick().map(|e| (u, e)))
+        {
+            Some((u, endpoint)) => (u.name.clone(), endpoint.to_string(), u.connect_timeout),
+            None => (
+                "passthrough".into(),
+                dst.to_string(),
+                Backend::default_connect_timeout(),
+            ),
+        },
+    };
+    drop(st);
+    let start = Instant::now();
+    let start_time = SystemTime::now();
+    let metrics = &c.rt.observer.metrics;
+    let mut down = c.stream;
+    let connected = tokio::time::timeout(connect_timeout, TcpStream::connect(&target)).await;
+    let mut up = match connected {
+        Ok(Ok(up)) => up,
+        Ok(Err(_)) | Err(_) => {
+            tracing::debug!(%target, "opaque connection: upstream connect failed; resetting downstream");
+            metrics.upstream_error(&backend, UpstreamErrorKind::Connect);
+            log_tcp(
+                &c.rt,
+                TcpLog {
+                    listener,
+                    backend,
+                    target,
+                    peer: c.peer,
+                    start_time,
+                    duration: start.elapsed(),
+                    received: 0,
+                    sent: 0,
+                    flags: ResponseFlags::UPSTREAM_CONNECT_FAILURE,
+                },
+            );
+            // Close with RST rather than FIN: the closest a proxy that already accepted can
+            // get to "connection refused".
+            let _ = down.set_zero_linger();
+            return;
+        }
+    };
+    let _ = up.set_nodelay(true);
+    metrics.tcp_connection(&listener, &backend);
+    let (received, sent) = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut down, &mut up) => match r {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "opaque connection ended with an error");
+                (0, 0)
+            }
+        },
+        _ = c.kill.cancelled() => (0, 0),
+    };
+    metrics.tcp_bytes(&listener, &backend, received, sent);
+    log_tcp(
+        &c.rt,
+        TcpLog {
+            listener,
+            backend,
+            target,
+            peer: c.peer,
+            start_time,
+            duration: start.elapsed(),
+            received,
+            sent,
+            flags: ResponseFlags::empty(),
+        },
+    );
+}
+
+struct TcpLog {
+    listener: Arc<str>,
+    backend: Arc<str>,
+    target: String,
+    peer: SocketAddr,
+    start_time: SystemTime,
+    duration: Duration,
+    received: u64,
+    sent: u64,
+    flags: ResponseFlags,
+}
+
+/// One access log line per opaque connection (`protocol: TCP`, no method/path/status).
+fn log_tcp(rt: &Runtime, l: TcpLog) {
+    if !rt.observer.access_log_enabled() {
+        return;
+    }
+    rt.observer.access_log.log(AccessLogEntry {
+        start_time: l.start_time,
+        method: String::new(),
+        path: String::new(),
+        protocol: "TCP",
+        status: 0,
+        bytes_received: l.received,
+        bytes_sent: l.sent,
+        duration: l.duration,
+        upstream_host: Some(l.target),
+        listener: l.listener,
+        route: None,
+        backend: Some(l.backend),
+        x_request_id: None,
+        user_agent: None,
+        authority: None,
+        downstream_remote_address: Some(l.peer),
+        rate_limited: false,
+        response_flags: l.flags,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http1_request_lines_are_http() {
+        for m in [
+            "GET / HTTP/1.1\r\n",
+            "POST /x HTTP/1.0",
+            "DELETE ",
+            "OPTIONS * HTTP/1.1",
+        ] {
+            assert_eq!(classify(m.as_bytes()), Some(Protocol::Http1), "{m}");
+        }
+    }
+
+    #[test]
+    fn the_h2_preface_is_http2() {
+        assert_eq!(
+            classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(Protocol::Http2)
+        );
+    }
+
+    #[test]
+    fn prefixes_wait_for_more() {
+        for p in [
+            "G", "GE", "GET", "P", "PO", "PU", "PRI * HT", "OPTIONS", "CONN",
+        ] {
+            assert_eq!(classify(p.as_bytes()), None, "{p}");
+        }
+        assert_eq!(classify(b""), None);
+    }
+
+    #[test]
+    fn anything_else_is_opaque() {
+        for p in [
+            &b"hello\n"[..],
+            b"\x16\x03\x01\x02\x00",
+            b"SSH-2.0-OpenSSH",
+            b"get / HTTP/1.1",
+            b"GETX / HTTP/1.1",
+            b"PRI * HTTP/1.1\r\n",
+            b"\x00\x00\x00",
+        ] {
+            assert_eq!(classify(p), Some(Protocol::Opaque), "{p:?}");
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! `mesh-proxy sidecar` (the injected `mesh-proxy` container) and `mesh-proxy wait` (the
+//! classic-mode `postStart` hook). The command lines and environment are the injector's
+//! (`docs/injection.md`).
+//!
+//! Config sources, first that applies:
+//! 1. `--config FILE`: a native config (its listeners as written; normally one
+//!    `sidecarOutbound` and one `sidecarInbound` listener);
+//! 2. `--resources PATH...`: Kubernetes objects, translated for this pod by
+//!    `mesh_translate::translate_sidecar` (pod identity from `POD_NAMESPACE`, `POD_NAME`,
+//!    `POD_IP`);
+//! 3. `MESH_CONTROL_PLANE`: configs pushed by `meshctl control-plane` — not wired yet: see
+//!    [`SidecarSource::ControlPlane`], the hook for it.
+//!
+//! File sources are reloaded on SIGHUP and when a file's modification time changes (polled).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminAddresses, AdminState};
+use crate::config::{ProxyConfig, parse_duration};
+use crate::metrics::{Metrics, ReloadResult};
+use crate::{Proxy, ProxyHandle, ProxyOptions};
+
+/// `mesh-proxy sidecar`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SidecarArgs {
+    /// Port of the inbound listener (`mesh-proxy redirect --inbound-port`).
+    #[arg(long, value_name = "PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Port of the outbound listener (`mesh-proxy redirect --outbound-port`).
+    #[arg(long, value_name = "PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Admin server port (127.0.0.1 only).
+    #[arg(long, value_name = "PORT", default_value_t = 15000)]
+    pub admin_port: u16,
+    /// Readiness server port (`GET /ready`, all addresses).
+    #[arg(long, value_name = "PORT", default_value_t = 15021)]
+    pub readiness_port: u16,
+    /// Metrics server port (`GET /metrics`, all addresses).
+    #[arg(long, value_name = "PORT", default_value_t = 15090)]
+    pub metrics_port: u16,
+    /// `trace debug info warn error off` (`RUST_LOG` wins when set).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Time in-flight requests get to finish on SIGTERM/SIGINT.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub drain_duration: Duration,
+    /// A native config file instead of the control plane.
+    #[arg(long, value_name = "FILE", conflicts_with = "resources")]
+    pub config: Option<PathBuf>,
+    /// Kubernetes objects (files or directories) instead of the control plane, translated for
+    /// this pod.
+    #[arg(long, value_name = "PATH", num_args = 1..)]
+    pub resources: Vec<PathBuf>,
+    /// How long a captured connection may stay silent before it is treated as opaque TCP
+    /// (server-first protocols wait this long before their first byte; too short a value
+    /// misdetects HTTP from a client that is slow to write on a busy node).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub protocol_detection_timeout: Duration,
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub pod_namespace: String,
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<IpAddr>,
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "")]
+    pub service_account: String,
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// `host:port` of `meshctl control-plane`'s config distribution.
+    #[arg(long, env = "MESH_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    #[arg(long, env = "MESH_TOKEN_PATH")]
+    pub token_path: Option<PathBuf>,
+    #[arg(long, env = "MESH_CA_ROOT_PATH")]
+    pub ca_root_path: Option<PathBuf>,
+}
+
+/// Where the sidecar's config comes from.
+#[derive(Debug, Clone)]
+pub enum SidecarSource {
+    Native(PathBuf),
+    Resources(Vec<PathBuf>),
+    /// Hook for the control-plane config source (`MESH_CONTROL_PLANE`, with the token at
+    /// `MESH_TOKEN_PATH` and the CA at `MESH_CA_ROOT_PATH`): a subscription that yields
+    /// `ProxyConfig`s goes here, feeding [`ProxyHandle::update`] like the file reloads do.
+    ControlPlane(String),
+}
+
+impl SidecarArgs {
+    pub fn source(&self) -> anyhow::Result<SidecarSource> {
+        if let Some(c) = &self.config {
+            return Ok(SidecarSource::Native(c.clone()));
+        }
+        if !self.resources.is_empty() {
+            return Ok(SidecarSource::Resources(self.resources.clone()));
+        }
+        match &self.control_plane {
+            Some(cp) => Ok(SidecarSource::ControlPlane(cp.clone())),
+            None => bail!(
+                "no config source: pass --config FILE or --resources PATH..., or set MESH_CONTROL_PLANE"
+            ),
+        }
+    }
+
+    fn translate_options(&self) -> mesh_translate::SidecarOptions {
+        mesh_translate::SidecarOptions {
+            base: mesh_translate::TranslateOptions {
+                default_namespace: self.pod_namespace.clone(),
+                ..Default::default()
+            },
+            pod_namespace: self.pod_namespace.clone(),
+            pod_name: self.pod_name.clone(),
+            pod_ip: self.pod_ip,
+            pod_labels: None,
+            inbound_port: self.inbound_port,
+            outbound_port: self.outbound_port,
+        }
+    }
+
+    fn load(&self, source: &SidecarSource) -> anyhow::Result<ProxyConfig> {
+        match source {
+            SidecarSource::Native(path) => {
+                let file = path.display();
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("{file}: cannot read"))?;
+                let config: ProxyConfig = if text.trim_start().starts_with('{') {
+                    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
+                } else {
+                    serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
+                };
+                if let Err(errs) = config.validate() {
+                    let lines: Vec<String> = errs.iter().map(|e| format!("{file}: {e}")).collect();
+                    bail!("invalid config:\n{}", lines.join("\n"));
+                }
+                Ok(config)
+            }
+            SidecarSource::Resources(paths) => {
+                let load = mesh_translate::LoadOptions {
+                    default_namespace: self.pod_namespace.clone(),
+                };
+                let loaded =
+                    mesh_translate::load(paths, &load).map_err(|e| anyhow::anyhow!("{e}"))?;
+                for w in &loaded.warnings {
+                    tracing::warn!("{w}");
+                }
+                let t =
+                    mesh_translate::translate_sidecar(&loaded.resources, &self.translate_options());
+                for w in &t.warnings {
+                    tracing::info!("{w}");
+                }
+                if let Err(errs) = t.config.validate() {
+                    let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
+                    bail!(
+                        "translated sidecar config is invalid:\n{}",
+                        lines.join("\n")
+                    );
+                }
+                Ok(t.config)
+            }
+            SidecarSource::ControlPlane(addr) => bail!(
+                "MESH_CONTROL_PLANE={addr}: the control-plane config source is not available in \
+                 this build yet; pass --config FILE or --resources PATH..."
+            ),
+        }
+    }
+}
+
+fn mtimes(source: &SidecarSource) -> Vec<Option<SystemTime>> {
+    let paths: Vec<PathBuf> = match source {
+        SidecarSource::Native(p) => vec![p.clone()],
+        SidecarSource::Resources(ps) => ps
+            .iter()
+            .flat_map(|p| {
+                if p.is_dir() {
+                    let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| e.path())
+                        .collect();
+                    v.sort();
+                    v.push(p.clone());
+                    v
+                } else {
+                    vec![p.clone()]
+                }
+            })
+            .collect(),
+        SidecarSource::ControlPlane(_) => Vec::new(),
+    };
+    paths
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT, then drains for `--drain-duration`.
+pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let source = args.source()?;
+    tracing::info!(
+        pod = %format!("{}/{}", args.pod_namespace, args.pod_name),
+        pod_ip = ?args.pod_ip,
+        service_account = %args.service_account,
+        node = %args.node_name,
+        ?source,
+        "starting sidecar"
+    );
+    let metrics = Arc::new(Metrics::new());
+    let admin_state = Arc::new(AdminState::new(metrics.clone()));
+    // The admin servers first: /ready says 503 ("no config") until the listeners are bound.
+    let admin_shutdown = CancellationToken::new();
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let admin_servers = admin::start(
+        &AdminAddresses {
+            admin: Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                args.admin_port,
+            )),
+            readiness: Some(SocketAddr::new(any, args.readiness_port)),
+            metrics: Some(SocketAddr::new(any, args.metrics_port)),
+        },
+        admin_state.clone(),
+        admin_shutdown.clone(),
+    )
+    .await?;
+    let config = match args.load(&source) {
+        Ok(c) => c,
+        Err(e) => {
+            metrics.config_reload(ReloadResult::Failure);
+            return Err(e);
+        }
+    };
+    let options = ProxyOptions {
+        bind_address: any,
+        metrics: Some(metrics.clone()),
+        protocol_detection_timeout: args.protocol_detection_timeout,
+        ..ProxyOptions::default()
+    };
+    let proxy = Proxy::start(config, options).await?;
+    publish(&proxy, &admin_state).await;
+
+    let mut seen = mtimes(&source);
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let why = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            _ = poll.tick() => {
+                if mtimes(&source) == seen { continue; }
+                // Writers update in several steps.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                seen = mtimes(&source);
+                "file changed"
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        match args.load(&source) {
+            Ok(c) if *proxy.config() == c => {}
+            Ok(c) => match proxy.update(c).await {
+                Ok(()) => {
+                    tracing::info!("reloaded ({why})");
+                    publish(&proxy, &admin_state).await;
+                }
+                Err(e) => tracing::error!("reload ({why}) rejected: {e}"),
+            },
+            Err(e) => {
+                metrics.config_reload(ReloadResult::Failure);
+                tracing::error!(
+                    "reload ({why}) rejected, still serving the previous config: {e:#}"
+                );
+            }
+        }
+    }
+    tracing::info!(grace = ?args.drain_duration, "draining");
+    admin_state.set_draining(true);
+    proxy.shutdown(args.drain_duration).await;
+    admin_shutdown.cancel();
+    admin_servers.join().await;
+    Ok(())
+}
+
+async fn publish(proxy: &ProxyHandle, admin_state: &AdminState) {
+    let listeners = proxy.listeners().await;
+    for l in &listeners {
+        eprintln!("listening listener={} address={}", l.name, l.address);
+    }
+    admin_state.set_config(proxy.config());
+    admin_state.set_listeners(
+        listeners
+            .into_iter()
+            .map(|l| (l.name, l.address))
+            .collect::<BTreeMap<_, _>>(),
+    );
+}
+
+/// `mesh-proxy wait`: exit 0 once `GET 127.0.0.1:<readiness-port>/ready` answers 200.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    #[arg(long, value_name = "PORT", default_value_t = 15021)]
+    pub readiness_port: u16,
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+pub async fn wait(args: WaitArgs) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), args.readiness_port);
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    loop {
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+            s.write_all(b"GET /ready HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.ok()?;
+            Some(buf.starts_with(b"HTTP/1.1 200"))
+        };
+        if let Ok(Some(true)) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "the proxy at {addr} was not ready within {:?}",
+                args.timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,867 @@
+//! Sidecar mode with real packets: two "pods" as network namespaces joined by a veth pair,
+//! each with an app, the nat rules of `mesh-proxy redirect` and a `mesh-proxy sidecar`, both
+//! started exactly as `meshctl inject` writes them into the pod (same arguments and
+//! environment; the proxy as uid/gid 1337).
+//!
+//! Needs root, `ip` (iproute2), iptables and `setpriv` (util-linux); `.ci/run` installs them.
+//! Without them the test fails, unless `MESHCTL_SKIP_NETNS=1`.
+//!
+//! Addresses exist only inside the namespaces the test creates: pods 10.200.1.1 (client) and
+//! 10.200.1.2 (server), Service ClusterIPs 10.200.255.0/24 (no kube-proxy: the sidecars route
+//! ClusterIPs to endpoints themselves). Everything is removed at the end, also on failure.
+//!
+//! The apps are this test binary re-executed in a namespace (`netns_helper`, driven by
+//! commands on stdin).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CLIENT_IP: &str = "10.200.1.1";
+const SERVER_IP: &str = "10.200.1.2";
+const SPLIT_SVC: &str = "10.200.255.10:80";
+const ECHO_SVC: &str = "10.200.255.14:9000";
+
+// ---------------------------------------------------------------------------------------------
+// The app: serves HTTP/TCP ports (`MESHCTL_NETNS_SERVE`) and runs client commands from stdin.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn netns_helper() {
+    if std::env::var_os("MESHCTL_NETNS_HELPER").is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(helper::main());
+}
+
+mod helper {
+    use std::collections::BTreeMap;
+    use std::convert::Infallible;
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+
+    pub async fn main() {
+        let serve = std::env::var("MESHCTL_NETNS_SERVE").unwrap_or_default();
+        for spec in serve.split(',').filter(|s| !s.is_empty()) {
+            let (port, tag) = spec.split_once('=').unwrap();
+            let l = TcpListener::bind(("0.0.0.0", port.parse::<u16>().unwrap()))
+                .await
+                .unwrap();
+            let tag = tag.to_string();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
+                    let tag = tag.clone();
+                    tokio::spawn(async move {
+                        if tag == "echo" {
+                            let (mut r, mut w) = s.into_split();
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                            return;
+                        }
+                        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                            let tag = tag.clone();
+                            async move {
+                                let route = req
+                                    .headers()
+                                    .get("x-route")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("-")
+                                    .to_string();
+                                let body = format!("{tag} {} x-route={route}", req.uri().path());
+                                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                                    body,
+                                ))))
+                            }
+                        });
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(s), svc)
+                            .await;
+                    });
+                }
+            });
+        }
+        println!("@@ ready");
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            let out = match parts.as_slice() {
+                ["http", addr, path, n] => {
+                    // A fresh pool per command: a keep-alive connection opened before the nat
+                    // rules existed would be picked up mid-stream by conntrack and redirected
+                    // (and reset), which cannot happen in a pod (mesh-init runs first).
+                    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                        .build_http::<Empty<Bytes>>();
+                    let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+                    let mut bodies: BTreeMap<String, u64> = BTreeMap::new();
+                    let mut lat = Vec::new();
+                    let mut errors = Vec::new();
+                    for _ in 0..n.parse::<u32>().unwrap() {
+                        let uri: hyper::Uri = format!("http://{addr}{path}").parse().unwrap();
+                        let start = Instant::now();
+                        match client.get(uri).await {
+                            Ok(resp) => {
+                                let status = resp.status().as_u16();
+                                let limited = resp.headers().contains_key("x-rate-limited");
+                                let body = resp.into_body().collect().await;
+                                lat.push(start.elapsed().as_micros() as u64);
+                                *statuses
+                                    .entry(format!(
+                                        "{status}{}",
+                                        if limited { "+x-rate-limited" } else { "" }
+                                    ))
+                                    .or_default() += 1;
+                                if let Ok(b) = body {
+                                    let b = String::from_utf8_lossy(&b.to_bytes()).into_owned();
+                                    *bodies.entry(b).or_default() += 1;
+                                }
+                            }
+                            Err(e) => errors.push(format!("{e:?}")),
+                        }
+                    }
+                    serde_json::json!({"statuses": statuses, "bodies": bodies, "lat_us": lat, "errors": errors})
+                }
+                ["tcp", addr, text] => {
+                    let r = async {
+                        let mut s = TcpStream::connect(addr).await?;
+                        s.write_all(text.as_bytes()).await?;
+                        s.shutdown().await?;
+                        let mut buf = String::new();
+                        s.read_to_string(&mut buf).await?;
+                        Ok::<_, std::io::Error>(buf)
+                    }
+                    .await;
+                    match r {
+                        Ok(echo) => serde_json::json!({"echo": echo}),
+                        Err(e) => serde_json::json!({"error": e.to_string()}),
+                    }
+                }
+                _ => serde_json::json!({"error": format!("unknown command {line:?}")}),
+            };
+            println!("@@ {out}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness.
+// ---------------------------------------------------------------------------------------------
+
+/// Removes what the test created, whatever happens: processes (by pid), then the namespaces
+/// (which takes their veth ends, addresses and nat rules with them).
+struct Cleanup {
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+/// A running app in a namespace, answering commands.
+struct App {
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl App {
+    fn start(cleanup: &mut Cleanup, ns: &str, serve: &str) -> App {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(std::env::current_exe().unwrap())
+            .args(["netns_helper", "--exact", "--nocapture", "--test-threads=1"])
+            .env("MESHCTL_NETNS_HELPER", "1")
+            .env("MESHCTL_NETNS_SERVE", serve)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        cleanup.children.push(child);
+        let mut app = App { stdin, stdout };
+        assert_eq!(app.read(), "ready");
+        app
+    }
+
+    fn read(&mut self) -> String {
+        loop {
+            let mut line = String::new();
+            let n = self.stdout.read_line(&mut line).unwrap();
+            assert!(n > 0, "the app exited");
+            // libtest may have printed "test netns_helper ... " on the same line.
+            if let Some(i) = line.find("@@ ") {
+                return line[i + 3..].trim_end().to_string();
+            }
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> serde_json::Value {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+        serde_json::from_str(&self.read()).unwrap()
+    }
+
+    fn http(&mut self, addr: &str, path: &str, n: u32) -> Http {
+        let v = self.cmd(&format!("http {addr} {path} {n}"));
+        let map = |k: &str| -> BTreeMap<String, u64> {
+            v[k].as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+                .collect()
+        };
+        Http {
+            statuses: map("statuses"),
+            bodies: map("bodies"),
+            lat_us: v["lat_us"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect(),
+            errors: v["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_string())
+                .collect(),
+        }
+    }
+
+    fn metrics(&mut self, port: u16) -> String {
+        let h = self.http(&format!("127.0.0.1:{port}"), "/stats/prometheus", 1);
+        assert_eq!(h.statuses.get("200"), Some(&1), "{h:?}");
+        h.bodies.into_keys().next().unwrap()
+    }
+}
+
+#[derive(Debug)]
+struct Http {
+    statuses: BTreeMap<String, u64>,
+    bodies: BTreeMap<String, u64>,
+    lat_us: Vec<u64>,
+    errors: Vec<String>,
+}
+
+/// The value of a counter line whose labels include all of `labels`.
+fn counter(metrics: &str, name: &str, labels: &[&str]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+fn lat(h: &Http) -> (f64, f64) {
+    let mut v = h.lat_us.clone();
+    v.sort_unstable();
+    (percentile(&v, 0.5), percentile(&v, 0.99))
+}
+
+fn missing_prerequisites() -> Vec<String> {
+    let mut missing = Vec::new();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"));
+    if !root {
+        missing.push("root (effective uid 0)".to_string());
+    }
+    for tool in ["ip", "iptables", "iptables-restore", "setpriv"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            missing.push(tool.to_string());
+        }
+    }
+    missing
+}
+
+/// The `mesh-proxy` binary (built on demand when only this test target was built).
+fn mesh_proxy_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("mesh-proxy");
+    if !bin.exists() {
+        run(Command::new(env!("CARGO"))
+            .args(["build", "-p", "mesh-proxy", "--bin", "mesh-proxy"])
+            .current_dir(env!("CARGO_MANIFEST_DIR")));
+    }
+    assert!(bin.exists(), "{} not found", bin.display());
+    bin
+}
+
+/// The injected pod's `mesh-init` args and `mesh-proxy` args + env, from `meshctl inject`.
+struct Injected {
+    init_args: Vec<String>,
+    proxy_args: Vec<String>,
+    proxy_env: Vec<(String, String)>,
+}
+
+fn inject(name: &str, ip: &str, app: &str) -> Injected {
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels:\n    app: {app}\nspec:\n  serviceAccountName: {app}\n  containers:\n    - name: {app}\n      image: app:1\n"
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["inject", "-f", "-", "-o", "json"])
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pod.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let containers: Vec<&serde_json::Value> = v["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(v["spec"]["containers"].as_array().into_iter().flatten())
+        .collect();
+    let find = |n: &str| *containers.iter().find(|c| c["name"] == n).unwrap();
+    let args = |c: &serde_json::Value| -> Vec<String> {
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let proxy = find("mesh-proxy");
+    // The downward API values the kubelet would fill in.
+    let proxy_env = proxy["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let n = e["name"].as_str().unwrap().to_string();
+            let value = match e["value"].as_str() {
+                Some(v) => v.to_string(),
+                None => match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                    Some("metadata.name") => name.to_string(),
+                    Some("metadata.namespace") => "demo".to_string(),
+                    Some("status.podIP") => ip.to_string(),
+                    Some("spec.serviceAccountName") => app.to_string(),
+                    Some("spec.nodeName") => "node-1".to_string(),
+                    other => panic!("env {n}: unexpected source {other:?}"),
+                },
+            };
+            (n, value)
+        })
+        .collect();
+    Injected {
+        init_args: args(find("mesh-init")),
+        proxy_args: args(proxy),
+        proxy_env,
+    }
+}
+
+const RESOURCES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: demo}
+spec:
+  clusterIP: 10.200.255.10
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server-v1, namespace: demo}
+spec:
+  clusterIP: 10.200.255.11
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server-v2, namespace: demo}
+spec:
+  clusterIP: 10.200.255.12
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8081}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec:
+  clusterIP: 10.200.255.14
+  selector: {app: server}
+  ports: [{name: tcp-echo, port: 9000, targetPort: 9000}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: server-abc, namespace: demo, labels: {kubernetes.io/service-name: server}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.200.1.2], targetRef: {kind: Pod, name: server-0, namespace: demo}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: server-v1-abc, namespace: demo, labels: {kubernetes.io/service-name: server-v1}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.200.1.2]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: server-v2-abc, namespace: demo, labels: {kubernetes.io/service-name: server-v2}}
+addressType: IPv4
+ports: [{name: http, port: 8081}]
+endpoints: [{addresses: [10.200.1.2]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo-abc, namespace: demo, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{name: tcp-echo, port: 9000}]
+endpoints: [{addresses: [10.200.1.2]}]
+---
+# GAMMA: a mesh route on the Service `server`: 80/20 split, a header filter, a timeout.
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server-split, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server, port: 80}]
+  rules:
+    - filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {add: [{name: x-route, value: mesh}]}
+      backendRefs:
+        - {name: server-v1, port: 80, weight: 80}
+        - {name: server-v2, port: 80, weight: 20}
+      timeouts: {request: 5s}
+---
+# The seed's kind of limit: Istio local rate limit in the sidecars' inbound, port 8082 only.
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: inbound-ratelimit, namespace: demo}
+spec:
+  workloadSelector:
+    labels: {app: server}
+  configPatches:
+    - applyTo: HTTP_FILTER
+      match:
+        context: SIDECAR_INBOUND
+        listener:
+          portNumber: 8082
+          filterChain:
+            filter: {name: "envoy.filters.network.http_connection_manager"}
+      patch:
+        operation: INSERT_BEFORE
+        value:
+          name: envoy.filters.http.local_ratelimit
+          typed_config:
+            "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+            type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+            value:
+              stat_prefix: http_local_rate_limiter
+              token_bucket: {max_tokens: 5, tokens_per_fill: 1, fill_interval: 60s}
+              filter_enabled:
+                runtime_key: local_rate_limit_enabled
+                default_value: {numerator: 100, denominator: HUNDRED}
+              filter_enforced:
+                runtime_key: local_rate_limit_enforced
+                default_value: {numerator: 100, denominator: HUNDRED}
+              response_headers_to_add:
+                - append_action: APPEND_IF_EXISTS_OR_ADD
+                  header: {key: x-rate-limited, value: TOO_MANY_REQUESTS}
+              status: {code: 429}
+"#;
+
+struct Pod {
+    ns: String,
+    ip: &'static str,
+    name: &'static str,
+    app: App,
+}
+
+fn start_sidecar(
+    cleanup: &mut Cleanup,
+    bin: &Path,
+    pod: &Pod,
+    injected: &Injected,
+    resources: &Path,
+    log: &Path,
+) {
+    // `ip netns exec` needs root; setpriv then drops to the proxy's uid/gid like the pod's
+    // securityContext (runAsUser/runAsGroup 1337).
+    let log = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &pod.ns])
+        .args([
+            "setpriv",
+            "--reuid",
+            "1337",
+            "--regid",
+            "1337",
+            "--clear-groups",
+        ])
+        .arg(bin)
+        .args(&injected.proxy_args)
+        .arg("--resources")
+        .arg(resources)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(std::env::var("RUST_LOG").ok().map(|v| ("RUST_LOG", v)))
+        .envs(injected.proxy_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    cleanup.children.push(cmd.spawn().unwrap());
+}
+
+fn wait_ready(pod: &mut Pod, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = pod.app.http("127.0.0.1:15021", "/ready", 1);
+        if h.statuses.get("200") == Some(&1) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar of {} is not ready: {h:?}\n{}",
+            pod.name,
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn sidecars_in_network_namespaces() {
+    let missing = missing_prerequisites();
+    if !missing.is_empty() {
+        if std::env::var("MESHCTL_SKIP_NETNS").as_deref() == Ok("1") {
+            eprintln!(
+                "skipped (MESHCTL_SKIP_NETNS=1): missing {}",
+                missing.join(", ")
+            );
+            return;
+        }
+        panic!(
+            "this test needs {} (install iproute2, iptables and util-linux and run as root, \
+             e.g. through .ci/run), or set MESHCTL_SKIP_NETNS=1 to skip it",
+            missing.join(", ")
+        );
+    }
+    let bin = mesh_proxy_bin();
+    let id = std::process::id();
+    let (cns, sns) = (format!("mt-client-{id}"), format!("mt-server-{id}"));
+    let mut cleanup = Cleanup {
+        namespaces: Vec::new(),
+        children: Vec::new(),
+    };
+
+    // Two pods joined by a veth pair.
+    for ns in [&cns, &sns] {
+        ip(&["netns", "add", ns]);
+        cleanup.namespaces.push(ns.clone());
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    ip(&[
+        "-n", &cns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &sns,
+    ]);
+    for (ns, addr) in [(&cns, CLIENT_IP), (&sns, SERVER_IP)] {
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", ns, "link", "set", "eth0", "up"]);
+        // The "Service CIDR": routable only towards the other pod.
+        ip(&["-n", ns, "route", "add", "10.200.255.0/24", "dev", "eth0"]);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let resources = dir.path().join("resources.yaml");
+    std::fs::write(&resources, RESOURCES).unwrap();
+    // Readable by the proxy's uid.
+    run(Command::new("chmod").args(["755", dir.path().to_str().unwrap()]));
+    run(Command::new("chmod").args(["644", resources.to_str().unwrap()]));
+
+    let mut client = Pod {
+        app: App::start(&mut cleanup, &cns, ""),
+        ns: cns.clone(),
+        ip: CLIENT_IP,
+        name: "client-0",
+    };
+    let mut server = Pod {
+        app: App::start(&mut cleanup, &sns, "8080=v1,8081=v2,8082=limited,9000=echo"),
+        ns: sns.clone(),
+        ip: SERVER_IP,
+        name: "server-0",
+    };
+
+    // Without the mesh: the baseline.
+    let direct = client.app.http(&format!("{SERVER_IP}:8080"), "/", 300);
+    assert_eq!(direct.statuses.get("200"), Some(&300), "{direct:?}");
+    let echo = client
+        .app
+        .cmd(&format!("tcp {SERVER_IP}:9000 hello-direct"));
+    assert_eq!(echo["echo"], "hello-direct");
+
+    // The mesh, as injected.
+    let mut logs = Vec::new();
+    for (pod, app) in [(&client, "client"), (&server, "server")] {
+        let injected = inject(pod.name, pod.ip, app);
+        assert_eq!(injected.init_args[0], "redirect");
+        run(Command::new("ip")
+            .args(["netns", "exec", &pod.ns])
+            .arg(&bin)
+            .args(&injected.init_args));
+        let rules =
+            run(Command::new("ip").args(["netns", "exec", &pod.ns, "iptables-save", "-t", "nat"]));
+        assert!(rules.contains("-A OUTPUT -p tcp -j MESH_OUTPUT"), "{rules}");
+        let log = dir.path().join(format!("{app}-proxy.log"));
+        start_sidecar(&mut cleanup, &bin, pod, &injected, &resources, &log);
+        logs.push(log);
+    }
+    wait_ready(&mut client, &logs[0]);
+    wait_ready(&mut server, &logs[1]);
+    let show_logs = || {
+        logs.iter()
+            .map(|l| {
+                format!(
+                    "--- {}\n{}",
+                    l.display(),
+                    std::fs::read_to_string(l).unwrap_or_default()
+                )
+            })
+            .collect::<String>()
+    };
+
+    // 1. HTTP from the client app to the server pod: through both proxies.
+    let meshed = client.app.http(&format!("{SERVER_IP}:8080"), "/", 300);
+    assert_eq!(
+        meshed.statuses.get("200"),
+        Some(&300),
+        "{:?} {:?}\n{}",
+        meshed.statuses,
+        meshed.errors,
+        show_logs()
+    );
+    assert_eq!(meshed.bodies.get("v1 / x-route=-"), Some(&300));
+    let cm = client.app.metrics(15090);
+    let sm = server.app.metrics(15090);
+    let out_reqs = counter(
+        &cm,
+        "mesh_requests_total",
+        &[
+            "listener=\"sidecar-outbound\"",
+            "route=\"passthrough\"",
+            "code=\"200\"",
+        ],
+    );
+    let in_reqs = counter(
+        &sm,
+        "mesh_requests_total",
+        &[
+            "listener=\"sidecar-inbound\"",
+            "route=\"inbound|8080\"",
+            "code=\"200\"",
+        ],
+    );
+    assert!(out_reqs >= 300, "client proxy metrics:\n{cm}");
+    assert!(in_reqs >= 300, "server proxy metrics:\n{sm}");
+
+    // 2. Raw TCP passes untouched, to the pod and through the echo Service's ClusterIP.
+    for (addr, text) in [
+        (format!("{SERVER_IP}:9000"), "hello-pod"),
+        (ECHO_SVC.to_string(), "hello-service"),
+    ] {
+        let echo = client.app.cmd(&format!("tcp {addr} {text}"));
+        assert_eq!(echo["echo"], text, "{echo}\n{}", show_logs());
+    }
+    let cm = client.app.metrics(15090);
+    let sm = server.app.metrics(15090);
+    assert!(
+        counter(
+            &cm,
+            "mesh_tcp_connections_total",
+            &["backend=\"passthrough\""]
+        ) >= 1,
+        "{cm}"
+    );
+    assert!(
+        counter(
+            &cm,
+            "mesh_tcp_connections_total",
+            &["backend=\"demo/echo:9000\""]
+        ) >= 1,
+        "{cm}"
+    );
+    assert!(
+        counter(
+            &sm,
+            "mesh_tcp_connections_total",
+            &["backend=\"inbound|9000\""]
+        ) >= 2,
+        "{sm}"
+    );
+
+    // 3. The mesh route on Service `server` splits 80/20 and adds its header.
+    let split = client.app.http(SPLIT_SVC, "/split", 400);
+    assert_eq!(
+        split.statuses.get("200"),
+        Some(&400),
+        "{split:?}\n{}",
+        show_logs()
+    );
+    let v1 = split
+        .bodies
+        .get("v1 /split x-route=mesh")
+        .copied()
+        .unwrap_or(0);
+    let v2 = split
+        .bodies
+        .get("v2 /split x-route=mesh")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(v1 + v2, 400, "{split:?}");
+    // 80% of 400 = 320; binomial sd = 8: a wide margin.
+    assert!((270..=370).contains(&v1), "v1 {v1} v2 {v2}");
+    let cm = client.app.metrics(15090);
+    assert!(
+        counter(
+            &cm,
+            "mesh_requests_total",
+            &[
+                "route=\"demo/server-split/0/0\"",
+                "backend=\"demo/server-v2:80\""
+            ]
+        ) >= 1,
+        "{cm}"
+    );
+
+    // 4. The inbound rate limit (EnvoyFilter SIDECAR_INBOUND, port 8082): 5 tokens per pod,
+    // answered by the server's proxy.
+    let limited = client.app.http(&format!("{SERVER_IP}:8082"), "/", 8);
+    assert_eq!(limited.statuses.get("200"), Some(&5), "{limited:?}");
+    assert_eq!(
+        limited.statuses.get("429+x-rate-limited"),
+        Some(&3),
+        "{limited:?}"
+    );
+    let sm = server.app.metrics(15090);
+    assert_eq!(
+        counter(
+            &sm,
+            "mesh_rate_limited_total",
+            &["listener=\"sidecar-inbound\"", "route=\"inbound|8082\""]
+        ),
+        3,
+        "{sm}"
+    );
+    // Not on the (unlimited) 8080.
+    let more = client.app.http(&format!("{SERVER_IP}:8080"), "/", 20);
+    assert_eq!(more.statuses.get("200"), Some(&20));
+
+    // 5. Refused stays refused: no app on 8099. HTTP gets no response (never a 200), TCP a
+    // reset/close with nothing echoed.
+    let refused = client.app.http(&format!("{SERVER_IP}:8099"), "/", 1);
+    assert!(
+        refused.statuses.is_empty() && refused.errors.len() == 1,
+        "{refused:?}"
+    );
+    let tcp_refused = client.app.cmd(&format!("tcp {SERVER_IP}:8099 hello"));
+    assert!(
+        tcp_refused["echo"].as_str().unwrap_or("").is_empty(),
+        "{tcp_refused}"
+    );
+
+    // 6. Latency: direct vs through both proxies (pod IP, passthrough) and through the mesh
+    // route (ClusterIP).
+    let meshed = client.app.http(&format!("{SERVER_IP}:8080"), "/", 300);
+    let routed = client.app.http(SPLIT_SVC, "/", 300);
+    let (d50, d99) = lat(&direct);
+    let (m50, m99) = lat(&meshed);
+    let (r50, r99) = lat(&routed);
+    eprintln!(
+        "latency over {} sequential keep-alive requests (debug build, shared machine):\n\
+         \x20 direct (no mesh)                    p50 {d50:.3} ms  p99 {d99:.3} ms\n\
+         \x20 both sidecars, pod IP (passthrough) p50 {m50:.3} ms  p99 {m99:.3} ms\n\
+         \x20 both sidecars, Service route        p50 {r50:.3} ms  p99 {r99:.3} ms\n\
+         \x20 added per hop (p50): passthrough {:.3} ms, routed {:.3} ms",
+        direct.lat_us.len(),
+        (m50 - d50) / 2.0,
+        (r50 - d50) / 2.0
+    );
+
+    // Cleanup: rules removed by the same subcommand, then everything else by the guard.
+    for ns in [&cns, &sns] {
+        run(Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&bin)
+            .args(["redirect", "--cleanup"]));
+        let rules =
+            run(Command::new("ip").args(["netns", "exec", ns, "iptables-save", "-t", "nat"]));
+        assert!(!rules.contains("MESH_"), "{rules}");
+    }
+    drop(client);
+    drop(server);
+    drop(cleanup);
+    let left = run(Command::new("ip").args(["netns", "list"]));
+    assert!(!left.contains(&cns) && !left.contains(&sns), "{left}");
+}
