@@ -468,3 +468,21 @@ pub fn handle<B>(
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
+
+/// Prints the bound listeners of `proxy` (one parseable line each:
+/// `listening listener=NAME address=IP:PORT`), hands them and the config to the admin state,
+/// and marks the listeners bound (so `/ready` can answer 200).
+pub async fn publish(proxy: &crate::ProxyHandle, state: &AdminState) {
+    let listeners = proxy.listeners().await;
+    for l in &listeners {
+        eprintln!("listening listener={} address={}", l.name, l.address);
+    }
+    state.set_config(proxy.config());
+    state.set_listeners(
+        listeners
+            .into_iter()
+            .map(|l| (l.name, l.address))
+            .collect::<BTreeMap<_, _>>(),
+    );
+    state.set_listeners_bound(true);
+}

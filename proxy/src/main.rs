@@ -2,7 +2,7 @@
 //! `mesh-proxy run --config FILE`: serve a native config, reload it on SIGHUP and when the file
 //! changes, drain on SIGTERM/SIGINT.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -279,7 +279,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let proxy = Proxy::start(config, options).await?;
     let admin_state = Arc::new(AdminState::new(metrics.clone()));
-    publish(&proxy, &admin_state).await;
+    admin::publish(&proxy, &admin_state).await;
     let admin_shutdown = CancellationToken::new();
     let admin_servers = admin::start(
         &AdminAddresses::from(&args.admin),
@@ -342,28 +342,12 @@ async fn reload(
     match proxy.update(config).await {
         Ok(()) => {
             tracing::info!("reloaded ({why})");
-            publish(proxy, admin_state).await;
+            admin::publish(proxy, admin_state).await;
         }
         Err(e) => {
             tracing::error!("reload ({why}) rejected, still serving the previous config: {e}")
         }
     }
-}
-
-/// Prints the bound listeners (one parseable line each) and hands them to the admin server.
-async fn publish(proxy: &ProxyHandle, admin_state: &AdminState) {
-    let listeners = proxy.listeners().await;
-    for l in &listeners {
-        eprintln!("listening listener={} address={}", l.name, l.address);
-    }
-    admin_state.set_config(proxy.config());
-    admin_state.set_listeners(
-        listeners
-            .into_iter()
-            .map(|l| (l.name, l.address))
-            .collect::<BTreeMap<_, _>>(),
-    );
-    admin_state.set_listeners_bound(true);
 }
 
 /// Watches the directories of `files` (so replaced files and ConfigMap symlink swaps are seen)
@@ -530,7 +514,7 @@ async fn run_with_control_plane(
                 metrics.config_reload(ReloadResult::Success);
                 tracing::info!(version = %version, "applied config from the control plane");
                 if let Some(p) = &proxy {
-                    publish(p, &admin_state).await;
+                    admin::publish(p, &admin_state).await;
                 }
             }
             Err(e) => {

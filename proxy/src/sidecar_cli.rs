@@ -13,7 +13,6 @@
 //!
 //! File sources are reloaded on SIGHUP and when a file's modification time changes (polled).
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminAddresses, AdminState};
 use crate::config::{ProxyConfig, parse_duration};
 use crate::metrics::{Metrics, ReloadResult};
-use crate::{Proxy, ProxyHandle, ProxyOptions};
+use crate::{Proxy, ProxyOptions};
 
 /// `mesh-proxy sidecar`.
 #[derive(Debug, Clone, clap::Args)]
@@ -248,7 +247,7 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         ..ProxyOptions::default()
     };
     let proxy = Proxy::start(config, options).await?;
-    publish(&proxy, &admin_state).await;
+    crate::admin::publish(&proxy, &admin_state).await;
 
     let mut seen = mtimes(&source);
     let mut poll = tokio::time::interval(Duration::from_secs(1));
@@ -270,7 +269,7 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
             Ok(c) => match proxy.update(c).await {
                 Ok(()) => {
                     tracing::info!("reloaded ({why})");
-                    publish(&proxy, &admin_state).await;
+                    crate::admin::publish(&proxy, &admin_state).await;
                 }
                 Err(e) => tracing::error!("reload ({why}) rejected: {e}"),
             },
@@ -288,20 +287,6 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     admin_shutdown.cancel();
     admin_servers.join().await;
     Ok(())
-}
-
-async fn publish(proxy: &ProxyHandle, admin_state: &AdminState) {
-    let listeners = proxy.listeners().await;
-    for l in &listeners {
-        eprintln!("listening listener={} address={}", l.name, l.address);
-    }
-    admin_state.set_config(proxy.config());
-    admin_state.set_listeners(
-        listeners
-            .into_iter()
-            .map(|l| (l.name, l.address))
-            .collect::<BTreeMap<_, _>>(),
-    );
 }
 
 /// `mesh-proxy wait`: exit 0 once `GET 127.0.0.1:<readiness-port>/ready` answers 200.
