@@ -69,6 +69,10 @@ enum Cmd {
         large: u64,
         #[arg(long, default_value = "target/bench/regression")]
         out: PathBuf,
+        /// Print instructions per request of each scenario (plain, seed, seed+ratelimit)
+        /// instead of checking the baseline.
+        #[arg(long)]
+        scenarios: bool,
     },
     /// AdmissionReviews over HTTPS, closed loop; JSON on stdout.
     WebhookLoad {
@@ -97,7 +101,7 @@ struct RunArgs {
     /// Interleaved repetitions (default 3; 1 with --quick).
     #[arg(long)]
     reps: Option<usize>,
-    /// Seconds measured per phase (default 4; 1 with --quick).
+    /// Seconds measured per phase (default 3; 1 with --quick).
     #[arg(long)]
     phase: Option<f64>,
     /// Warm-up seconds before each phase (default 1; 0.3 with --quick).
@@ -133,6 +137,9 @@ struct RunArgs {
     /// Only the webhook.
     #[arg(long)]
     webhook_only: bool,
+    /// Niceness of every process the benchmark starts (e.g. -10 on a shared machine, as root).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    nice: i32,
 }
 
 fn print_json(r: &load::LoadResult) -> anyhow::Result<()> {
@@ -146,7 +153,7 @@ fn main() -> anyhow::Result<()> {
             let q = a.quick;
             run::run(run::Opts {
                 reps: a.reps.unwrap_or(if q { 1 } else { 3 }),
-                phase: Duration::from_secs_f64(a.phase.unwrap_or(if q { 1.0 } else { 4.0 })),
+                phase: Duration::from_secs_f64(a.phase.unwrap_or(if q { 1.0 } else { 3.0 })),
                 warmup: Duration::from_secs_f64(a.warmup.unwrap_or(if q { 0.3 } else { 1.0 })),
                 conns: a.conns,
                 open_conns: a.open_conns,
@@ -159,6 +166,7 @@ fn main() -> anyhow::Result<()> {
                 two_core: !a.no_two_core,
                 webhook: !a.no_webhook,
                 proxies: !a.webhook_only,
+                nice: a.nice,
             })
         }
         Cmd::Regression {
@@ -168,6 +176,7 @@ fn main() -> anyhow::Result<()> {
             small,
             large,
             out,
+            scenarios,
         } => {
             let ok = regression::run(regression::Opts {
                 mesh_proxy,
@@ -176,6 +185,7 @@ fn main() -> anyhow::Result<()> {
                 small,
                 large,
                 out,
+                scenarios,
             })?;
             if !ok {
                 std::process::exit(1);

@@ -36,6 +36,8 @@ pub struct Opts {
     pub small: u64,
     pub large: u64,
     pub out: PathBuf,
+    /// Only print instructions per request of every scenario (no baseline check).
+    pub scenarios: bool,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -89,13 +91,13 @@ fn wait_200(addr: SocketAddr, child: &mut std::process::Child) -> anyhow::Result
 }
 
 /// Total instructions (Ir) of one mesh-proxy run serving `n` requests.
-fn count(opts: &Opts, backends: [u16; 2], n: u64) -> anyhow::Result<u64> {
+fn count(opts: &Opts, scenario: Scenario, backends: [u16; 2], n: u64) -> anyhow::Result<u64> {
     let port = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let cfg = opts.out.join("regression-config.json");
     std::fs::write(
         &cfg,
-        serde_json::to_vec_pretty(&configs::mesh(Scenario::SeedRl, port, backends))?,
+        serde_json::to_vec_pretty(&configs::mesh(scenario, port, backends))?,
     )?;
     let outfile = opts.out.join(format!("callgrind.out.{n}"));
     let mut child = Command::new("valgrind")
@@ -170,13 +172,33 @@ pub fn run(opts: Opts) -> anyhow::Result<bool> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let a = count(&opts, backends, opts.small)?;
-        let b = count(&opts, backends, opts.large)?;
+        if opts.scenarios {
+            let mut plain = 0.0;
+            for s in Scenario::ALL {
+                let a = count(&opts, s, backends, opts.small)?;
+                let b = count(&opts, s, backends, opts.large)?;
+                let per = (b as f64 - a as f64) / (opts.large - opts.small) as f64;
+                if s == Scenario::Plain {
+                    plain = per;
+                }
+                println!(
+                    "{:>15}: {per:.0} instructions per request ({:+.1}% vs plain)",
+                    s.name(),
+                    (per / plain - 1.0) * 100.0
+                );
+            }
+            return Ok((0, 0));
+        }
+        let a = count(&opts, Scenario::SeedRl, backends, opts.small)?;
+        let b = count(&opts, Scenario::SeedRl, backends, opts.large)?;
         Ok((a, b))
     })();
     let _ = backend.kill();
     let _ = backend.wait();
     let (a, b) = result?;
+    if opts.scenarios {
+        return Ok(true);
+    }
     let per = (b as f64 - a as f64) / (opts.large - opts.small) as f64;
     println!(
         "mesh-proxy: {per:.0} instructions per request (seed route + rate limit; callgrind, {} vs {} requests: {a} / {b} Ir)",
