@@ -423,10 +423,10 @@ async fn forward<'a>(
     out: &mut Outcome,
     request_id: &mut Option<HeaderValue>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let endpoint = upstream
-        .pick()
-        .ok_or_else(|| ProxyError::NoEndpoints(upstream.name.to_string()))?
-        .clone();
+    let (endpoint, authority) = upstream
+        .pick_with_authority()
+        .ok_or_else(|| ProxyError::NoEndpoints(upstream.name.to_string()))?;
+    let endpoint = endpoint.clone();
     out.upstream_host = Some(endpoint.clone());
 
     let downstream_version = req.version();
@@ -478,7 +478,10 @@ async fn forward<'a>(
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
-    parts.uri = upstream_uri(&endpoint, pq.clone())?;
+    parts.uri = match authority {
+        Some(a) => upstream_uri_from(a.clone(), pq.clone())?,
+        None => upstream_uri(&endpoint, pq.clone())?,
+    };
 
     let mut body = incoming;
     // Mirrors: a copy of the (filtered) request, fire and forget.
@@ -562,6 +565,10 @@ fn deadline(
 fn upstream_uri(endpoint: &str, pq: PathAndQuery) -> Result<Uri, ProxyError> {
     let authority =
         Authority::try_from(endpoint).map_err(|e| ProxyError::Connect(e.to_string()))?;
+    upstream_uri_from(authority, pq)
+}
+
+fn upstream_uri_from(authority: Authority, pq: PathAndQuery) -> Result<Uri, ProxyError> {
     Uri::builder()
         .scheme(Scheme::HTTP)
         .authority(authority)

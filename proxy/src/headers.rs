@@ -40,6 +40,17 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers, including those the `Connection` header names. With
 /// `keep_upgrade`, `Upgrade` survives and `Connection: upgrade` is put back.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the names present is cheaper than a
+    // hashed removal per hop-by-hop name.
+    let any = headers
+        .keys()
+        .any(|k| *k == header::UPGRADE || HOP_BY_HOP.contains(k));
+    if !any {
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -64,15 +75,58 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Appends the client address to `x-forwarded-for` and sets `x-forwarded-proto`.
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
-    let ip = client.to_canonical().to_string();
-    let joined = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+    let mut buf = IpBuf::default();
+    let ip = buf.format(client.to_canonical());
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {ip}")).ok()
+        }
+        // Digits, dots and colons: always a valid header value.
+        _ => HeaderValue::from_str(ip).ok(),
     };
-    if let Ok(v) = HeaderValue::from_str(&joined) {
+    if let Some(v) = value {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+/// Formats an IP address on the stack (IPv4 without the `fmt` machinery: this runs on every
+/// forwarded request).
+#[derive(Default)]
+struct IpBuf {
+    buf: [u8; 16],
+    owned: String,
+}
+
+impl IpBuf {
+    fn format(&mut self, ip: IpAddr) -> &str {
+        match ip {
+            IpAddr::V4(v4) => {
+                let mut n = 0;
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.buf[n] = b'.';
+                        n += 1;
+                    }
+                    if octet >= 100 {
+                        self.buf[n] = b'0' + octet / 100;
+                        n += 1;
+                    }
+                    if octet >= 10 {
+                        self.buf[n] = b'0' + octet / 10 % 10;
+                        n += 1;
+                    }
+                    self.buf[n] = b'0' + octet % 10;
+                    n += 1;
+                }
+                std::str::from_utf8(&self.buf[..n]).unwrap_or_default()
+            }
+            IpAddr::V6(v6) => {
+                self.owned = v6.to_string();
+                &self.owned
+            }
+        }
+    }
 }
 
 /// Returns the request's `x-request-id`, generating (and inserting) a UUID-v4-shaped one if
@@ -83,25 +137,35 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     {
         return v.clone();
     }
-    let v = HeaderValue::from_str(&new_request_id()).expect("hex is a valid header value");
+    let v = HeaderValue::from_bytes(&request_id_bytes()).expect("hex is a valid header value");
     headers.insert(X_REQUEST_ID, v.clone());
     v
 }
 
 /// A random UUID (version 4 layout).
 pub fn new_request_id() -> String {
+    String::from_utf8_lossy(&request_id_bytes()).into_owned()
+}
+
+/// A random UUID (version 4 layout) as ASCII, formatted without allocating.
+fn request_id_bytes() -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let hi = fastrand::u64(..);
     let lo = fastrand::u64(..);
     let hi = (hi & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
     let lo = (lo & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xffff,
-        hi & 0xffff,
-        lo >> 48,
-        lo & 0xffff_ffff_ffff
-    )
+    let mut out = [b'-'; 36];
+    let mut pos = 0;
+    for nibble in 0..32 {
+        if matches!(nibble, 8 | 12 | 16 | 20) {
+            pos += 1; // the dash already there
+        }
+        let word = if nibble < 16 { hi } else { lo };
+        let shift = 60 - 4 * (nibble % 16);
+        out[pos] = HEX[((word >> shift) & 0xf) as usize];
+        pos += 1;
+    }
+    out
 }
 
 /// Approximate size of a request head on the wire: request line plus `name: value\r\n` lines.
@@ -154,6 +218,14 @@ mod tests {
         set_forwarded(&mut h, "::ffff:10.0.0.2".parse().unwrap(), "http");
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
+        for ip in ["0.0.0.0", "255.255.255.255", "10.0.100.9", "192.168.1.20"] {
+            let mut h = HeaderMap::new();
+            set_forwarded(&mut h, ip.parse().unwrap(), "http");
+            assert_eq!(h[X_FORWARDED_FOR], ip);
+        }
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, "2001:db8::1".parse().unwrap(), "https");
+        assert_eq!(h[X_FORWARDED_FOR], "2001:db8::1");
     }
 
     #[test]
@@ -163,5 +235,20 @@ mod tests {
         assert_eq!(id.len(), 36);
         assert_eq!(ensure_request_id(&mut h), id);
         assert_ne!(new_request_id(), new_request_id());
+        // The UUID v4 layout: 8-4-4-4-12 lowercase hex, version 4, variant 10xx.
+        for _ in 0..100 {
+            let id = new_request_id();
+            let groups: Vec<&str> = id.split('-').collect();
+            assert_eq!(
+                groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+                [8, 4, 4, 4, 12]
+            );
+            assert!(
+                id.bytes()
+                    .all(|c| c == b'-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            );
+            assert!(groups[2].starts_with('4'), "{id}");
+            assert!("89ab".contains(&groups[3][..1]), "{id}");
+        }
     }
 }

@@ -85,6 +85,10 @@ struct RunArgs {
     /// Time in-flight requests get to finish on SIGTERM/SIGINT.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Worker threads serving traffic (default: one per core). 1 runs everything on the
+    /// main thread (a current-thread runtime).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
     #[command(flatten)]
     admin: AdminArgs,
 }
@@ -206,10 +210,20 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = match &cli.command {
+        Command::Run(args) => args.workers,
+        _ => None,
+    };
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

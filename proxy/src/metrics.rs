@@ -160,6 +160,8 @@ pub struct Metrics {
     tcp_connections: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
     tcp_sent: Family<TcpLabels, Counter>,
+    /// The empty label value, shared.
+    empty: Arc<str>,
 }
 
 impl Default for Metrics {
@@ -247,6 +249,7 @@ impl Metrics {
             config_reloads,
             connections_active,
             access_log_dropped,
+            empty: Arc::from(""),
         }
     }
 
@@ -276,6 +279,34 @@ impl Metrics {
         duration: Duration,
     ) {
         self.route(listener, route, backend).record(code, duration);
+    }
+
+    /// Counts one request and its duration, with labels the request path already holds as
+    /// `Arc<str>` (`None` = empty): no allocation, no handle to build.
+    pub fn record_request_arc(
+        &self,
+        listener: &Arc<str>,
+        route: Option<&Arc<str>>,
+        backend: Option<&Arc<str>>,
+        code: u16,
+        duration: Duration,
+    ) {
+        let labels = RouteLabels {
+            listener: listener.clone(),
+            route: route.unwrap_or(&self.empty).clone(),
+            backend: backend.unwrap_or(&self.empty).clone(),
+        };
+        self.duration
+            .get_or_create(&labels)
+            .observe(duration.as_secs_f64());
+        self.requests
+            .get_or_create(&RequestLabels {
+                listener: labels.listener,
+                route: labels.route,
+                backend: labels.backend,
+                code,
+            })
+            .inc();
     }
 
     /// Counts one request refused by `limit`.

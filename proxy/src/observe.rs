@@ -75,8 +75,13 @@ impl Observer {
         let o = f.outcome;
         let route = o.route.as_deref().unwrap_or("");
         let backend = o.backend.as_deref().unwrap_or("");
-        self.metrics
-            .record_request(f.listener, route, backend, f.status.as_u16(), f.duration);
+        self.metrics.record_request_arc(
+            f.listener,
+            o.route.as_ref(),
+            o.backend.as_ref(),
+            f.status.as_u16(),
+            f.duration,
+        );
         if let Some(limit) = &o.rate_limited {
             self.metrics.rate_limited(f.listener, route, limit);
         }

@@ -33,6 +33,9 @@ pub struct Upstream {
     pub name: Arc<str>,
     /// `host:port` authorities.
     pub endpoints: Vec<Arc<str>>,
+    /// `endpoints` parsed once as URI authorities (`None` if one does not parse: that
+    /// endpoint's requests fail with a connect error, as before).
+    authorities: Vec<Option<http::uri::Authority>>,
     pub load_balancer: LoadBalancer,
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
@@ -45,6 +48,11 @@ impl Upstream {
         Upstream {
             name: b.name.as_str().into(),
             endpoints: b.endpoints.iter().map(|e| Arc::from(e.as_str())).collect(),
+            authorities: b
+                .endpoints
+                .iter()
+                .map(|e| http::uri::Authority::try_from(e.as_str()).ok())
+                .collect(),
             load_balancer: b.load_balancer,
             protocol: b.protocol,
             connect_timeout: b.connect_timeout,
@@ -55,16 +63,23 @@ impl Upstream {
 
     /// Picks an endpoint by the backend's load-balancing policy; `None` if there is none.
     pub fn pick(&self) -> Option<&Arc<str>> {
+        self.pick_index().map(|i| &self.endpoints[i])
+    }
+
+    /// [`pick`](Self::pick), with the endpoint's pre-parsed authority.
+    pub fn pick_with_authority(&self) -> Option<(&Arc<str>, Option<&http::uri::Authority>)> {
+        self.pick_index()
+            .map(|i| (&self.endpoints[i], self.authorities[i].as_ref()))
+    }
+
+    fn pick_index(&self) -> Option<usize> {
         match self.endpoints.len() {
             0 => None,
-            1 => self.endpoints.first(),
-            n => {
-                let i = match self.load_balancer {
-                    LoadBalancer::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
-                    LoadBalancer::Random => fastrand::usize(0..n),
-                };
-                self.endpoints.get(i)
-            }
+            1 => Some(0),
+            n => Some(match self.load_balancer {
+                LoadBalancer::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
+                LoadBalancer::Random => fastrand::usize(0..n),
+            }),
         }
     }
 }
@@ -732,6 +747,7 @@ impl CompiledRoute {
         let upstream = Upstream {
             name: name.clone(),
             endpoints: vec![endpoint.to_string().into()],
+            authorities: vec![http::uri::Authority::try_from(endpoint.to_string()).ok()],
             load_balancer: LoadBalancer::RoundRobin,
             protocol: UpstreamProtocol::Http1,
             connect_timeout,

@@ -1,0 +1,88 @@
+//! AdmissionReviews for the webhook benchmark, and its TLS material.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+const SEED_DEPLOYMENT: &str = include_str!("../../tests/inject/seed-deployment.yaml");
+
+/// The pod of the seed's first Deployment (`myapp-v1`).
+pub fn seed_pod() -> anyhow::Result<Value> {
+    let doc = SEED_DEPLOYMENT
+        .split("\n---")
+        .find(|d| d.contains("kind: Deployment"))
+        .context("no Deployment in the seed file")?;
+    let d: Value = serde_saphyr::from_str(doc).context("parsing the seed Deployment")?;
+    let t = &d["spec"]["template"];
+    Ok(json!({"apiVersion": "v1", "kind": "Pod", "metadata": t["metadata"], "spec": t["spec"]}))
+}
+
+/// A pod with `n` containers.
+pub fn pod_with(n: usize) -> Value {
+    let cs: Vec<_> = (0..n)
+        .map(|i| {
+            json!({"name": format!("c{i}"), "image": "app:1",
+                   "ports": [{"containerPort": 8000 + i}],
+                   "env": [{"name": "INDEX", "value": i.to_string()}]})
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"generateName": "big-", "namespace": "demo", "labels": {"app": "big"}},
+           "spec": {"containers": cs}})
+}
+
+/// An AdmissionReview (CREATE) of `pod` in `namespace`, as the API server sends it.
+pub fn review_for(pod: &Value, namespace: &str, uid: &str) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": "",
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+        }
+    })
+}
+
+/// Writes a self-signed serving certificate for `localhost`; returns its DER.
+pub fn write_cert(cert: &Path, key: &Path) -> anyhow::Result<Vec<u8>> {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    std::fs::write(cert, ck.cert.pem())?;
+    std::fs::write(key, ck.signing_key.serialize_pem())?;
+    Ok(ck.cert.der().to_vec())
+}
+
+/// A client config trusting exactly `ca_pem`.
+pub fn client_config(ca_pem: &[u8]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ders = rustls_certs(ca_pem)?;
+    for d in ders {
+        roots.add(d)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+fn rustls_certs(pem: &[u8]) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the CA PEM")
+}
