@@ -9,3 +9,8 @@ mod injection_webhook;
 mod ssa;
 mod url_webhook;
 mod walkthrough;
+
+/// Held for writing while a test has the installer's cluster-wide injection webhook registered
+/// (its namespaceSelector matches every `mesh-injection`/`istio-injection=enabled` namespace),
+/// for reading by tests that label namespaces that way for a webhook of their own.
+pub static CLUSTER_WEBHOOK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
