@@ -18,7 +18,7 @@
 //! config, the webhook certificate and the MutatingWebhookConfiguration in URL mode), then the
 //! test's `meshctl control-plane` serves that webhook on PORT with the installer's certificate
 //! and injection config, so the seed's pods get the real sidecar injected. The test holds
-//! `CLUSTER_WEBHOOK` for writing while the install's webhook is registered and runs
+//! `MESH_INSTALL` for writing while the install's webhook is registered and runs
 //! `meshctl uninstall -y` at the end (also on panic).
 
 use std::collections::BTreeMap;
@@ -383,7 +383,7 @@ fn names(list: &Option<Vec<k8s_openapi::api::core::v1::Container>>) -> Vec<Strin
 #[tokio::test]
 async fn seed_walkthrough_through_the_control_plane() {
     // The install's webhook matches every injection-labelled namespace of the shared server.
-    let _exclusive = crate::CLUSTER_WEBHOOK.write().await;
+    let _exclusive = crate::MESH_INSTALL.write().await;
     let env = TestEnv::shared();
     let client = env.client().unwrap();
     let work = tempfile::tempdir().unwrap();

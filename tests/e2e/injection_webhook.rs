@@ -61,7 +61,7 @@ struct Webhook {
 
 impl Webhook {
     async fn start(env: &'static TestEnv) -> Webhook {
-        let exclusive = crate::CLUSTER_WEBHOOK.read().await;
+        let exclusive = crate::MESH_INSTALL.read().await;
         // The serving certificate as files, loaded (and polled for changes) by CertStore,
         // as `--tls-cert` / `--tls-key` are.
         let certs_dir = tempfile::tempdir().unwrap();
