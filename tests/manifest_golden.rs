@@ -138,10 +138,11 @@ fn cli_output_is_the_rendered_stream() {
         names,
         [
             "01-gateway-api-crds.yaml",
-            "02-base.yaml",
-            "03-control-plane.yaml",
-            "04-gateway-class.yaml",
-            "05-webhook.yaml"
+            "02-istio-crds.yaml",
+            "03-base.yaml",
+            "04-control-plane.yaml",
+            "05-gateway-class.yaml",
+            "06-webhook.yaml"
         ]
     );
 

@@ -85,7 +85,7 @@ pub fn install(args: InstallArgs) -> Result<ExitCode> {
         let plan = cluster::plan(&cluster, &resolved).await?;
         if !plan.kept_crds.is_empty() {
             eprintln!(
-                "Gateway API CRDs already in the cluster (not installed by meshctl) are left as they are: {}",
+                "CRDs already in the cluster (Gateway API, Istio; not installed by meshctl) are left as they are: {}",
                 plan.kept_crds.join(", ")
             );
         }

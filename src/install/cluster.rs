@@ -281,7 +281,7 @@ pub struct Plan {
     pub profile: String,
     /// Objects to apply, in order.
     pub objects: Vec<Object>,
-    /// Gateway API CRDs already in the cluster and not ours: left alone.
+    /// Gateway API and Istio CRDs already in the cluster and not ours: left alone.
     pub kept_crds: Vec<String>,
     /// Live objects of ours that the render no longer contains.
     pub prune: Vec<LiveRef>,
@@ -323,8 +323,10 @@ pub async fn plan(cluster: &Cluster, resolved: &Resolved) -> Result<Plan> {
     let mut kept_crds = Vec::new();
     let mut keep = Vec::new();
     for o in objects.drain(..) {
-        if o.component == Component::GatewayApiCrds
-            && let Some(live) = cluster.get(&LiveRef::of(&o)).await?
+        if matches!(
+            o.component,
+            Component::GatewayApiCrds | Component::IstioCrds
+        ) && let Some(live) = cluster.get(&LiveRef::of(&o)).await?
             && live["metadata"]["labels"][LABEL_OWNED_BY] != OWNER
         {
             kept_crds.push(o.name().to_owned());

@@ -23,6 +23,9 @@ pub const LABEL_PROFILE: &str = "install.meshctl.io/profile";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub enum Component {
     GatewayApiCrds,
+    /// Istio's CRDs for the compatibility input (EnvoyFilter); applied only when absent or
+    /// ours, like the Gateway API CRDs.
+    IstioCrds,
     Base,
     ControlPlane,
     IngressGateway,
@@ -34,6 +37,7 @@ impl Component {
     pub fn name(self) -> &'static str {
         match self {
             Component::GatewayApiCrds => "gateway-api-crds",
+            Component::IstioCrds => "istio-crds",
             Component::Base => "base",
             Component::ControlPlane => "control-plane",
             Component::IngressGateway => "ingress-gateway",
@@ -237,6 +241,12 @@ pub fn render(resolved: &Resolved, tls: Option<&WebhookTls>) -> Result<Vec<Objec
         }
     }
     if c.base.enabled {
+        for value in crds::parse(crds::ISTIO) {
+            objects.push(Object {
+                component: Component::IstioCrds,
+                value,
+            });
+        }
         for value in crds::parse(crds::OURS) {
             objects.push(Object {
                 component: Component::Base,

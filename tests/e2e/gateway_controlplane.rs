@@ -12,9 +12,14 @@
 //! behind each IP is a process of the test. Needs root (CAP_NET_ADMIN) for `unshare`, `ip`
 //! and `iptables`.
 //!
-//! `meshctl install` is another issue's work: the test applies the CRDs itself (Gateway API
-//! and RateLimitPolicy generated from the Rust types with `CustomResourceExt::crd()`, the
-//! Istio EnvoyFilter CRD with an open schema, as Istio's own is for patches).
+//! Step 1 is the seed's, through our installer: the real `meshctl install -y -f
+//! istio-gwapi.yaml` with `--set profile=remote --set webhook.url=https://127.0.0.1:PORT/inject`
+//! (the cluster side only: CRDs — Gateway API, ours and Istio's EnvoyFilter —, the injection
+//! config, the webhook certificate and the MutatingWebhookConfiguration in URL mode), then the
+//! test's `meshctl control-plane` serves that webhook on PORT with the installer's certificate
+//! and injection config, so the seed's pods get the real sidecar injected. The test holds
+//! `MESH_INSTALL` for writing while the install's webhook is registered and runs
+//! `meshctl uninstall -y` at the end (also on panic).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,15 +30,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use gateway_api::apis::standard::{
     gatewayclasses::GatewayClass, gateways::Gateway, httproutes::HttpRoute,
-    referencegrants::ReferenceGrant,
 };
 use http_body_util::{BodyExt, Empty};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use mesh_testenv::{TestEnv, eventually};
 use serde_json::{Value, json};
 
@@ -248,66 +250,6 @@ fn mesh_proxy_binary() -> PathBuf {
     dir.join("mesh-proxy")
 }
 
-async fn apply_crds(env: &TestEnv) {
-    let crds: Api<CustomResourceDefinition> = Api::all(env.client().unwrap());
-    let envoy_filter: CustomResourceDefinition = serde_json::from_value(json!({
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": "envoyfilters.networking.istio.io"},
-        "spec": {
-            "group": "networking.istio.io",
-            "names": {"kind": "EnvoyFilter", "plural": "envoyfilters", "singular": "envoyfilter", "listKind": "EnvoyFilterList"},
-            "scope": "Namespaced",
-            "versions": [{"name": "v1alpha3", "served": true, "storage": true,
-                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}],
-        },
-    }))
-    .unwrap();
-    for crd in [
-        GatewayClass::crd(),
-        Gateway::crd(),
-        HttpRoute::crd(),
-        ReferenceGrant::crd(),
-        mesh_translate::RateLimitPolicy::crd(),
-        envoy_filter,
-    ] {
-        let mut crd = crd;
-        let name = crd.metadata.name.clone().unwrap();
-        if name.ends_with(".k8s.io") {
-            // What the upstream Gateway API CRDs carry (protected *.k8s.io group).
-            crd.metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(
-                    "api-approved.kubernetes.io".into(),
-                    "https://github.com/kubernetes-sigs/gateway-api/pull/3328".into(),
-                );
-        }
-        crds.patch(
-            &name,
-            &PatchParams::apply("meshctl-e2e").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
-        eventually(
-            Duration::from_secs(60),
-            &format!("CRD {name} Established"),
-            || async {
-                let c = crds.get(&name).await?;
-                Ok(c.status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(()))
-            },
-        )
-        .await
-        .unwrap();
-    }
-}
-
 fn condition<'a>(conds: &'a Value, t: &str) -> Option<&'a Value> {
     conds.as_array()?.iter().find(|c| c["type"] == t)
 }
@@ -357,11 +299,27 @@ fn spawn_logged(mut cmd: tokio::process::Command, log: &Path) -> Child {
     }
 }
 
-fn control_plane(env: &TestEnv, dir: &Path, dist: &str, admin: &str, log: &str) -> Child {
+fn control_plane(
+    env: &TestEnv,
+    dir: &Path,
+    webhook: &str,
+    dist: &str,
+    admin: &str,
+    log: &str,
+) -> Child {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshctl"));
     cmd.args([
         "control-plane",
-        "--no-webhook",
+        // The webhook the installer registered (URL mode), with its certificate and the
+        // injection config it rendered.
+        "--webhook-addr",
+        webhook,
+        "--tls-cert",
+        dir.join("webhook/tls.crt").to_str().unwrap(),
+        "--tls-key",
+        dir.join("webhook/tls.key").to_str().unwrap(),
+        "--injection-config",
+        dir.join("webhook/injection-config.yaml").to_str().unwrap(),
         "--kubeconfig",
         env.kubeconfig().to_str().unwrap(),
         "--distribution-addr",
@@ -389,27 +347,154 @@ async fn config_dump(ns_ip: &str) -> Option<Value> {
     serde_json::from_str(&r.body).ok()
 }
 
+fn meshctl(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `meshctl uninstall -y` when the test ends, also on panic (CRDs stay: no `--purge`).
+struct Uninstall {
+    kubeconfig: String,
+}
+
+impl Drop for Uninstall {
+    fn drop(&mut self) {
+        let t = Instant::now();
+        let out = meshctl(&["uninstall", "-y", "--kubeconfig", &self.kubeconfig]);
+        eprintln!(
+            "meshctl uninstall -y: {} in {:?}\n{}{}",
+            out.status,
+            t.elapsed(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() && !std::thread::panicking() {
+            panic!("meshctl uninstall failed");
+        }
+    }
+}
+
+fn names(list: &Option<Vec<k8s_openapi::api::core::v1::Container>>) -> Vec<String> {
+    list.iter().flatten().map(|c| c.name.clone()).collect()
+}
+
 #[tokio::test]
 async fn seed_walkthrough_through_the_control_plane() {
+    // The install's webhook matches every injection-labelled namespace of the shared server.
+    let _exclusive = crate::MESH_INSTALL.write().await;
     let env = TestEnv::shared();
     let client = env.client().unwrap();
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
-    apply_crds(env).await;
+    let kubeconfig = env.kubeconfig().to_str().unwrap().to_string();
+
+    // Step 1: `meshctl install -f istio-gwapi.yaml`, the cluster side (profile remote: the
+    // webhook calls the control plane this test runs outside the cluster).
+    let webhook = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let t = Instant::now();
+    let out = meshctl(&[
+        "install",
+        "-y",
+        "-f",
+        &seed("istio-gwapi.yaml"),
+        "--set",
+        "profile=remote",
+        "--set",
+        &format!("webhook.url=https://{webhook}/inject"),
+        "--kubeconfig",
+        &kubeconfig,
+    ]);
+    let _uninstall = Uninstall {
+        kubeconfig: kubeconfig.clone(),
+    };
+    eprintln!(
+        "meshctl install: {} in {:?}\n{}{}",
+        out.status,
+        t.elapsed(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "meshctl install failed");
+    // The installer's webhook certificate and injection config, for the control plane.
+    let secret = Api::<Secret>::namespaced(client.clone(), "mesh-system")
+        .get("meshd-webhook-tls")
+        .await
+        .unwrap();
+    let data = secret.data.unwrap();
+    std::fs::create_dir_all(dir.join("webhook")).unwrap();
+    std::fs::write(dir.join("webhook/tls.crt"), &data["tls.crt"].0).unwrap();
+    std::fs::write(dir.join("webhook/tls.key"), &data["tls.key"].0).unwrap();
+    let injection = Api::<ConfigMap>::namespaced(client.clone(), "mesh-system")
+        .get("mesh-sidecar-injector")
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.join("webhook/injection-config.yaml"),
+        &injection.data.unwrap()["config"],
+    )
+    .unwrap();
+
+    // Step 2: the namespace, labelled for injection with the real kubectl.
     let ns = env.create_namespace("cp").await.unwrap();
+    env.kubectl_ok(&["label", "ns", &ns, "istio-injection=enabled"])
+        .await
+        .unwrap();
 
     let netns = NetNs::create().await;
     let dist = format!("{}:{}", netns.host_ip, free_port(&netns.host_ip));
     let admin_url = format!("http://127.0.0.1:{}", free_port("127.0.0.1"));
     let admin = admin_url.trim_start_matches("http://").to_string();
-    let mut cp = control_plane(env, dir, &dist, &admin, "control-plane.log");
+    let mut cp = control_plane(env, dir, &webhook, &dist, &admin, "control-plane.log");
+    eventually(Duration::from_secs(30), "the webhook listening", || async {
+        Ok(tokio::net::TcpStream::connect(&webhook).await.ok())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cp.log_tail()));
 
-    // The seed, step by step (`kubectl -n demo ...`).
-    env.kubectl_ok(&["label", "ns", &ns, "istio-injection=enabled"])
+    // Step 3: the apps; their pods get the sidecar and run (kwok).
+    let t = Instant::now();
+    env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed("deployment.yaml")])
         .await
         .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for app in ["myapp-v1", "myapp-v2", "otherapp"] {
+        let pod = eventually(
+            Duration::from_secs(60),
+            &format!("a Running pod of {app}"),
+            || async {
+                let list = pods.list(&ListParams::default()).await?;
+                Ok(list.items.into_iter().find(|p| {
+                    p.metadata.name.as_deref().unwrap_or("").starts_with(app)
+                        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                }))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cp.log_tail()));
+        let spec = pod.spec.as_ref().unwrap();
+        let init = names(&spec.init_containers);
+        assert!(
+            init.contains(&"mesh-init".to_string()) && init.contains(&"mesh-proxy".to_string()),
+            "{app}: init containers {init:?}, containers {:?}",
+            names(&Some(spec.containers.clone()))
+        );
+        assert!(
+            pod.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key("sidecar.meshctl.io/status")),
+            "{app}: no injection status"
+        );
+    }
+    eprintln!(
+        "app pods injected and Running {:?} after kubectl apply",
+        t.elapsed()
+    );
+
+    // The rest of the seed (`kubectl -n demo ...`).
     for f in [
-        "deployment.yaml",
         "gateway.yaml",
         "httproute-myapp.yaml",
         "httproute-otherapp.yaml",
@@ -448,6 +533,29 @@ async fn seed_walkthrough_through_the_control_plane() {
         "istio-gwapi"
     );
     assert_eq!(labels["istio"], "ingressgateway");
+    assert_eq!(labels["sidecar.meshctl.io/inject"], "false");
+    // Its pod runs without a sidecar (the proxy is the gateway).
+    let gw_pod = eventually(Duration::from_secs(60), "the gateway pod", || async {
+        let list = pods
+            .list(
+                &ListParams::default().labels("gateway.networking.k8s.io/gateway-name=istio-gwapi"),
+            )
+            .await?;
+        Ok(list.items.into_iter().next())
+    })
+    .await
+    .unwrap();
+    let gw_spec = gw_pod.spec.as_ref().unwrap();
+    assert!(
+        !names(&gw_spec.init_containers).contains(&"mesh-init".to_string())
+            && gw_pod
+                .metadata
+                .annotations
+                .as_ref()
+                .is_none_or(|a| !a.contains_key("sidecar.meshctl.io/status")),
+        "gateway pod injected: {:?}",
+        names(&gw_spec.init_containers)
+    );
     let container = &gw_deploy
         .spec
         .as_ref()
@@ -766,7 +874,7 @@ async fn seed_walkthrough_through_the_control_plane() {
     cp.child.kill().await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(get(&format!("{base}/other")).await.unwrap().status, 200);
-    let _cp2 = control_plane(env, dir, &dist, &admin, "control-plane-2.log");
+    let _cp2 = control_plane(env, dir, &webhook, &dist, &admin, "control-plane-2.log");
     env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed("httproute-myapp.yaml")])
         .await
         .unwrap();

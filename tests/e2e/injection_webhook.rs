@@ -55,10 +55,13 @@ struct Webhook {
     state: Arc<AppState>,
     rt: Option<tokio::runtime::Runtime>,
     _certs: tempfile::TempDir,
+    /// No installed (cluster-wide) injection webhook while this one's namespaces are labelled.
+    _exclusive: tokio::sync::RwLockReadGuard<'static, ()>,
 }
 
 impl Webhook {
     async fn start(env: &'static TestEnv) -> Webhook {
+        let exclusive = crate::MESH_INSTALL.read().await;
         // The serving certificate as files, loaded (and polled for changes) by CertStore,
         // as `--tls-cert` / `--tls-key` are.
         let certs_dir = tempfile::tempdir().unwrap();
@@ -116,6 +119,7 @@ impl Webhook {
             state,
             rt: Some(rt),
             _certs: certs_dir,
+            _exclusive: exclusive,
         }
     }
 

@@ -9,3 +9,10 @@ mod injection_webhook;
 mod ssa;
 mod url_webhook;
 mod walkthrough;
+
+/// Held for writing while a test has `meshctl install`'s objects in the shared cluster: its
+/// cluster-wide injection webhook (the namespaceSelector matches every
+/// `mesh-injection`/`istio-injection=enabled` namespace) and its CRDs (server-side applied by
+/// field manager `meshctl`). Held for reading by tests that label namespaces that way for a
+/// webhook of their own, or apply a CRD of the same name (`ssa`).
+pub static MESH_INSTALL: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());

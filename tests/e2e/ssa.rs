@@ -52,6 +52,8 @@ fn policy(name: &str, max_tokens: u32) -> RateLimitPolicy {
 
 #[tokio::test]
 async fn server_side_apply_of_a_crd_and_its_objects_is_idempotent() {
+    // Not while meshctl install applies the real ratelimitpolicies CRD (same name, manager).
+    let _exclusive = crate::MESH_INSTALL.read().await;
     let env = TestEnv::shared();
     let client = env.client().unwrap();
     let ns = env.create_namespace("ssa").await.unwrap();
