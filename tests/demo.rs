@@ -11,11 +11,12 @@ async fn demo_reproduces_the_seed_results() {
     let text = String::from_utf8(out).unwrap();
     eprintln!("{text}");
 
-    // Step 6: 100 requests, v2's share within 3 standard deviations of 20 (sd 4).
+    // Step 6: 100 requests, v2's share within 4 standard deviations of 20 (sd 4): a correct
+    // split fails 1 run in ~15,000, a 50/50 or 90/10 split always.
     let v1 = report.canary.get("myapp v1").copied().unwrap_or(0);
     let v2 = report.canary.get("myapp v2").copied().unwrap_or(0);
     assert_eq!(v1 + v2, 100, "{:?}", report.canary);
-    assert!((8..=32).contains(&v2), "v2 got {v2} of 100");
+    assert!((4..=36).contains(&v2), "v2 got {v2} of 100");
     assert!(text.contains(&format!("v1: {v1}, v2: {v2}")));
 
     // Step 7: one pod behind /other: exactly 10 x 200, 90 x 429.
