@@ -28,7 +28,24 @@ pub enum PortSet {
     List(BTreeSet<u16>),
 }
 
+/// `-A MESH_OUTPUT [MATCH] -j TARGET`.
+fn output_rule(w: &mut String, matcher: &str, target: &str) {
+    let sep = if matcher.is_empty() { "" } else { " " };
+    let _ = writeln!(w, "-A MESH_OUTPUT{sep}{matcher} -j {target}");
+}
+
 impl PortSet {
+    /// iptables match fragments: every TCP port, or one per listed port.
+    fn tcp_matches(&self) -> Vec<String> {
+        match self {
+            PortSet::All => vec!["-p tcp".to_string()],
+            PortSet::List(ports) => ports
+                .iter()
+                .map(|p| format!("-p tcp --dport {p}"))
+                .collect(),
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s == "*" {
@@ -106,6 +123,14 @@ pub enum IpRanges {
 }
 
 impl IpRanges {
+    /// iptables match fragments: any destination (no match), or one per listed range.
+    fn destination_matches(&self) -> Vec<String> {
+        match self {
+            IpRanges::All => vec![String::new()],
+            IpRanges::List(ranges) => ranges.iter().map(|c| format!("-d {c}")).collect(),
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s == "*" {
@@ -239,65 +264,31 @@ impl RedirectSpec {
         }
         // Outbound.
         let _ = writeln!(w, "-A OUTPUT -p tcp -j MESH_OUTPUT");
-        let (uid, gid) = (self.proxy_uid, self.proxy_gid);
-        let _ = writeln!(
-            w,
-            "-A MESH_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner {uid} -j MESH_IN_REDIRECT"
-        );
-        let _ = writeln!(
-            w,
-            "-A MESH_OUTPUT -o lo -m owner ! --uid-owner {uid} -j RETURN"
-        );
-        let _ = writeln!(w, "-A MESH_OUTPUT -m owner --uid-owner {uid} -j RETURN");
-        let _ = writeln!(
-            w,
-            "-A MESH_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --gid-owner {gid} -j MESH_IN_REDIRECT"
-        );
-        let _ = writeln!(
-            w,
-            "-A MESH_OUTPUT -o lo -m owner ! --gid-owner {gid} -j RETURN"
-        );
-        let _ = writeln!(w, "-A MESH_OUTPUT -m owner --gid-owner {gid} -j RETURN");
+        // The proxy's own traffic (by uid, then gid): to another local address it is inbound
+        // for this pod; to loopback or anywhere else it leaves uncaptured.
+        for (owner, id) in [("uid", self.proxy_uid), ("gid", self.proxy_gid)] {
+            let _ = writeln!(
+                w,
+                "-A MESH_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --{owner}-owner {id} -j MESH_IN_REDIRECT"
+            );
+            let _ = writeln!(
+                w,
+                "-A MESH_OUTPUT -o lo -m owner ! --{owner}-owner {id} -j RETURN"
+            );
+            let _ = writeln!(w, "-A MESH_OUTPUT -m owner --{owner}-owner {id} -j RETURN");
+        }
         let _ = writeln!(w, "-A MESH_OUTPUT -d 127.0.0.1/32 -j RETURN");
-        match &self.exclude_outbound_ports {
-            PortSet::All => {
-                let _ = writeln!(w, "-A MESH_OUTPUT -p tcp -j RETURN");
-            }
-            PortSet::List(ex) => {
-                for p in ex {
-                    let _ = writeln!(w, "-A MESH_OUTPUT -p tcp --dport {p} -j RETURN");
-                }
-            }
+        for m in self.exclude_outbound_ports.tcp_matches() {
+            output_rule(w, &m, "RETURN");
         }
-        match &self.exclude_outbound_ip_ranges {
-            IpRanges::All => {
-                let _ = writeln!(w, "-A MESH_OUTPUT -j RETURN");
-            }
-            IpRanges::List(ex) => {
-                for c in ex {
-                    let _ = writeln!(w, "-A MESH_OUTPUT -d {c} -j RETURN");
-                }
-            }
+        for m in self.exclude_outbound_ip_ranges.destination_matches() {
+            output_rule(w, &m, "RETURN");
         }
-        match &self.include_outbound_ports {
-            PortSet::All => {
-                let _ = writeln!(w, "-A MESH_OUTPUT -p tcp -j MESH_REDIRECT");
-            }
-            PortSet::List(inc) => {
-                for p in inc {
-                    let _ = writeln!(w, "-A MESH_OUTPUT -p tcp --dport {p} -j MESH_REDIRECT");
-                }
-            }
+        for m in self.include_outbound_ports.tcp_matches() {
+            output_rule(w, &m, "MESH_REDIRECT");
         }
-        match &self.include_outbound_ip_ranges {
-            IpRanges::All => {
-                let _ = writeln!(w, "-A MESH_OUTPUT -j MESH_REDIRECT");
-            }
-            IpRanges::List(inc) => {
-                for c in inc {
-                    let _ = writeln!(w, "-A MESH_OUTPUT -d {c} -j MESH_REDIRECT");
-                }
-            }
+        for m in self.include_outbound_ip_ranges.destination_matches() {
+            output_rule(w, &m, "MESH_REDIRECT");
         }
         let _ = writeln!(w, "COMMIT");
         o
