@@ -28,7 +28,7 @@ use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
 use mesh_config::{
     BackendTarget, Forward, InboundPort, Listener, ListenerKind, ListenerProtocol, MeshService,
-    ProxyConfig, RateLimit, RateLimitMode, Route, RouteAction, RouteMatch, WeightedBackend,
+    RateLimit, RateLimitMode, Route, RouteAction, RouteMatch, WeightedBackend,
 };
 
 use crate::istio::PatchContext;
@@ -38,7 +38,7 @@ use crate::resources::{Resources, ns_name};
 use crate::translate::{
     Ctx, SERVICE_NAME_LABEL, access_log, build_routes, fmt_labels, resolve_backend,
 };
-use crate::{TranslateOptions, Translation, Warning, validate};
+use crate::{TranslateOptions, Translation, validate};
 
 /// Listener names in a sidecar's config.
 pub const OUTBOUND_LISTENER: &str = "sidecar-outbound";
@@ -131,25 +131,14 @@ pub fn translate_sidecar(res: &Resources, o: &SidecarOptions) -> Translation {
             .map(|(port, rate_limit)| InboundPort { port, rate_limit })
             .collect(),
     };
-    let mut config = ProxyConfig {
-        version: String::new(),
-        listeners: vec![outbound, inbound],
-        backends: cx.backends.into_values().map(|b| b.backend).collect(),
-        rate_limits: cx.rate_limits.into_values().collect(),
+    let (config, warnings) = cx.into_config(
+        vec![outbound, inbound],
         access_log,
-    };
-    config.backends.sort_by(|a, b| a.name.cmp(&b.name));
-    if let Err(errs) = config.validate() {
-        for e in errs {
-            cx.warnings.push(Warning::new(
-                "generated sidecar config",
-                format!("{e} (a translator bug: please report it)"),
-            ));
-        }
-    }
+        "generated sidecar config",
+    );
     Translation {
         config,
-        warnings: cx.warnings,
+        warnings,
         route_status: Vec::new(),
         gateway_status: Vec::new(),
     }

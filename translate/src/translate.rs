@@ -128,6 +128,34 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
+    /// The config of `listeners` with every backend and rate limit collected so far (backends
+    /// sorted by name), validated: a problem there is a translator bug, reported as a warning
+    /// under `context`.
+    pub(crate) fn into_config(
+        mut self,
+        listeners: Vec<Listener>,
+        access_log: AccessLog,
+        context: &str,
+    ) -> (ProxyConfig, Vec<Warning>) {
+        let mut config = ProxyConfig {
+            version: String::new(),
+            listeners,
+            backends: self.backends.into_values().map(|b| b.backend).collect(),
+            rate_limits: self.rate_limits.into_values().collect(),
+            access_log,
+        };
+        config.backends.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Err(errs) = config.validate() {
+            for e in errs {
+                self.warnings.push(Warning::new(
+                    context,
+                    format!("{e} (a translator bug: please report it)"),
+                ));
+            }
+        }
+        (config, self.warnings)
+    }
+
     pub(crate) fn new(res: &'a Resources, opts: &'a TranslateOptions) -> Self {
         Ctx {
             res,
@@ -204,25 +232,10 @@ pub fn translate(res: &Resources, opts: &TranslateOptions) -> Translation {
         })
         .collect();
 
-    let mut config = ProxyConfig {
-        version: String::new(),
-        listeners,
-        backends: cx.backends.into_values().map(|b| b.backend).collect(),
-        rate_limits: cx.rate_limits.into_values().collect(),
-        access_log,
-    };
-    config.backends.sort_by(|a, b| a.name.cmp(&b.name));
-    if let Err(errs) = config.validate() {
-        for e in errs {
-            cx.warnings.push(Warning::new(
-                "generated config",
-                format!("{e} (a translator bug: please report it)"),
-            ));
-        }
-    }
+    let (config, warnings) = cx.into_config(listeners, access_log, "generated config");
     Translation {
         config,
-        warnings: cx.warnings,
+        warnings,
         route_status,
         gateway_status,
     }
