@@ -76,19 +76,31 @@ fn run_install(env: &TestEnv, p: &str) -> (String, Duration) {
     (out, start.elapsed())
 }
 
-/// kind/ns/name → resourceVersion of everything labelled ours (CRDs included).
+/// kind/ns/name → what the installer's writes leave behind on everything labelled ours
+/// (CRDs included): the generation and the installer's own managed-fields entries (an
+/// apply that changes anything stamps its entry with a new time). Not the resourceVersion:
+/// controllers keep writing status (Deployments, CRDs) after verify-install returns.
 async fn owned_versions(c: &Cluster) -> Vec<(String, String)> {
     let mut kinds = OWNED_KINDS.to_vec();
     kinds.push(("apiextensions.k8s.io/v1", "CustomResourceDefinition"));
     let mut out = Vec::new();
     for r in c.owned(&kinds).await.unwrap() {
         let live = c.get(&r).await.unwrap().unwrap();
+        let meta = &live["metadata"];
+        let ours: Vec<&serde_json::Value> = meta["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["manager"] == cluster::FIELD_MANAGER)
+            .collect();
+        assert!(!ours.is_empty(), "{r}: no managed fields of the installer");
         out.push((
             r.to_string(),
-            live["metadata"]["resourceVersion"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
+            format!(
+                "generation {} {}",
+                meta["generation"],
+                serde_json::json!(ours)
+            ),
         ));
     }
     out.sort();
@@ -200,7 +212,7 @@ async fn each_profile_installs_becomes_ready_reinstalls_unchanged_and_switching_
         assert_eq!(
             before,
             owned_versions(&c).await,
-            "{p}: resourceVersions changed"
+            "{p}: the second install wrote"
         );
         eprintln!(
             "second install --set profile={p}: {:.1}s",

@@ -10,10 +10,12 @@ use mesh_testenv::{TestEnv, eventually};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// A stand-in with the shape of our rate-limit policy (group `policy.meshctl.io`).
+/// A stand-in with the shape of our rate-limit policy, in a group of its own: the real
+/// `ratelimitpolicies.policy.meshctl.io` is applied by `meshctl install` in other tests of
+/// this shared environment, and two writers of one CRD make "no write" unprovable.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
-    group = "policy.meshctl.io",
+    group = "ssa-test.meshctl.io",
     version = "v1alpha1",
     kind = "RateLimitPolicy",
     namespaced
@@ -52,8 +54,6 @@ fn policy(name: &str, max_tokens: u32) -> RateLimitPolicy {
 
 #[tokio::test]
 async fn server_side_apply_of_a_crd_and_its_objects_is_idempotent() {
-    // Not while meshctl install applies the real ratelimitpolicies CRD (same name, manager).
-    let _exclusive = crate::MESH_INSTALL.read().await;
     let env = TestEnv::shared();
     let client = env.client().unwrap();
     let ns = env.create_namespace("ssa").await.unwrap();
@@ -71,7 +71,16 @@ async fn server_side_apply_of_a_crd_and_its_objects_is_idempotent() {
     .await
     .expect("CRD Established within 30s")
     .unwrap();
-    let established = crds.get(&name).await.unwrap();
+    // The API server's own controllers write the CRD's status (names accepted,
+    // established) just after the apply; wait until nothing writes for a second.
+    let established = eventually(Duration::from_secs(30), "the CRD to settle", || async {
+        let before = crds.get(&name).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = crds.get(&name).await?;
+        Ok((before.resource_version() == after.resource_version()).then_some(after))
+    })
+    .await
+    .unwrap();
     let again = crds.patch(&name, &pp, &Patch::Apply(&crd)).await.unwrap();
     assert_eq!(
         again.resource_version(),
