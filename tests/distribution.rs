@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_proxy::config::ProxyConfig;
+use mesh_proxy::config::{Listener, ListenerKind, ProxyConfig};
 use mesh_proxy::distribution::{ClientOptions, NodeIdentity, Update, run_client};
 use mesh_translate::{LoadOptions, Resources, TranslateOptions};
 use meshctl::controlplane::certs::{self, CertSource};
@@ -406,4 +406,154 @@ async fn scale_1000_routes_10000_endpoints() {
         mem("VmRSS:"),
         mem("VmHWM:"),
     );
+}
+
+/// A mesh of one client and one server pod: the server Service (ClusterIP 10.96.0.10) with a
+/// mesh route splitting to two versions, and a rate-limit policy on the server's port 8080.
+fn mesh_resources(weights: (u32, u32)) -> Resources {
+    let mut text = String::new();
+    for (svc, ip) in [
+        ("server", "10.96.0.10"),
+        ("server-v1", "10.96.0.11"),
+        ("server-v2", "10.96.0.12"),
+    ] {
+        write!(
+            text,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}}}\nspec:\n  clusterIP: {ip}\n  selector: {{app: server}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-abc\n  labels: {{kubernetes.io/service-name: {svc}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [10.244.0.2], conditions: {{ready: true}}}}]\n---\n"
+        )
+        .unwrap();
+    }
+    write!(
+        text,
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: split}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: server, port: 80}}]\n  rules:\n  - backendRefs:\n    - {{name: server-v1, port: 80, weight: {}}}\n    - {{name: server-v2, port: 80, weight: {}}}\n---\n\
+         apiVersion: policy.meshctl.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: server}}\nspec:\n  targetRefs: [{{group: \"\", kind: Service, name: server}}]\n  maxTokens: 10\n  tokensPerFill: 10\n  fillInterval: 1s\n",
+        weights.0, weights.1
+    )
+    .unwrap();
+    mesh_translate::load_str(
+        "mesh.yaml",
+        &text,
+        &LoadOptions {
+            default_namespace: "demo".into(),
+        },
+    )
+    .unwrap()
+    .resources
+}
+
+fn sidecar_client(server: &Server, pod: &str, ip: &str) -> mpsc::Receiver<Update> {
+    let mut options = ClientOptions::new(
+        server.addr.to_string(),
+        server.ca.clone(),
+        NodeIdentity::Sidecar {
+            namespace: "demo".into(),
+            pod: pod.into(),
+            service_account: Some("default".into()),
+            ip: Some(ip.parse().unwrap()),
+        },
+    );
+    options.server_name = "meshd.mesh-system.svc".into();
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(run_client(options, tx, CancellationToken::new()));
+    rx
+}
+
+fn listener(config: &ProxyConfig, kind: ListenerKind) -> &Listener {
+    config
+        .listeners
+        .iter()
+        .find(|l| l.kind == kind)
+        .unwrap_or_else(|| panic!("no {kind:?} listener in {config:#?}"))
+}
+
+#[tokio::test]
+async fn each_sidecar_gets_the_config_of_its_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), 0).await;
+    server.publish(mesh_resources((80, 20)), BTreeMap::new());
+    let mut server_pod = sidecar_client(&server, "server-0", "10.244.0.2");
+    let mut client_pod = sidecar_client(&server, "client-0", "10.244.0.1");
+
+    let s = next(&mut server_pod).await;
+    let c = next(&mut client_pod).await;
+    for u in [&s, &c] {
+        let out = listener(&u.config, ListenerKind::SidecarOutbound);
+        assert_eq!(out.port, 15001);
+        let server_svc = out
+            .services
+            .iter()
+            .find(|m| m.addresses == ["10.96.0.10"])
+            .unwrap_or_else(|| panic!("Service server in {:#?}", out.services));
+        assert_eq!(server_svc.port, 80);
+        assert_eq!(
+            listener(&u.config, ListenerKind::SidecarInbound).port,
+            15006
+        );
+    }
+    assert_eq!(weights_of(&c.config), vec![20, 80]);
+    // Inbound policies are per pod: the server pod (an endpoint of `server`) limits 8080,
+    // the client pod backs nothing.
+    let inbound = &listener(&s.config, ListenerKind::SidecarInbound).inbound_ports;
+    assert!(
+        inbound
+            .iter()
+            .any(|p| p.port == 8080 && p.rate_limit.is_some()),
+        "{inbound:?}"
+    );
+    assert!(
+        listener(&c.config, ListenerKind::SidecarInbound)
+            .inbound_ports
+            .is_empty()
+    );
+    s.reply.send(Ok(())).unwrap();
+    c.reply.send(Ok(())).unwrap();
+    wait_report(&server.hub, "both sidecars synced", |r| {
+        r.proxies.len() == 2 && r.proxies.iter().all(|p| p.sync_state() == "SYNCED")
+    })
+    .await;
+    let report = serde_json::to_value(server.hub.report()).unwrap();
+    let kinds: Vec<&serde_json::Value> = report["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["node"]["kind"])
+        .collect();
+    assert_eq!(kinds, ["sidecar", "sidecar"]);
+
+    // A weight edit reaches the client's sidecar.
+    server.publish(mesh_resources((50, 50)), BTreeMap::new());
+    let c = next(&mut client_pod).await;
+    assert_eq!(weights_of(&c.config), vec![50]);
+}
+
+/// The weights of the mesh routes of Service `server` (10.96.0.10) in a sidecar config.
+fn weights_of(config: &ProxyConfig) -> Vec<u32> {
+    let out = listener(config, ListenerKind::SidecarOutbound);
+    let svc = out
+        .services
+        .iter()
+        .find(|m| m.addresses == ["10.96.0.10"])
+        .unwrap();
+    let json = serde_json::to_value(&svc.routes).unwrap();
+    let mut out = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<u32>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let (Some(w), Some(t)) = (m.get("weight"), m.get("target"))
+                    && t.to_string().contains("server-v")
+                {
+                    out.push(w.as_u64().unwrap() as u32);
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&json, &mut out);
+    out.sort();
+    out.dedup();
+    out
 }

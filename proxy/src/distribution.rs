@@ -62,6 +62,10 @@ pub enum NodeIdentity {
         pod: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         service_account: Option<String>,
+        /// The pod's IP (`POD_IP`): which Services it backs (EndpointSlices) decides its
+        /// inbound policies.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip: Option<std::net::IpAddr>,
     },
 }
 

@@ -18,6 +18,7 @@ pub mod routing;
 pub mod server;
 pub mod sidecar;
 pub mod sidecar_cli;
+pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod upstream;

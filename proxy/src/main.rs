@@ -437,6 +437,7 @@ fn node_identity(args: &RunArgs) -> anyhow::Result<mesh_proxy::distribution::Nod
                 namespace,
                 pod,
                 service_account: env("SERVICE_ACCOUNT"),
+                ip: env("POD_IP").and_then(|ip| ip.parse().ok()),
             })
         }
         [gateway] => {
@@ -496,7 +497,8 @@ async fn run_with_control_plane(
         metrics: Some(metrics.clone()),
         ..ProxyOptions::default()
     };
-    let mut proxy: Option<ProxyHandle> = None;
+    let mut subscriber =
+        mesh_proxy::subscription::Subscriber::new(options, metrics.clone(), admin_state.clone());
     loop {
         let update = tokio::select! {
             Some(u) = rx.recv() => u,
@@ -504,40 +506,9 @@ async fn run_with_control_plane(
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        let version = update.version.clone();
-        let result = match &proxy {
-            None => {
-                if let Err(errs) = update.config.validate() {
-                    let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
-                    Err(format!("invalid config:\n{}", lines.join("\n")))
-                } else {
-                    match Proxy::start(update.config, options.clone()).await {
-                        Ok(p) => {
-                            proxy = Some(p);
-                            Ok(())
-                        }
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-            }
-            Some(p) if *p.config() == update.config => Ok(()),
-            Some(p) => p.update(update.config).await.map_err(|e| e.to_string()),
-        };
-        match &result {
-            Ok(()) => {
-                metrics.config_reload(ReloadResult::Success);
-                tracing::info!(version = %version, "applied config from the control plane");
-                if let Some(p) = &proxy {
-                    admin::publish(p, &admin_state).await;
-                }
-            }
-            Err(e) => {
-                metrics.config_reload(ReloadResult::Failure);
-                tracing::error!(version = %version, "config from the control plane rejected, still serving the previous one: {e}");
-            }
-        }
-        let _ = update.reply.send(result);
+        subscriber.apply(update).await;
     }
+    let proxy = subscriber.into_proxy();
     client_shutdown.cancel();
     let _ = client.await;
     tracing::info!(grace = ?args.drain_timeout, "draining");

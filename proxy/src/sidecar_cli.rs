@@ -8,10 +8,15 @@
 //! 2. `--resources PATH...`: Kubernetes objects, translated for this pod by
 //!    `mesh_translate::translate_sidecar` (pod identity from `POD_NAMESPACE`, `POD_NAME`,
 //!    `POD_IP`);
-//! 3. `MESH_CONTROL_PLANE`: configs pushed by `meshctl control-plane` — not wired yet: see
-//!    [`SidecarSource::ControlPlane`], the hook for it.
+//! 3. `MESH_CONTROL_PLANE` (what injection sets): configs pushed by `meshctl control-plane`,
+//!    verified with the CA at `MESH_CA_ROOT_PATH`; the sidecar identifies itself by pod
+//!    namespace, name, IP and service account. The control plane translates with the default
+//!    listener ports; the sidecar puts its own `--inbound-port`/`--outbound-port` on its
+//!    inbound and outbound listeners.
 //!
 //! File sources are reloaded on SIGHUP and when a file's modification time changes (polled).
+//! Control-plane snapshots are applied as they come (ACK) or rejected with the previous
+//! config kept (NACK); while the control plane is away the sidecar keeps serving.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -22,10 +27,15 @@ use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use tokio::signal::unix::Signal;
+use tokio::sync::mpsc;
+
 use crate::admin::{self, AdminAddresses, AdminState};
-use crate::config::{ProxyConfig, parse_duration};
+use crate::config::{ListenerKind, ProxyConfig, parse_duration};
+use crate::distribution::{ClientOptions, NodeIdentity, Update, run_client};
 use crate::metrics::{Metrics, ReloadResult};
-use crate::{Proxy, ProxyOptions};
+use crate::subscription::Subscriber;
+use crate::{Proxy, ProxyHandle, ProxyOptions};
 
 /// `mesh-proxy sidecar`.
 #[derive(Debug, Clone, clap::Args)]
@@ -87,9 +97,7 @@ pub struct SidecarArgs {
 pub enum SidecarSource {
     Native(PathBuf),
     Resources(Vec<PathBuf>),
-    /// Hook for the control-plane config source (`MESH_CONTROL_PLANE`, with the token at
-    /// `MESH_TOKEN_PATH` and the CA at `MESH_CA_ROOT_PATH`): a subscription that yields
-    /// `ProxyConfig`s goes here, feeding [`ProxyHandle::update`] like the file reloads do.
+    /// `MESH_CONTROL_PLANE` (`host:port`), verified with the CA at `MESH_CA_ROOT_PATH`.
     ControlPlane(String),
 }
 
@@ -164,10 +172,43 @@ impl SidecarArgs {
                 }
                 Ok(t.config)
             }
-            SidecarSource::ControlPlane(addr) => bail!(
-                "MESH_CONTROL_PLANE={addr}: the control-plane config source is not available in \
-                 this build yet; pass --config FILE or --resources PATH..."
-            ),
+            SidecarSource::ControlPlane(addr) => {
+                bail!("MESH_CONTROL_PLANE={addr}: configs come as the control plane sends them")
+            }
+        }
+    }
+
+    /// How the sidecar connects to the control plane at `address`.
+    fn client_options(&self, address: &str) -> anyhow::Result<ClientOptions> {
+        let Some(ca) = &self.ca_root_path else {
+            bail!(
+                "MESH_CONTROL_PLANE={address} needs MESH_CA_ROOT_PATH (--ca-root-path), the CA \
+                 that verifies the control plane"
+            );
+        };
+        if self.pod_name.is_empty() {
+            bail!(
+                "MESH_CONTROL_PLANE={address} needs POD_NAME (--pod-name): the control plane \
+                   sends each pod its own config"
+            );
+        }
+        let node = NodeIdentity::Sidecar {
+            namespace: self.pod_namespace.clone(),
+            pod: self.pod_name.clone(),
+            service_account: Some(self.service_account.clone()).filter(|s| !s.is_empty()),
+            ip: self.pod_ip,
+        };
+        Ok(ClientOptions::new(address, ca.clone(), node))
+    }
+
+    /// The sidecar's own ports on the sidecar listeners of a pushed config.
+    fn localize(&self, config: &mut ProxyConfig) {
+        for l in &mut config.listeners {
+            match l.kind {
+                ListenerKind::SidecarInbound => l.port = self.inbound_port,
+                ListenerKind::SidecarOutbound => l.port = self.outbound_port,
+                ListenerKind::Gateway => {}
+            }
         }
     }
 }
@@ -203,9 +244,9 @@ fn mtimes(source: &SidecarSource) -> Vec<Option<SystemTime>> {
 
 /// Runs the sidecar until SIGTERM/SIGINT, then drains for `--drain-duration`.
 pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let hup = signal(SignalKind::hangup())?;
+    let term = signal(SignalKind::terminate())?;
+    let int = signal(SignalKind::interrupt())?;
     let source = args.source()?;
     tracing::info!(
         pod = %format!("{}/{}", args.pod_namespace, args.pod_name),
@@ -233,43 +274,95 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         admin_shutdown.clone(),
     )
     .await?;
-    let config = match args.load(&source) {
-        Ok(c) => c,
-        Err(e) => {
-            metrics.config_reload(ReloadResult::Failure);
-            return Err(e);
-        }
-    };
     let options = ProxyOptions {
         bind_address: any,
         metrics: Some(metrics.clone()),
         protocol_detection_timeout: args.protocol_detection_timeout,
         ..ProxyOptions::default()
     };
-    let proxy = Proxy::start(config, options).await?;
-    crate::admin::publish(&proxy, &admin_state).await;
+    let mut signals = Signals { hup, term, int };
+    let proxy = match &source {
+        SidecarSource::ControlPlane(address) => {
+            let address = address.clone();
+            serve_from_control_plane(
+                &args,
+                &address,
+                options,
+                &metrics,
+                &admin_state,
+                &mut signals,
+            )
+            .await?
+        }
+        _ => Some(
+            serve_from_files(
+                &args,
+                &source,
+                options,
+                &metrics,
+                &admin_state,
+                &mut signals,
+            )
+            .await?,
+        ),
+    };
+    tracing::info!(grace = ?args.drain_duration, "draining");
+    admin_state.set_draining(true);
+    if let Some(proxy) = proxy {
+        proxy.shutdown(args.drain_duration).await;
+    }
+    admin_shutdown.cancel();
+    admin_servers.join().await;
+    Ok(())
+}
 
-    let mut seen = mtimes(&source);
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+/// `--config`/`--resources`: serve the file's config, reload on SIGHUP and on change, until
+/// SIGTERM/SIGINT.
+async fn serve_from_files(
+    args: &SidecarArgs,
+    source: &SidecarSource,
+    options: ProxyOptions,
+    metrics: &Arc<Metrics>,
+    admin_state: &Arc<AdminState>,
+    signals: &mut Signals,
+) -> anyhow::Result<ProxyHandle> {
+    let config = match args.load(source) {
+        Ok(c) => c,
+        Err(e) => {
+            metrics.config_reload(ReloadResult::Failure);
+            return Err(e);
+        }
+    };
+    let proxy = Proxy::start(config, options).await?;
+    crate::admin::publish(&proxy, admin_state).await;
+
+    let mut seen = mtimes(source);
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     loop {
         let why = tokio::select! {
-            _ = hup.recv() => "SIGHUP",
+            _ = signals.hup.recv() => "SIGHUP",
             _ = poll.tick() => {
-                if mtimes(&source) == seen { continue; }
+                if mtimes(source) == seen { continue; }
                 // Writers update in several steps.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                seen = mtimes(&source);
+                seen = mtimes(source);
                 "file changed"
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
         };
-        match args.load(&source) {
+        match args.load(source) {
             Ok(c) if *proxy.config() == c => {}
             Ok(c) => match proxy.update(c).await {
                 Ok(()) => {
                     tracing::info!("reloaded ({why})");
-                    crate::admin::publish(&proxy, &admin_state).await;
+                    crate::admin::publish(&proxy, admin_state).await;
                 }
                 Err(e) => tracing::error!("reload ({why}) rejected: {e}"),
             },
@@ -281,12 +374,38 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!(grace = ?args.drain_duration, "draining");
-    admin_state.set_draining(true);
-    proxy.shutdown(args.drain_duration).await;
-    admin_shutdown.cancel();
-    admin_servers.join().await;
-    Ok(())
+    Ok(proxy)
+}
+
+/// `MESH_CONTROL_PLANE`: serve what the control plane pushes until SIGTERM/SIGINT. `/ready`
+/// stays 503 until the first snapshot is serving.
+async fn serve_from_control_plane(
+    args: &SidecarArgs,
+    address: &str,
+    options: ProxyOptions,
+    metrics: &Arc<Metrics>,
+    admin_state: &Arc<AdminState>,
+    signals: &mut Signals,
+) -> anyhow::Result<Option<ProxyHandle>> {
+    let client_options = args.client_options(address)?;
+    tracing::info!(control_plane = %address, node = %client_options.node.describe(), "waiting for the first config from the control plane");
+    let (tx, mut rx) = mpsc::channel::<Update>(1);
+    let client_shutdown = CancellationToken::new();
+    let client = tokio::spawn(run_client(client_options, tx, client_shutdown.clone()));
+    let mut subscriber = Subscriber::new(options, metrics.clone(), admin_state.clone());
+    loop {
+        let mut update = tokio::select! {
+            Some(u) = rx.recv() => u,
+            _ = signals.hup.recv() => { tracing::info!("SIGHUP: the config comes from the control plane"); continue }
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+        };
+        args.localize(&mut update.config);
+        subscriber.apply(update).await;
+    }
+    client_shutdown.cancel();
+    let _ = client.await;
+    Ok(subscriber.into_proxy())
 }
 
 /// `mesh-proxy wait`: exit 0 once `GET 127.0.0.1:<readiness-port>/ready` answers 200.

@@ -66,7 +66,7 @@ pub struct DistributionArgs {
     #[arg(long, value_name = "FILE")]
     pub distribution_key: Option<PathBuf>,
     /// The CA proxies use to verify --distribution-cert (copied into each gateway namespace
-    /// as ConfigMap meshctl-ca-root-cert).
+    /// as ConfigMap mesh-ca-root-cert).
     #[arg(long, value_name = "FILE")]
     pub distribution_ca: Option<PathBuf>,
     /// Where the generated CA (root-cert.pem), certificate and key live

@@ -2,8 +2,9 @@
 //! of one of our GatewayClasses, a ServiceAccount, a Deployment running
 //! `mesh-proxy run --control-plane ... --gateway NS/NAME`, and a Service, all named
 //! `<gateway>-<class>`, owned by the Gateway (garbage-collected with it) and applied with
-//! server-side apply (field manager `meshctl`). The CA that verifies the control plane goes
-//! into the ConfigMap `meshctl-ca-root-cert` of the Gateway's namespace.
+//! server-side apply (field manager `meshctl`). The CA that verifies the control plane is
+//! mounted from the ConfigMap `mesh-ca-root-cert` ([`super::ca_root`]), written here too so it
+//! exists before the gateway's first pod.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -19,9 +20,7 @@ use super::watch::GATEWAY_NAME_LABEL;
 
 /// Istio's annotation for the gateway Service type.
 pub const SERVICE_TYPE_ANNOTATION: &str = "networking.istio.io/service-type";
-/// ConfigMap holding the CA that verifies the control plane (key [`CA_CONFIGMAP_KEY`]).
-pub const CA_CONFIGMAP: &str = "meshctl-ca-root-cert";
-pub const CA_CONFIGMAP_KEY: &str = "root-cert.pem";
+pub use super::ca_root::{CA_CONFIGMAP, CA_CONFIGMAP_KEY};
 /// Where gateway pods mount it.
 pub const CA_MOUNT_DIR: &str = "/var/run/meshctl/ca";
 /// Readiness port of mesh-proxy.
@@ -211,15 +210,7 @@ pub fn desired(
         ),
     ];
     if let Some(ca) = &options.ca_pem {
-        out.push((
-            "ConfigMap",
-            json!({
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {"name": CA_CONFIGMAP, "namespace": ns},
-                "data": {CA_CONFIGMAP_KEY: ca},
-            }),
-        ));
+        out.push(("ConfigMap", super::ca_root::config_map(&ns, ca)));
     }
     out
 }

@@ -8,6 +8,7 @@
 //! ```
 
 pub mod admin;
+pub mod ca_root;
 pub mod certs;
 pub mod gateways;
 pub mod hub;
@@ -84,6 +85,7 @@ pub async fn run(
             gateways::Reconciler::new(client.clone(), g)
         });
         let mut status = config.write_status.then(status::StatusWriter::default);
+        let mut ca_root = ca_root::CaPublisher::new(client.clone(), tls.ca_pem.clone());
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -93,6 +95,7 @@ pub async fn run(
                     _ = tick.tick() => {}
                     _ = shutdown.cancelled() => return,
                 }
+                ca_root.publish().await;
                 let Some(world) = world_rx.borrow_and_update().clone() else {
                     continue;
                 };

@@ -2,11 +2,12 @@
 //! from it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use mesh_proxy::config::ProxyConfig;
 use mesh_proxy::distribution::NodeIdentity;
-use mesh_translate::{Resources, TranslateOptions};
+use mesh_translate::{Resources, SidecarOptions, TranslateOptions};
 
 /// One consistent view of the watched objects. Published as a whole (`Arc`) on every
 /// (debounced) change; the configs derived from it are computed lazily and cached, so many
@@ -18,7 +19,16 @@ pub struct World {
     pub resources: Arc<Resources>,
     /// Ready replicas of the Deployment of each Gateway (`namespace/name`) we manage.
     pub gateway_replicas: BTreeMap<String, u32>,
-    cache: Mutex<HashMap<(String, u32), Arc<ProxyConfig>>>,
+    cache: Mutex<HashMap<CacheKey, Arc<ProxyConfig>>>,
+}
+
+/// What a proxy's config depends on besides the world.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum CacheKey {
+    /// Gateway `namespace/name`, instances enforcing its distributed limits.
+    Gateway(String, u32),
+    /// A sidecar: pod namespace, name and IP.
+    Sidecar(String, String, Option<IpAddr>),
 }
 
 impl World {
@@ -36,27 +46,51 @@ impl World {
     }
 
     /// The config of a proxy: for a gateway, the translation of its Gateway with
-    /// `instances` enforcing distributed rate limits; for a sidecar, nothing yet (sidecar
-    /// listeners are the sidecar's own; their routing config comes with the mesh routes).
+    /// `instances` enforcing distributed rate limits; for a sidecar, the translation for its
+    /// pod (outbound: the mesh's Services and their routes; inbound: the policies of the
+    /// Services it backs), with the default listener ports (the sidecar puts its own on).
     pub fn config_for(
         &self,
         node: &NodeIdentity,
         instances: u32,
         base: &TranslateOptions,
     ) -> Arc<ProxyConfig> {
-        let Some(key) = node.gateway_key() else {
-            return Arc::new(ProxyConfig::default());
+        let cache_key = match node {
+            NodeIdentity::Gateway { .. } => {
+                CacheKey::Gateway(node.gateway_key().unwrap_or_default(), instances.max(1))
+            }
+            NodeIdentity::Sidecar {
+                namespace, pod, ip, ..
+            } => CacheKey::Sidecar(namespace.clone(), pod.clone(), *ip),
         };
-        let cache_key = (key, instances.max(1));
         if let Some(c) = self.cache.lock().expect("cache lock").get(&cache_key) {
             return c.clone();
         }
-        let options = TranslateOptions {
-            gateways: vec![cache_key.0.clone()],
-            distributed_instances: cache_key.1,
-            ..base.clone()
+        let translation = match &cache_key {
+            CacheKey::Gateway(key, instances) => {
+                let options = TranslateOptions {
+                    gateways: vec![key.clone()],
+                    distributed_instances: *instances,
+                    ..base.clone()
+                };
+                mesh_translate::translate(&self.resources, &options)
+            }
+            CacheKey::Sidecar(namespace, pod, ip) => {
+                let options = SidecarOptions {
+                    base: TranslateOptions {
+                        default_namespace: namespace.clone(),
+                        ..base.clone()
+                    },
+                    pod_namespace: namespace.clone(),
+                    pod_name: pod.clone(),
+                    pod_ip: *ip,
+                    pod_labels: None,
+                    inbound_port: SIDECAR_INBOUND_PORT,
+                    outbound_port: SIDECAR_OUTBOUND_PORT,
+                };
+                mesh_translate::translate_sidecar(&self.resources, &options)
+            }
         };
-        let translation = mesh_translate::translate(&self.resources, &options);
         let config = Arc::new(translation.config);
         self.cache
             .lock()
@@ -65,3 +99,8 @@ impl World {
         config
     }
 }
+
+/// The sidecar listener ports the control plane translates with (`mesh-proxy sidecar`'s
+/// defaults; a sidecar started with other ports puts its own on).
+pub const SIDECAR_INBOUND_PORT: u16 = 15006;
+pub const SIDECAR_OUTBOUND_PORT: u16 = 15001;

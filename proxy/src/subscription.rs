@@ -1,0 +1,74 @@
+//! Serving the configs the control plane pushes (`mesh-proxy run --control-plane`, and
+//! `mesh-proxy sidecar` with `MESH_CONTROL_PLANE`): the first snapshot starts the proxy, each
+//! later one replaces the config (ACK) or is rejected while the previous one keeps serving
+//! (NACK, with the reason). One place, so gateways and sidecars answer the same way.
+
+use std::sync::Arc;
+
+use crate::admin::{self, AdminState};
+use crate::distribution::Update;
+use crate::metrics::{Metrics, ReloadResult};
+use crate::{Proxy, ProxyHandle, ProxyOptions};
+
+/// The proxy fed by control-plane snapshots.
+pub struct Subscriber {
+    proxy: Option<ProxyHandle>,
+    options: ProxyOptions,
+    metrics: Arc<Metrics>,
+    admin: Arc<AdminState>,
+}
+
+impl Subscriber {
+    pub fn new(options: ProxyOptions, metrics: Arc<Metrics>, admin: Arc<AdminState>) -> Self {
+        Subscriber {
+            proxy: None,
+            options,
+            metrics,
+            admin,
+        }
+    }
+
+    /// Applies one snapshot and answers it (ACK or NACK with the error).
+    pub async fn apply(&mut self, update: Update) {
+        let Update {
+            version,
+            config,
+            reply,
+        } = update;
+        let invalid = config.validate().err().map(|errs| {
+            let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
+            format!("invalid config:\n{}", lines.join("\n"))
+        });
+        let result = match &self.proxy {
+            _ if invalid.is_some() => Err(invalid.unwrap_or_default()),
+            None => match Proxy::start(config, self.options.clone()).await {
+                Ok(p) => {
+                    self.proxy = Some(p);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Some(p) if *p.config() == config => Ok(()),
+            Some(p) => p.update(config).await.map_err(|e| e.to_string()),
+        };
+        match &result {
+            Ok(()) => {
+                self.metrics.config_reload(ReloadResult::Success);
+                tracing::info!(%version, "applied config from the control plane");
+                if let Some(p) = &self.proxy {
+                    admin::publish(p, &self.admin).await;
+                }
+            }
+            Err(e) => {
+                self.metrics.config_reload(ReloadResult::Failure);
+                tracing::error!(%version, "config from the control plane rejected, still serving the previous one: {e}");
+            }
+        }
+        let _ = reply.send(result);
+    }
+
+    /// The running proxy (none before the first good snapshot).
+    pub fn into_proxy(self) -> Option<ProxyHandle> {
+        self.proxy
+    }
+}
