@@ -470,10 +470,11 @@ mod tests {
             namespace: "demo".into(),
             pod: "p-1".into(),
             service_account: Some("default".into()),
+            ip: Some("10.244.0.7".parse().unwrap()),
         };
         assert_eq!(
             serde_json::to_string(&id).unwrap(),
-            r#"{"kind":"sidecar","namespace":"demo","pod":"p-1","serviceAccount":"default"}"#
+            r#"{"kind":"sidecar","namespace":"demo","pod":"p-1","serviceAccount":"default","ip":"10.244.0.7"}"#
         );
         assert_eq!(
             host_of("meshd.mesh-system.svc:15012"),
