@@ -1,14 +1,27 @@
 //! Sidecar mode with real packets: two "pods" as network namespaces joined by a veth pair,
 //! each with an app, the nat rules of `mesh-proxy redirect` and a `mesh-proxy sidecar`, both
 //! started exactly as `meshctl inject` writes them into the pod (same arguments and
-//! environment; the proxy as uid/gid 1337).
+//! environment; the proxy as uid/gid 1337). The sidecars get their config the way they do in
+//! a cluster: from `meshctl control-plane`, which watches a real API server (mesh-testenv)
+//! where the test applies the Services, EndpointSlices, the mesh HTTPRoute and the EnvoyFilter
+//! with kubectl.
 //!
-//! Needs root, `ip` (iproute2), iptables and `setpriv` (util-linux); `.ci/run` installs them.
-//! Without them the test fails, unless `MESHCTL_SKIP_NETNS=1`.
+//! Needs root, `ip` (iproute2), iptables, `setpriv`, `unshare` and `mount` (util-linux), and
+//! the mesh-testenv binaries; `.ci/run` provides them. Without the tools the test fails,
+//! unless `MESHCTL_SKIP_NETNS=1`.
 //!
-//! Addresses exist only inside the namespaces the test creates: pods 10.200.1.1 (client) and
-//! 10.200.1.2 (server), Service ClusterIPs 10.200.255.0/24 (no kube-proxy: the sidecars route
-//! ClusterIPs to endpoints themselves). Everything is removed at the end, also on failure.
+//! What stands in for the node:
+//! - pods 10.200.1.1 (client) and 10.200.1.2 (server) on one veth pair; Service ClusterIPs
+//!   come from the API server's range (no kube-proxy: the sidecars route ClusterIPs to
+//!   endpoints themselves), routed towards the other pod;
+//! - the control plane listens on 10.201.0.1:15012 in the test's own namespace, reached from
+//!   each pod over a second veth; `/etc/netns/<ns>/hosts` (which `ip netns exec` mounts over
+//!   `/etc/hosts`) resolves the injected `meshd.mesh-system.svc` to it, the cluster DNS's job;
+//! - the kubelet's mount of the `mesh-ca-root-cert` ConfigMap: the proxy runs in a mount
+//!   namespace of its own with a tmpfs on `/run` holding the ConfigMap's `root-cert.pem` at
+//!   the injected `MESH_CA_ROOT_PATH`.
+//!
+//! Everything is removed at the end, also on failure.
 //!
 //! The apps are this test binary re-executed in a namespace (`netns_helper`, driven by
 //! commands on stdin).
@@ -19,10 +32,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mesh_testenv::TestEnv;
+
 const CLIENT_IP: &str = "10.200.1.1";
 const SERVER_IP: &str = "10.200.1.2";
-const SPLIT_SVC: &str = "10.200.255.10:80";
-const ECHO_SVC: &str = "10.200.255.14:9000";
+/// Where `meshctl control-plane` serves config distribution (the injected
+/// `meshd.mesh-system.svc:15012` resolves here inside the pods).
+const CONTROL_PLANE_IP: &str = "10.201.0.1";
 
 // ---------------------------------------------------------------------------------------------
 // The app: serves HTTP/TCP ports (`MESHCTL_NETNS_SERVE`) and runs client commands from stdin.
@@ -175,7 +191,9 @@ impl Drop for Cleanup {
             let _ = c.wait();
         }
         for ns in &self.namespaces {
+            // The veth pairs go with the namespace (both ends).
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
     }
 }
@@ -311,7 +329,14 @@ fn missing_prerequisites() -> Vec<String> {
     if !root {
         missing.push("root (effective uid 0)".to_string());
     }
-    for tool in ["ip", "iptables", "iptables-restore", "setpriv"] {
+    for tool in [
+        "ip",
+        "iptables",
+        "iptables-restore",
+        "setpriv",
+        "unshare",
+        "mount",
+    ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -415,10 +440,13 @@ fn inject(name: &str, ip: &str, app: &str) -> Injected {
 
 const RESOURCES: &str = r#"
 apiVersion: v1
+kind: Namespace
+metadata: {name: demo}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: server, namespace: demo}
 spec:
-  clusterIP: 10.200.255.10
   selector: {app: server}
   ports: [{name: http, port: 80, targetPort: 8080}]
 ---
@@ -426,7 +454,6 @@ apiVersion: v1
 kind: Service
 metadata: {name: server-v1, namespace: demo}
 spec:
-  clusterIP: 10.200.255.11
   selector: {app: server}
   ports: [{name: http, port: 80, targetPort: 8080}]
 ---
@@ -434,7 +461,6 @@ apiVersion: v1
 kind: Service
 metadata: {name: server-v2, namespace: demo}
 spec:
-  clusterIP: 10.200.255.12
   selector: {app: server}
   ports: [{name: http, port: 80, targetPort: 8081}]
 ---
@@ -442,7 +468,6 @@ apiVersion: v1
 kind: Service
 metadata: {name: echo, namespace: demo}
 spec:
-  clusterIP: 10.200.255.14
   selector: {app: server}
   ports: [{name: tcp-echo, port: 9000, targetPort: 9000}]
 ---
@@ -533,39 +558,156 @@ struct Pod {
     app: App,
 }
 
+/// Starts the injected `mesh-proxy` container's process in the pod: its args and env as
+/// injected; the proxy's uid/gid (1337) like the pod's securityContext; the CA ConfigMap
+/// mounted where the injected `MESH_CA_ROOT_PATH` points.
 fn start_sidecar(
     cleanup: &mut Cleanup,
     bin: &Path,
     pod: &Pod,
     injected: &Injected,
-    resources: &Path,
+    ca: &Path,
     log: &Path,
 ) {
-    // `ip netns exec` needs root; setpriv then drops to the proxy's uid/gid like the pod's
-    // securityContext (runAsUser/runAsGroup 1337).
+    let ca_path = &injected
+        .proxy_env
+        .iter()
+        .find(|(k, _)| k == "MESH_CA_ROOT_PATH")
+        .expect("MESH_CA_ROOT_PATH injected")
+        .1;
+    let ca_dir = Path::new(ca_path).parent().unwrap();
+    // `ip netns exec` needs root; in a mount namespace of its own a tmpfs on /run (where
+    // /var/run points) takes the ConfigMap's file, as the kubelet's volume would; setpriv
+    // then drops to the proxy's uid/gid.
+    let script = r#"set -e
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -p "$CA_DIR"
+cp "$CA_SRC" "$CA_PATH"
+chmod 644 "$CA_PATH"
+unset CA_SRC CA_DIR CA_PATH
+exec setpriv --reuid 1337 --regid 1337 --clear-groups "$@""#;
     let log = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &pod.ns])
         .args([
-            "setpriv",
-            "--reuid",
-            "1337",
-            "--regid",
-            "1337",
-            "--clear-groups",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
         ])
         .arg(bin)
         .args(&injected.proxy_args)
-        .arg("--resources")
-        .arg(resources)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CA_SRC", ca)
+        .env("CA_DIR", ca_dir)
+        .env("CA_PATH", ca_path)
         .envs(std::env::var("RUST_LOG").ok().map(|v| ("RUST_LOG", v)))
         .envs(injected.proxy_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     cleanup.children.push(cmd.spawn().unwrap());
+}
+
+/// `kubectl` against the test's API server; panics with its output unless it succeeds.
+fn kubectl(env: &TestEnv, args: &[&str]) -> String {
+    run(Command::new(env.kubectl_path())
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .env_remove("KUBECONFIG")
+        .args(args))
+}
+
+fn kubectl_apply(env: &TestEnv, yaml: &str) {
+    let mut child = Command::new(env.kubectl_path())
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .env_remove("KUBECONFIG")
+        .args(["apply", "--server-side", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Polls `f` every 200 ms for up to `secs` seconds.
+fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A veth from the test's namespace into `ns` (`cp0` inside, addressed `10.201.<n>.2/30`)
+/// with a route to the control plane's address. `n` = 1 also carries that address.
+fn control_plane_link(ns: &str, n: u8, id: u32) {
+    let outside = format!("mt{id}-{n}");
+    ip(&[
+        "link", "add", &outside, "type", "veth", "peer", "name", "cp0", "netns", ns,
+    ]);
+    ip(&["addr", "add", &format!("10.201.{n}.1/30"), "dev", &outside]);
+    if n == 1 {
+        ip(&[
+            "addr",
+            "add",
+            &format!("{CONTROL_PLANE_IP}/32"),
+            "dev",
+            &outside,
+        ]);
+    }
+    ip(&["link", "set", &outside, "up"]);
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("10.201.{n}.2/30"),
+        "dev",
+        "cp0",
+    ]);
+    ip(&["-n", ns, "link", "set", "cp0", "up"]);
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        &format!("{CONTROL_PLANE_IP}/32"),
+        "via",
+        &format!("10.201.{n}.1"),
+    ]);
+    // The cluster DNS's answer for the injected control-plane address.
+    let etc = Path::new("/etc/netns").join(ns);
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("hosts"),
+        format!("127.0.0.1 localhost\n{CONTROL_PLANE_IP} meshd.mesh-system.svc meshd.mesh-system.svc.cluster.local\n"),
+    )
+    .unwrap();
 }
 
 fn wait_ready(pod: &mut Pod, log: &Path) {
@@ -603,6 +745,7 @@ fn sidecars_in_network_namespaces() {
         );
     }
     let bin = mesh_proxy_bin();
+    let env = TestEnv::shared();
     let id = std::process::id();
     let (cns, sns) = (format!("mt-client-{id}"), format!("mt-server-{id}"));
     let mut cleanup = Cleanup {
@@ -610,7 +753,56 @@ fn sidecars_in_network_namespaces() {
         children: Vec::new(),
     };
 
-    // Two pods joined by a veth pair.
+    // The cluster side: our CRDs, then the objects the sidecars are configured from.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for crd in [
+        "manifests/gateway-api/httproutes.yaml",
+        "manifests/gateway-api/gateways.yaml",
+        "manifests/gateway-api/gatewayclasses.yaml",
+        "manifests/gateway-api/referencegrants.yaml",
+        "manifests/istio/envoyfilters.networking.istio.io.yaml",
+        "manifests/crds/ratelimitpolicies.policy.meshctl.io.yaml",
+    ] {
+        kubectl(
+            env,
+            &[
+                "apply",
+                "--server-side",
+                "-f",
+                root.join(crd).to_str().unwrap(),
+            ],
+        );
+    }
+    kubectl(
+        env,
+        &[
+            "wait",
+            "--for",
+            "condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ],
+    );
+    kubectl_apply(env, RESOURCES);
+    let cluster_ip = |svc: &str| {
+        kubectl(
+            env,
+            &[
+                "-n",
+                "demo",
+                "get",
+                "service",
+                svc,
+                "-o",
+                "jsonpath={.spec.clusterIP}",
+            ],
+        )
+    };
+    let split_svc = format!("{}:80", cluster_ip("server"));
+    let echo_svc = format!("{}:9000", cluster_ip("echo"));
+
+    // Two pods joined by a veth pair, each with a link to the control plane.
     for ns in [&cns, &sns] {
         ip(&["netns", "add", ns]);
         cleanup.namespaces.push(ns.clone());
@@ -630,16 +822,64 @@ fn sidecars_in_network_namespaces() {
             "eth0",
         ]);
         ip(&["-n", ns, "link", "set", "eth0", "up"]);
-        // The "Service CIDR": routable only towards the other pod.
-        ip(&["-n", ns, "route", "add", "10.200.255.0/24", "dev", "eth0"]);
+        // The Service CIDR: routable only towards the other pod.
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            mesh_testenv::SERVICE_CIDR,
+            "dev",
+            "eth0",
+        ]);
     }
+    control_plane_link(&cns, 1, id);
+    control_plane_link(&sns, 2, id);
 
     let dir = tempfile::tempdir().unwrap();
-    let resources = dir.path().join("resources.yaml");
-    std::fs::write(&resources, RESOURCES).unwrap();
     // Readable by the proxy's uid.
     run(Command::new("chmod").args(["755", dir.path().to_str().unwrap()]));
-    run(Command::new("chmod").args(["644", resources.to_str().unwrap()]));
+
+    // The control plane, as meshd runs it but outside the cluster (--kubeconfig).
+    let admin_port = free_port();
+    let cp_log = dir.path().join("control-plane.log");
+    {
+        let log = std::fs::File::create(&cp_log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+            .arg("control-plane")
+            .arg("--kubeconfig")
+            .arg(env.kubeconfig())
+            .args(["--no-webhook", "--no-gateway-deployments"])
+            .arg(format!("--distribution-addr={CONTROL_PLANE_IP}:15012"))
+            .arg("--distribution-cert-dir")
+            .arg(dir.path().join("control-plane-certs"))
+            .arg(format!("--admin-addr=127.0.0.1:{admin_port}"))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        cleanup.children.push(child);
+    }
+    // What the kubelet would mount: the CA ConfigMap the control plane publishes.
+    let ca_pem = eventually(30, "the ConfigMap mesh-ca-root-cert in demo", || {
+        let out = Command::new(env.kubectl_path())
+            .arg("--kubeconfig")
+            .arg(env.kubeconfig())
+            .args(["-n", "demo", "get", "configmap", "mesh-ca-root-cert"])
+            .args(["-o", "jsonpath={.data.root-cert\\.pem}"])
+            .output()
+            .ok()?;
+        let pem = String::from_utf8_lossy(&out.stdout).into_owned();
+        pem.contains("BEGIN CERTIFICATE").then_some(pem)
+    });
+    let ca = dir.path().join("root-cert.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    run(Command::new("chmod").args(["644", ca.to_str().unwrap()]));
 
     let mut client = Pod {
         app: App::start(&mut cleanup, &cns, ""),
@@ -675,11 +915,12 @@ fn sidecars_in_network_namespaces() {
             run(Command::new("ip").args(["netns", "exec", &pod.ns, "iptables-save", "-t", "nat"]));
         assert!(rules.contains("-A OUTPUT -p tcp -j MESH_OUTPUT"), "{rules}");
         let log = dir.path().join(format!("{app}-proxy.log"));
-        start_sidecar(&mut cleanup, &bin, pod, &injected, &resources, &log);
+        start_sidecar(&mut cleanup, &bin, pod, &injected, &ca, &log);
         logs.push(log);
     }
     wait_ready(&mut client, &logs[0]);
     wait_ready(&mut server, &logs[1]);
+    logs.push(cp_log);
     let show_logs = || {
         logs.iter()
             .map(|l| {
@@ -729,7 +970,7 @@ fn sidecars_in_network_namespaces() {
     // 2. Raw TCP passes untouched, to the pod and through the echo Service's ClusterIP.
     for (addr, text) in [
         (format!("{SERVER_IP}:9000"), "hello-pod"),
-        (ECHO_SVC.to_string(), "hello-service"),
+        (echo_svc.clone(), "hello-service"),
     ] {
         let echo = client.app.cmd(&format!("tcp {addr} {text}"));
         assert_eq!(echo["echo"], text, "{echo}\n{}", show_logs());
@@ -762,7 +1003,7 @@ fn sidecars_in_network_namespaces() {
     );
 
     // 3. The mesh route on Service `server` splits 80/20 and adds its header.
-    let split = client.app.http(SPLIT_SVC, "/split", 400);
+    let split = client.app.http(&split_svc, "/split", 400);
     assert_eq!(
         split.statuses.get("200"),
         Some(&400),
@@ -793,6 +1034,43 @@ fn sidecars_in_network_namespaces() {
             ]
         ) >= 1,
         "{cm}"
+    );
+
+    // Both sidecars are configured by the control plane and have ACKed what it sent.
+    let status = run(Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["proxy-status", "--control-plane-admin"])
+        .arg(format!("http://127.0.0.1:{admin_port}")));
+    for pod in ["sidecar demo/client-0", "sidecar demo/server-0"] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(pod) && l.contains("SYNCED")),
+            "{pod} not SYNCED:\n{status}"
+        );
+    }
+
+    // A weight edit in the cluster reaches the client's sidecar: everything to v2.
+    kubectl(
+        env,
+        &[
+            "-n",
+            "demo",
+            "patch",
+            "httproute",
+            "server-split",
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/rules/0/backendRefs/0/weight","value":0},{"op":"replace","path":"/spec/rules/0/backendRefs/1/weight","value":100}]"#,
+        ],
+    );
+    let edited = Instant::now();
+    eventually(20, "the weight edit to reach the client's sidecar", || {
+        let h = client.app.http(&split_svc, "/split", 20);
+        (h.bodies.get("v2 /split x-route=mesh") == Some(&20)).then_some(())
+    });
+    eprintln!(
+        "weight edit to all-v2 traffic: {:.2}s",
+        edited.elapsed().as_secs_f64()
     );
 
     // 4. The inbound rate limit (EnvoyFilter SIDECAR_INBOUND, port 8082): 5 tokens per pod,
@@ -834,7 +1112,7 @@ fn sidecars_in_network_namespaces() {
     // 6. Latency: direct vs through both proxies (pod IP, passthrough) and through the mesh
     // route (ClusterIP).
     let meshed = client.app.http(&format!("{SERVER_IP}:8080"), "/", 300);
-    let routed = client.app.http(SPLIT_SVC, "/", 300);
+    let routed = client.app.http(&split_svc, "/", 300);
     let (d50, d99) = lat(&direct);
     let (m50, m99) = lat(&meshed);
     let (r50, r99) = lat(&routed);
@@ -864,4 +1142,12 @@ fn sidecars_in_network_namespaces() {
     drop(cleanup);
     let left = run(Command::new("ip").args(["netns", "list"]));
     assert!(!left.contains(&cns) && !left.contains(&sns), "{left}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
