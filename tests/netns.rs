@@ -195,6 +195,8 @@ impl Drop for Cleanup {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
             let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
+        // Only when empty: other namespaces' files stay.
+        let _ = std::fs::remove_dir("/etc/netns");
     }
 }
 
