@@ -349,9 +349,44 @@ async fn uninstall_leaves_none_of_our_objects_and_runs_twice() {
     let c = cluster(env);
     run_install(env, "default");
     assert!(!owned_refs(&c).await.is_empty());
+    // What a running meshd adds (its pods do not run here): the CA root ConfigMap, exactly as
+    // it writes it; and a user's ConfigMap that must stay.
+    let config_maps: Api<ConfigMap> = Api::namespaced(env.client().unwrap(), "default");
+    let pp = PatchParams::apply("meshctl").force();
+    let published = meshctl::controlplane::ca_root::config_map("default", "PEM");
+    config_maps
+        .patch(
+            meshctl::controlplane::ca_root::CA_CONFIGMAP,
+            &pp,
+            &Patch::Apply(&published),
+        )
+        .await
+        .unwrap();
+    let users = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "users-own", "namespace": "default"},
+        "data": {"k": "v"},
+    });
+    config_maps
+        .patch("users-own", &pp, &Patch::Apply(&users))
+        .await
+        .unwrap();
     let out = ok(meshctl(env, &["uninstall", "-y"]), "uninstall");
     assert!(out.contains("✔ uninstalled"), "{out}");
     assert_eq!(owned_refs(&c).await, Vec::<String>::new());
+    assert!(
+        config_maps
+            .get_opt(meshctl::controlplane::ca_root::CA_CONFIGMAP)
+            .await
+            .unwrap()
+            .is_none(),
+        "the published CA root ConfigMap outlived uninstall"
+    );
+    assert!(config_maps.get_opt("users-own").await.unwrap().is_some());
+    config_maps
+        .delete("users-own", &DeleteParams::default())
+        .await
+        .unwrap();
     // CRDs stay without --purge.
     let crds = c
         .owned(&[("apiextensions.k8s.io/v1", "CustomResourceDefinition")])

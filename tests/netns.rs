@@ -1129,7 +1129,11 @@ fn sidecars_in_network_namespaces() {
          \x20 both sidecars, Service route        p50 {r50:.3} ms  p99 {r99:.3} ms\n\
          \x20 added per hop (p50): passthrough {:.3} ms, routed {:.3} ms",
         direct.lat_us.len(),
-        if cfg!(debug_assertions) { "debug" } else { "release" },
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
         (m50 - d50) / 2.0,
         (r50 - d50) / 2.0
     );

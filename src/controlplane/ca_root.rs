@@ -16,6 +16,9 @@ use tokio::time::Instant;
 /// ConfigMap holding the CA (key [`CA_CONFIGMAP_KEY`]).
 pub const CA_CONFIGMAP: &str = "mesh-ca-root-cert";
 pub const CA_CONFIGMAP_KEY: &str = "root-cert.pem";
+/// Label on every copy, so `meshctl uninstall` finds them (they are not the installer's:
+/// install would prune them).
+pub const PUBLISHED_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "meshd");
 /// The Kubernetes system namespaces, where no proxy runs.
 const SKIPPED_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
 
@@ -27,7 +30,7 @@ pub fn config_map(namespace: &str, ca_pem: &str) -> Value {
         "metadata": {
             "name": CA_CONFIGMAP,
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/managed-by": "meshctl"},
+            "labels": {PUBLISHED_LABEL.0: PUBLISHED_LABEL.1},
         },
         "data": {CA_CONFIGMAP_KEY: ca_pem},
     })

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::discovery::Scope;
@@ -815,6 +815,26 @@ pub async fn uninstall(cluster: &Cluster, purge: bool, timeout: Duration) -> Res
     let (crds, others): (Vec<LiveRef>, Vec<LiveRef>) =
         deleted.iter().cloned().partition(|r| r.kind == CRD.1);
     wait_gone(cluster, &others, timeout).await?;
+    // What meshd published itself: the CA root ConfigMap in every namespace (meshd is gone
+    // now, so nothing writes them again).
+    let (key, value) = crate::controlplane::ca_root::PUBLISHED_LABEL;
+    let ca_copies: Api<ConfigMap> = Api::all(cluster.client.clone());
+    let lp = ListParams::default().labels(&format!("{key}={value}"));
+    let published = ca_copies
+        .list_metadata(&lp)
+        .await
+        .map_err(|e| anyhow!("listing ConfigMaps {key}={value}: {e}"))?;
+    for cm in published.items {
+        let r = LiveRef {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: cm.metadata.namespace.clone(),
+            name: cm.metadata.name.clone().unwrap_or_default(),
+        };
+        if cluster.delete(&r).await? {
+            deleted.push(r);
+        }
+    }
     if purge {
         // A deleted CRD is gone once the API server's cleanup has removed its objects and torn
         // down its storage, which can take minutes while other clients still watch the kind.
