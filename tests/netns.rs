@@ -370,14 +370,17 @@ fn mesh_proxy_bin() -> PathBuf {
 
 /// The injected pod's `mesh-init` args and `mesh-proxy` args + env, from `meshctl inject`.
 struct Injected {
+    /// The injected pod, as the webhook would have it stored.
+    pod: serde_json::Value,
     init_args: Vec<String>,
     proxy_args: Vec<String>,
     proxy_env: Vec<(String, String)>,
 }
 
 fn inject(name: &str, ip: &str, app: &str) -> Injected {
+    // `tier` is in no Service's selector: only the API server's copy of the pod has it.
     let pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels:\n    app: {app}\nspec:\n  serviceAccountName: {app}\n  containers:\n    - name: {app}\n      image: app:1\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels:\n    app: {app}\n    tier: {app}-tier\nspec:\n  serviceAccountName: {app}\n  containers:\n    - name: {app}\n      image: app:1\n"
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_meshctl"))
         .args(["inject", "-f", "-", "-o", "json"])
@@ -438,6 +441,7 @@ fn inject(name: &str, ip: &str, app: &str) -> Injected {
         })
         .collect();
     Injected {
+        pod: v.clone(),
         init_args: args(find("mesh-init")),
         proxy_args: args(proxy),
         proxy_env,
@@ -448,6 +452,14 @@ const RESOURCES: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: server, namespace: demo}
 ---
 apiVersion: v1
 kind: Service
@@ -520,13 +532,14 @@ spec:
         - {name: server-v2, port: 80, weight: 20}
       timeouts: {request: 5s}
 ---
-# The seed's kind of limit: Istio local rate limit in the sidecars' inbound, port 8082 only.
+# The seed's kind of limit: Istio local rate limit in the sidecars' inbound, port 8082 only, for
+# the pods labelled tier=server-tier (a label only the Pod object has, no Service selector).
 apiVersion: networking.istio.io/v1alpha3
 kind: EnvoyFilter
 metadata: {name: inbound-ratelimit, namespace: demo}
 spec:
   workloadSelector:
-    labels: {app: server}
+    labels: {tier: server-tier}
   configPatches:
     - applyTo: HTTP_FILTER
       match:
@@ -913,6 +926,12 @@ fn sidecars_in_network_namespaces() {
     for (pod, app) in [(&client, "client"), (&server, "server")] {
         let injected = inject(pod.name, pod.ip, app);
         assert_eq!(injected.init_args[0], "redirect");
+        // The pod in the API server (its labels are what the control plane matches
+        // workloadSelectors against), on a node no kubelet runs: it stays Pending, with no IP
+        // for the EndpointSlice controller to publish.
+        let mut stored = injected.pod.clone();
+        stored["spec"]["nodeName"] = "netns-node".into();
+        kubectl_apply(env, &stored.to_string());
         run(Command::new("ip")
             .args(["netns", "exec", &pod.ns])
             .arg(&bin)

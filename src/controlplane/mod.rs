@@ -12,6 +12,7 @@ pub mod ca_root;
 pub mod certs;
 pub mod gateways;
 pub mod hub;
+pub mod pods;
 pub mod status;
 pub mod watch;
 pub mod world;

@@ -45,6 +45,8 @@ pub struct Stores {
     pub envoy_filters: Store<EnvoyFilter>,
     /// Gateway Deployments (label `gateway.networking.k8s.io/gateway-name`): ready replicas.
     pub gateway_deployments: Store<Deployment>,
+    /// Labels of meshed pods.
+    pub pod_labels: super::pods::PodLabels,
 }
 
 fn all<T>(store: &Store<T>) -> Vec<T>
@@ -103,6 +105,16 @@ pub struct Pending(Arc<AtomicUsize>);
 impl Pending {
     pub fn count(&self) -> usize {
         self.0.load(Ordering::SeqCst)
+    }
+
+    /// One more watcher to wait for.
+    pub fn begin(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// That watcher listed (or failed to).
+    pub fn end(&self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -172,6 +184,7 @@ pub fn start(client: &Client, changes: mpsc::UnboundedSender<()>) -> (Stores, Pe
     let pending = Pending::default();
     let c = || watcher::Config::default();
     let stores = Stores {
+        pod_labels: super::pods::start(client, changes.clone(), pending.clone()),
         gateway_classes: reflect(
             Api::all(client.clone()),
             c(),
@@ -257,7 +270,8 @@ pub async fn publish_worlds(
             generation,
             Arc::new(stores.resources()),
             stores.gateway_replicas(),
-        );
+        )
+        .with_pod_labels(stores.pod_labels.snapshot());
         tracing::debug!(generation, "new world");
         worlds.send_replace(Some(Arc::new(world)));
     }

@@ -19,6 +19,8 @@ pub struct World {
     pub resources: Arc<Resources>,
     /// Ready replicas of the Deployment of each Gateway (`namespace/name`) we manage.
     pub gateway_replicas: BTreeMap<String, u32>,
+    /// Labels of meshed pods (`namespace/name`).
+    pub pod_labels: HashMap<String, Arc<BTreeMap<String, String>>>,
     cache: Mutex<HashMap<CacheKey, Arc<ProxyConfig>>>,
 }
 
@@ -41,14 +43,24 @@ impl World {
             generation,
             resources,
             gateway_replicas,
+            pod_labels: HashMap::new(),
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn with_pod_labels(
+        mut self,
+        pod_labels: HashMap<String, Arc<BTreeMap<String, String>>>,
+    ) -> World {
+        self.pod_labels = pod_labels;
+        self
     }
 
     /// The config of a proxy: for a gateway, the translation of its Gateway with
     /// `instances` enforcing distributed rate limits; for a sidecar, the translation for its
     /// pod (outbound: the mesh's Services and their routes; inbound: the policies of the
-    /// Services it backs), with the default listener ports (the sidecar puts its own on).
+    /// Services it backs and the EnvoyFilters selecting its labels), with the default
+    /// listener ports (the sidecar puts its own on).
     pub fn config_for(
         &self,
         node: &NodeIdentity,
@@ -84,7 +96,12 @@ impl World {
                     pod_namespace: namespace.clone(),
                     pod_name: pod.clone(),
                     pod_ip: *ip,
-                    pod_labels: None,
+                    // The API server's labels; a pod not seen (yet) gets the selectors
+                    // of the Services it backs.
+                    pod_labels: self
+                        .pod_labels
+                        .get(&format!("{namespace}/{pod}"))
+                        .map(|l| (**l).clone()),
                     inbound_port: SIDECAR_INBOUND_PORT,
                     outbound_port: SIDECAR_OUTBOUND_PORT,
                 };
