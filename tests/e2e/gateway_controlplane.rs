@@ -592,7 +592,10 @@ async fn seed_walkthrough_through_the_control_plane() {
         .expect("port 80 from the listener");
     assert!(port80.node_port.is_some(), "{port80:?}");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let ca = cms.get("meshctl-ca-root-cert").await.unwrap();
+    let ca = cms
+        .get(meshctl::controlplane::ca_root::CA_CONFIGMAP)
+        .await
+        .unwrap();
     assert!(ca.data.unwrap()["root-cert.pem"].contains("BEGIN CERTIFICATE"));
 
     // Status: routes Accepted and ResolvedRefs, with observedGeneration.
