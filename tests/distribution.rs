@@ -312,9 +312,11 @@ async fn scale_1000_routes_10000_endpoints() {
                 "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r{i}}}\n\
                  spec:\n  parentRefs: [{{name: istio-gwapi}}]\n  hostnames: [\"h{i}.example.com\"]\n  rules:\n  \
                  - matches: [{{path: {{type: PathPrefix, value: /p{i}}}}}]\n    backendRefs: [{{name: s{i}, port: 80, weight: {w}}}]\n\
-                 ---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n\
+                 ---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  clusterIP: 10.96.{}.{}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n\
                  ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-x\n  labels: {{kubernetes.io/service-name: s{i}}}\n\
-                 addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
+                 addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n",
+                i / 256,
+                i % 256,
             )
             .unwrap();
             for e in 0..ENDPOINTS_PER_SERVICE {
@@ -359,6 +361,27 @@ async fn scale_1000_routes_10000_endpoints() {
     );
     let translate_time = t.elapsed();
     assert_eq!(translation.config.backends.len(), ROUTES);
+    // One sidecar's view of the same mesh: every Service's ClusterIP, routed.
+    let t = Instant::now();
+    let sidecar = mesh_translate::translate_sidecar(
+        &resources,
+        &mesh_translate::SidecarOptions {
+            base: TranslateOptions::default(),
+            pod_namespace: "demo".into(),
+            pod_name: "client-0".into(),
+            pod_ip: Some("10.255.0.1".parse().unwrap()),
+            pod_labels: None,
+            inbound_port: 15006,
+            outbound_port: 15001,
+        },
+    );
+    let sidecar_time = t.elapsed();
+    assert_eq!(
+        listener(&sidecar.config, ListenerKind::SidecarOutbound)
+            .services
+            .len(),
+        ROUTES
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), 0).await;
@@ -394,6 +417,7 @@ async fn scale_1000_routes_10000_endpoints() {
     eprintln!(
         "scale: {ROUTES} HTTPRoutes, {endpoints} endpoints, 1 Gateway ({} build)\n  \
          translation (one proxy's config): {translate_time:?}\n  \
+         translation (one sidecar's config, {ROUTES} Services): {sidecar_time:?}\n  \
          time to first config (publish -> snapshot decoded at the proxy): {first:?}\n  \
          time to propagate one weight change (publish -> snapshot at the proxy): {change:?}\n  \
          snapshot size: {bytes} bytes\n  \
