@@ -350,20 +350,19 @@ fn missing_prerequisites() -> Vec<String> {
     missing
 }
 
-/// The `mesh-proxy` binary (built on demand when only this test target was built).
+/// The `mesh-proxy` binary of this build profile, brought up to date first (a binary left
+/// from an older build would test old code; a fresh one costs cargo a second).
 fn mesh_proxy_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let bin = dir.join("mesh-proxy");
-    if !bin.exists() {
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "mesh-proxy", "--bin", "mesh-proxy"]);
-        if !cfg!(debug_assertions) {
-            // `cargo test --release`: the latency numbers of an optimized proxy.
-            build.arg("--release");
-        }
-        run(build.current_dir(env!("CARGO_MANIFEST_DIR")));
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "-p", "mesh-proxy", "--bin", "mesh-proxy"]);
+    if !cfg!(debug_assertions) {
+        // `cargo test --release`: the latency numbers of an optimized proxy.
+        build.arg("--release");
     }
+    run(build.current_dir(env!("CARGO_MANIFEST_DIR")));
     assert!(bin.exists(), "{} not found", bin.display());
     bin
 }

@@ -145,11 +145,7 @@ pub fn translate_sidecar(res: &Resources, o: &SidecarOptions) -> Translation {
 }
 
 fn service<'a>(cx: &Ctx<'a>, ns: &str, name: &str) -> Option<&'a Service> {
-    let default_ns = &cx.opts.default_namespace;
-    cx.res
-        .services
-        .iter()
-        .find(|s| ns_name(&s.metadata, default_ns) == (ns.to_string(), name.to_string()))
+    cx.service(ns, name)
 }
 
 /// A mesh route attached to a Service: (service ns, name, parentRef port, consumer?, route).
@@ -228,6 +224,13 @@ fn mesh_routes(cx: &mut Ctx<'_>, o: &SidecarOptions) -> Vec<MeshRoute> {
 
 fn outbound_services(cx: &mut Ctx<'_>, o: &SidecarOptions) -> Vec<MeshService> {
     let attached = mesh_routes(cx, o);
+    let mut attached_to: BTreeMap<(&str, &str), Vec<&MeshRoute>> = BTreeMap::new();
+    for m in &attached {
+        attached_to
+            .entry((m.service.0.as_str(), m.service.1.as_str()))
+            .or_default()
+            .push(m);
+    }
     let mut svcs: Vec<&Service> = cx.res.services.iter().collect();
     svcs.sort_by_key(|s| ns_name(&s.metadata, &cx.opts.default_namespace));
     let mut out = Vec::new();
@@ -264,9 +267,11 @@ fn outbound_services(cx: &mut Ctx<'_>, o: &SidecarOptions) -> Vec<MeshService> {
                 }
             };
             let svc_name = format!("{ns}/{name}:{port}");
-            let mine: Vec<&MeshRoute> = attached
-                .iter()
-                .filter(|m| m.service == (ns.clone(), name.clone()))
+            let mine: Vec<&MeshRoute> = attached_to
+                .get(&(ns.as_str(), name.as_str()))
+                .into_iter()
+                .flatten()
+                .copied()
                 .filter(|m| m.port.is_none_or(|p| p == sp.port))
                 .collect();
             let consumer = mine.iter().any(|m| m.consumer);

@@ -1,6 +1,6 @@
 //! Kubernetes objects → `mesh_config::ProxyConfig`. Pure: no I/O, no clock.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use gateway_api::apis::standard::gateways::{
     Gateway, GatewayListeners, GatewayListenersAllowedRoutesNamespacesFrom as From,
@@ -12,6 +12,7 @@ use gateway_api::apis::standard::httproutes::{
     HttpRouteRulesMatchesQueryParamsType,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use mesh_config::{
     AccessLog, Backend, BackendTarget, Filter, Forward, HeaderMatch, HeaderModifier, HeaderValue,
@@ -125,6 +126,11 @@ pub(crate) struct Ctx<'a> {
     pub(crate) backends: BTreeMap<String, BackendEntry>,
     pub(crate) rate_limits: BTreeMap<String, RateLimit>,
     port_limits: BTreeMap<u16, String>,
+    /// Services by (namespace, name): lookups are per backendRef and per Service port, so a
+    /// scan each time made a translation quadratic in the number of Services.
+    services: HashMap<(String, String), &'a Service>,
+    /// EndpointSlices by (namespace, `kubernetes.io/service-name`), sorted by name.
+    slices: HashMap<(String, String), Vec<&'a EndpointSlice>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -157,6 +163,30 @@ impl<'a> Ctx<'a> {
     }
 
     pub(crate) fn new(res: &'a Resources, opts: &'a TranslateOptions) -> Self {
+        let default_ns = &opts.default_namespace;
+        let mut services = HashMap::with_capacity(res.services.len());
+        for s in &res.services {
+            // The first of duplicates wins, as the scan it replaces did.
+            services
+                .entry(ns_name(&s.metadata, default_ns))
+                .or_insert(s);
+        }
+        let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+        for s in &res.endpoint_slices {
+            let Some(svc) = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            else {
+                continue;
+            };
+            let (ns, _) = ns_name(&s.metadata, default_ns);
+            slices.entry((ns, svc.clone())).or_default().push(s);
+        }
+        for v in slices.values_mut() {
+            v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        }
         Ctx {
             res,
             opts,
@@ -164,7 +194,23 @@ impl<'a> Ctx<'a> {
             backends: BTreeMap::new(),
             rate_limits: BTreeMap::new(),
             port_limits: BTreeMap::new(),
+            services,
+            slices,
         }
+    }
+
+    /// The Service `ns/name`.
+    pub(crate) fn service(&self, ns: &str, name: &str) -> Option<&'a Service> {
+        self.services
+            .get(&(ns.to_string(), name.to_string()))
+            .copied()
+    }
+
+    /// The EndpointSlices of Service `ns/name`, by name.
+    pub(crate) fn slices_of(&self, ns: &str, name: &str) -> &[&'a EndpointSlice] {
+        self.slices
+            .get(&(ns.to_string(), name.to_string()))
+            .map_or(&[], Vec::as_slice)
     }
 
     pub(crate) fn warn(&mut self, context: impl Into<String>, message: impl Into<String>) {
@@ -174,14 +220,7 @@ impl<'a> Ctx<'a> {
 
 /// Translates the objects into the proxy's native config (see the crate docs for the rules).
 pub fn translate(res: &Resources, opts: &TranslateOptions) -> Translation {
-    let mut cx = Ctx {
-        res,
-        opts,
-        warnings: Vec::new(),
-        backends: BTreeMap::new(),
-        rate_limits: BTreeMap::new(),
-        port_limits: BTreeMap::new(),
-    };
+    let mut cx = Ctx::new(res, opts);
     let mut gws = served_gateways(&mut cx);
     let mut route_status = Vec::new();
     let mut entries = Vec::new();
@@ -1063,13 +1102,7 @@ pub(crate) fn resolve_backend(
             format!("Service {ns}/{name}: port is required"),
         ));
     };
-    let default_ns = cx.opts.default_namespace.clone();
-    let Some(svc) = cx
-        .res
-        .services
-        .iter()
-        .find(|s| ns_name(&s.metadata, &default_ns) == (ns.to_string(), name.to_string()))
-    else {
+    let Some(svc) = cx.service(ns, name) else {
         return Err((
             Reason::BackendNotFound,
             format!("Service {ns}/{name} not found"),
@@ -1130,27 +1163,10 @@ fn endpoints(
     {
         return vec![format!("{host}:{}", sp.port)];
     }
-    let mut slices: Vec<_> = cx
-        .res
-        .endpoint_slices
-        .iter()
-        .filter(|s| {
-            s.metadata
-                .namespace
-                .as_deref()
-                .unwrap_or(&cx.opts.default_namespace)
-                == ns
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    .is_some_and(|n| n == name)
-        })
-        .collect();
-    slices.sort_by_key(|s| s.metadata.name.clone());
     let want = sp.name.as_deref().unwrap_or("");
     let mut out: Vec<String> = Vec::new();
-    for s in slices {
+    let mut seen: HashSet<String> = HashSet::new();
+    for s in cx.slices_of(ns, name) {
         let ports = s.ports.as_deref().unwrap_or(&[]);
         let port = ports
             .iter()
@@ -1170,7 +1186,7 @@ fn endpoints(
             } else {
                 format!("{addr}:{port}")
             };
-            if !out.contains(&e) {
+            if seen.insert(e.clone()) {
                 out.push(e);
             }
         }
