@@ -127,23 +127,27 @@ async fn next(rx: &mut mpsc::Receiver<Update>) -> Update {
 }
 
 fn weights(config: &ProxyConfig) -> Vec<u32> {
-    let json = serde_json::to_value(config).unwrap();
+    backend_weights(&serde_json::to_value(config).unwrap(), "myapp")
+}
+
+/// The distinct weights of the backends whose target mentions `needle`, sorted.
+fn backend_weights(json: &serde_json::Value, needle: &str) -> Vec<u32> {
     let mut out = Vec::new();
-    fn walk(v: &serde_json::Value, out: &mut Vec<u32>) {
+    fn walk(v: &serde_json::Value, needle: &str, out: &mut Vec<u32>) {
         match v {
             serde_json::Value::Object(m) => {
                 if let (Some(w), Some(t)) = (m.get("weight"), m.get("target"))
-                    && t.to_string().contains("myapp")
+                    && t.to_string().contains(needle)
                 {
                     out.push(w.as_u64().unwrap() as u32);
                 }
-                m.values().for_each(|v| walk(v, out));
+                m.values().for_each(|v| walk(v, needle, out));
             }
-            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, needle, out)),
             _ => {}
         }
     }
-    walk(&json, &mut out);
+    walk(json, needle, &mut out);
     out.sort();
     out.dedup();
     out
@@ -560,24 +564,5 @@ fn weights_of(config: &ProxyConfig) -> Vec<u32> {
         .iter()
         .find(|m| m.addresses == ["10.96.0.10"])
         .unwrap();
-    let json = serde_json::to_value(&svc.routes).unwrap();
-    let mut out = Vec::new();
-    fn walk(v: &serde_json::Value, out: &mut Vec<u32>) {
-        match v {
-            serde_json::Value::Object(m) => {
-                if let (Some(w), Some(t)) = (m.get("weight"), m.get("target"))
-                    && t.to_string().contains("server-v")
-                {
-                    out.push(w.as_u64().unwrap() as u32);
-                }
-                m.values().for_each(|v| walk(v, out));
-            }
-            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
-            _ => {}
-        }
-    }
-    walk(&json, &mut out);
-    out.sort();
-    out.dedup();
-    out
+    backend_weights(&serde_json::to_value(&svc.routes).unwrap(), "server-v")
 }

@@ -211,6 +211,29 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `cmd` with `input` on its stdin; panics with its stderr unless it succeeds.
+fn run_with_stdin(cmd: &mut Command, input: &str) -> Vec<u8> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
@@ -381,27 +404,13 @@ fn inject(name: &str, ip: &str, app: &str) -> Injected {
     let pod = format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels:\n    app: {app}\n    tier: {app}-tier\nspec:\n  serviceAccountName: {app}\n  containers:\n    - name: {app}\n      image: app:1\n"
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(["inject", "-f", "-", "-o", "json"])
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(pod.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_meshctl"))
+            .args(["inject", "-f", "-", "-o", "json"])
+            .env("RUST_LOG", "off"),
+        &pod,
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let containers: Vec<&serde_json::Value> = v["spec"]["initContainers"]
         .as_array()
         .into_iter()
@@ -642,27 +651,13 @@ fn kubectl(env: &TestEnv, args: &[&str]) -> String {
 }
 
 fn kubectl_apply(env: &TestEnv, yaml: &str) {
-    let mut child = Command::new(env.kubectl_path())
-        .arg("--kubeconfig")
-        .arg(env.kubeconfig())
-        .env_remove("KUBECONFIG")
-        .args(["apply", "--server-side", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_with_stdin(
+        Command::new(env.kubectl_path())
+            .arg("--kubeconfig")
+            .arg(env.kubeconfig())
+            .env_remove("KUBECONFIG")
+            .args(["apply", "--server-side", "-f", "-"]),
+        yaml,
     );
 }
 
@@ -990,6 +985,18 @@ fn sidecars_in_network_namespaces() {
     );
     assert!(out_reqs >= 300, "client proxy metrics:\n{cm}");
     assert!(in_reqs >= 300, "server proxy metrics:\n{sm}");
+
+    // The app's traffic to localhost is not captured: the server app calling itself on
+    // 127.0.0.1 leaves the server proxy's request counters as they were.
+    let requests = |m: &str| counter(m, "mesh_requests_total", &[]);
+    let before = requests(&server.app.metrics(15090));
+    let local = server.app.http("127.0.0.1:8080", "/local", 10);
+    assert_eq!(
+        local.bodies.get("v1 /local x-route=-"),
+        Some(&10),
+        "{local:?}"
+    );
+    assert_eq!(requests(&server.app.metrics(15090)), before);
 
     // 2. Raw TCP passes untouched, to the pod and through the echo Service's ClusterIP.
     for (addr, text) in [

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use mesh_proxy::admin::{self, AdminAddresses, AdminArgs, AdminState};
 use mesh_proxy::config::{ProxyConfig, parse_duration};
 use mesh_proxy::metrics::{Metrics, ReloadResult};
+use mesh_proxy::subscription::Signals;
 use mesh_proxy::{Proxy, ProxyHandle, ProxyOptions};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -253,7 +254,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     if let Some(address) = args.control_plane.clone() {
-        return run_with_control_plane(args, address, hup, term, int).await;
+        return run_with_control_plane(args, address, Signals { hup, term, int }).await;
     }
     let source = match &args.config {
         Some(path) => ConfigSource::Native(path.clone()),
@@ -463,20 +464,14 @@ fn node_identity(args: &RunArgs) -> anyhow::Result<mesh_proxy::distribution::Nod
 async fn run_with_control_plane(
     args: RunArgs,
     address: String,
-    mut hup: tokio::signal::unix::Signal,
-    mut term: tokio::signal::unix::Signal,
-    mut int: tokio::signal::unix::Signal,
+    mut signals: Signals,
 ) -> anyhow::Result<()> {
-    use mesh_proxy::distribution::{ClientOptions, Update, run_client};
+    use mesh_proxy::distribution::ClientOptions;
     let node = node_identity(&args)?;
     let mut client_options = ClientOptions::new(address.clone(), args.ca_file.clone(), node);
     if let Some(name) = &args.control_plane_server_name {
         client_options.server_name = name.clone();
     }
-    tracing::info!(control_plane = %address, node = %client_options.node.describe(), "waiting for the first config from the control plane");
-    let (tx, mut rx) = mpsc::channel::<Update>(1);
-    let client_shutdown = CancellationToken::new();
-    let client = tokio::spawn(run_client(client_options, tx, client_shutdown.clone()));
     let metrics = Arc::new(Metrics::new());
     let admin_state = Arc::new(AdminState::new(metrics.clone()));
     let admin_shutdown = CancellationToken::new();
@@ -497,20 +492,10 @@ async fn run_with_control_plane(
         metrics: Some(metrics.clone()),
         ..ProxyOptions::default()
     };
-    let mut subscriber =
+    let subscriber =
         mesh_proxy::subscription::Subscriber::new(options, metrics.clone(), admin_state.clone());
-    loop {
-        let update = tokio::select! {
-            Some(u) = rx.recv() => u,
-            _ = hup.recv() => { tracing::info!("SIGHUP: the config comes from the control plane"); continue }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        };
-        subscriber.apply(update).await;
-    }
-    let proxy = subscriber.into_proxy();
-    client_shutdown.cancel();
-    let _ = client.await;
+    let proxy =
+        mesh_proxy::subscription::serve(client_options, subscriber, &mut signals, |_| {}).await;
     tracing::info!(grace = ?args.drain_timeout, "draining");
     admin_state.set_draining(true);
     if let Some(p) = proxy {

@@ -24,17 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-
-use tokio::signal::unix::Signal;
-use tokio::sync::mpsc;
 
 use crate::admin::{self, AdminAddresses, AdminState};
 use crate::config::{ListenerKind, ProxyConfig, parse_duration};
-use crate::distribution::{ClientOptions, NodeIdentity, Update, run_client};
+use crate::distribution::{ClientOptions, NodeIdentity};
 use crate::metrics::{Metrics, ReloadResult};
-use crate::subscription::Subscriber;
+use crate::subscription::{self, Signals, Subscriber};
 use crate::{Proxy, ProxyHandle, ProxyOptions};
 
 /// `mesh-proxy sidecar`.
@@ -244,9 +240,7 @@ fn mtimes(source: &SidecarSource) -> Vec<Option<SystemTime>> {
 
 /// Runs the sidecar until SIGTERM/SIGINT, then drains for `--drain-duration`.
 pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
-    let hup = signal(SignalKind::hangup())?;
-    let term = signal(SignalKind::terminate())?;
-    let int = signal(SignalKind::interrupt())?;
+    let mut signals = Signals::new()?;
     let source = args.source()?;
     tracing::info!(
         pod = %format!("{}/{}", args.pod_namespace, args.pod_name),
@@ -280,7 +274,6 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         protocol_detection_timeout: args.protocol_detection_timeout,
         ..ProxyOptions::default()
     };
-    let mut signals = Signals { hup, term, int };
     let proxy = match &source {
         SidecarSource::ControlPlane(address) => {
             let address = address.clone();
@@ -314,12 +307,6 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     admin_shutdown.cancel();
     admin_servers.join().await;
     Ok(())
-}
-
-struct Signals {
-    hup: Signal,
-    term: Signal,
-    int: Signal,
 }
 
 /// `--config`/`--resources`: serve the file's config, reload on SIGHUP and on change, until
@@ -388,24 +375,8 @@ async fn serve_from_control_plane(
     signals: &mut Signals,
 ) -> anyhow::Result<Option<ProxyHandle>> {
     let client_options = args.client_options(address)?;
-    tracing::info!(control_plane = %address, node = %client_options.node.describe(), "waiting for the first config from the control plane");
-    let (tx, mut rx) = mpsc::channel::<Update>(1);
-    let client_shutdown = CancellationToken::new();
-    let client = tokio::spawn(run_client(client_options, tx, client_shutdown.clone()));
-    let mut subscriber = Subscriber::new(options, metrics.clone(), admin_state.clone());
-    loop {
-        let mut update = tokio::select! {
-            Some(u) = rx.recv() => u,
-            _ = signals.hup.recv() => { tracing::info!("SIGHUP: the config comes from the control plane"); continue }
-            _ = signals.term.recv() => break,
-            _ = signals.int.recv() => break,
-        };
-        args.localize(&mut update.config);
-        subscriber.apply(update).await;
-    }
-    client_shutdown.cancel();
-    let _ = client.await;
-    Ok(subscriber.into_proxy())
+    let subscriber = Subscriber::new(options, metrics.clone(), admin_state.clone());
+    Ok(subscription::serve(client_options, subscriber, signals, |c| args.localize(c)).await)
 }
 
 /// `mesh-proxy wait`: exit 0 once `GET 127.0.0.1:<readiness-port>/ready` answers 200.

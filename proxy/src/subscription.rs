@@ -5,8 +5,13 @@
 
 use std::sync::Arc;
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
 use crate::admin::{self, AdminState};
-use crate::distribution::Update;
+use crate::config::ProxyConfig;
+use crate::distribution::{ClientOptions, Update, run_client};
 use crate::metrics::{Metrics, ReloadResult};
 use crate::{Proxy, ProxyHandle, ProxyOptions};
 
@@ -71,4 +76,50 @@ impl Subscriber {
     pub fn into_proxy(self) -> Option<ProxyHandle> {
         self.proxy
     }
+}
+
+/// The signals a proxy process acts on: SIGHUP (reload, where there is a file to reload),
+/// SIGTERM and SIGINT (drain and stop).
+pub struct Signals {
+    pub hup: Signal,
+    pub term: Signal,
+    pub int: Signal,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// Connects to the control plane and serves what it pushes, each snapshot passed through
+/// `adapt` first, until SIGTERM/SIGINT. The client reconnects with backoff while the last
+/// good config keeps serving. Returns the proxy (none if no snapshot ever served), to drain.
+pub async fn serve(
+    client_options: ClientOptions,
+    mut subscriber: Subscriber,
+    signals: &mut Signals,
+    adapt: impl Fn(&mut ProxyConfig),
+) -> Option<ProxyHandle> {
+    tracing::info!(control_plane = %client_options.address, node = %client_options.node.describe(), "waiting for the first config from the control plane");
+    let (tx, mut rx) = mpsc::channel::<Update>(1);
+    let client_shutdown = CancellationToken::new();
+    let client = tokio::spawn(run_client(client_options, tx, client_shutdown.clone()));
+    loop {
+        let mut update = tokio::select! {
+            Some(u) = rx.recv() => u,
+            _ = signals.hup.recv() => { tracing::info!("SIGHUP: the config comes from the control plane"); continue }
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+        };
+        adapt(&mut update.config);
+        subscriber.apply(update).await;
+    }
+    client_shutdown.cancel();
+    let _ = client.await;
+    subscriber.into_proxy()
 }

@@ -35,9 +35,7 @@ use crate::istio::PatchContext;
 use crate::policy::RateLimitPolicyMode;
 use crate::precedence::PrecedenceKey;
 use crate::resources::{Resources, ns_name};
-use crate::translate::{
-    Ctx, SERVICE_NAME_LABEL, access_log, build_routes, fmt_labels, resolve_backend,
-};
+use crate::translate::{Ctx, access_log, build_routes, fmt_labels, resolve_backend};
 use crate::{TranslateOptions, Translation, validate};
 
 /// Listener names in a sidecar's config.
@@ -322,46 +320,36 @@ fn outbound_services(cx: &mut Ctx<'_>, o: &SidecarOptions) -> Vec<MeshService> {
 fn backed_services(cx: &Ctx<'_>, o: &SidecarOptions) -> Vec<Backed> {
     let ip = o.pod_ip.map(|i| i.to_string());
     let mut out: BTreeMap<(String, String), Backed> = BTreeMap::new();
-    for s in &cx.res.endpoint_slices {
-        let ns = s
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| cx.opts.default_namespace.clone());
-        let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        let eps: &[_] = s.endpoints.as_deref().unwrap_or(&[]);
-        let mine = eps.iter().any(|e| {
-            ip.as_ref().is_some_and(|ip| e.addresses.contains(ip))
-                || (ns == o.pod_namespace
-                    && e.target_ref.as_ref().is_some_and(|t| {
-                        t.kind.as_deref() == Some("Pod")
-                            && t.name.as_deref() == Some(o.pod_name.as_str())
-                    }))
-        });
-        let b = out.entry((ns.clone(), svc.clone())).or_insert(Backed {
-            ns,
+    for ((ns, svc), slices) in cx.all_slices() {
+        let mut b = Backed {
+            ns: ns.clone(),
             name: svc.clone(),
             ports: BTreeMap::new(),
             endpoints: 0,
-        });
-        b.endpoints += eps
-            .iter()
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-            .count();
-        if mine {
-            for p in s.ports.iter().flatten() {
-                if let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()) {
-                    b.ports.insert(p.name.clone().unwrap_or_default(), port);
+        };
+        for s in slices {
+            let eps: &[_] = s.endpoints.as_deref().unwrap_or(&[]);
+            let mine = eps.iter().any(|e| {
+                ip.as_ref().is_some_and(|ip| e.addresses.contains(ip))
+                    || (*ns == o.pod_namespace
+                        && e.target_ref.as_ref().is_some_and(|t| {
+                            t.kind.as_deref() == Some("Pod")
+                                && t.name.as_deref() == Some(o.pod_name.as_str())
+                        }))
+            });
+            b.endpoints += eps
+                .iter()
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+                .count();
+            if mine {
+                for p in s.ports.iter().flatten() {
+                    if let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()) {
+                        b.ports.insert(p.name.clone().unwrap_or_default(), port);
+                    }
                 }
             }
         }
+        out.insert((ns.clone(), svc.clone()), b);
     }
     out.into_values().filter(|b| !b.ports.is_empty()).collect()
 }
