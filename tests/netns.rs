@@ -373,19 +373,22 @@ fn missing_prerequisites() -> Vec<String> {
     missing
 }
 
-/// The `mesh-proxy` binary of this build profile, brought up to date first (a binary left
-/// from an older build would test old code; a fresh one costs cargo a second).
+/// The `mesh-proxy` binary of this build profile. `cargo test --workspace` builds it with
+/// the tests; otherwise (only this target built, or `--release`, where a binary left from an
+/// older build would be measured) it is built here first.
 fn mesh_proxy_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let bin = dir.join("mesh-proxy");
-    let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "-p", "mesh-proxy", "--bin", "mesh-proxy"]);
-    if !cfg!(debug_assertions) {
-        // `cargo test --release`: the latency numbers of an optimized proxy.
-        build.arg("--release");
+    let release = !cfg!(debug_assertions);
+    if release || !bin.exists() {
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "mesh-proxy", "--bin", "mesh-proxy"]);
+        if release {
+            build.arg("--release");
+        }
+        run(build.current_dir(env!("CARGO_MANIFEST_DIR")));
     }
-    run(build.current_dir(env!("CARGO_MANIFEST_DIR")));
     assert!(bin.exists(), "{} not found", bin.display());
     bin
 }
