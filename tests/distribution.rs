@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use mesh_proxy::config::{Listener, ListenerKind, ProxyConfig};
 use mesh_proxy::distribution::{ClientOptions, NodeIdentity, Update, run_client};
 use mesh_translate::{LoadOptions, Resources, TranslateOptions};
+use meshctl::controlplane::auth::ProxyAuth;
 use meshctl::controlplane::certs::{self, CertSource};
 use meshctl::controlplane::{Hub, World};
 use tokio::sync::{mpsc, watch};
@@ -73,7 +74,8 @@ impl Server {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let (worlds, rx) = watch::channel(None);
-        let hub = Hub::new(rx, TranslateOptions::default());
+        // Authentication needs the API server (TokenReview): tested in tests/e2e/proxy_auth.rs.
+        let hub = Hub::new(rx, TranslateOptions::default(), ProxyAuth::Disabled);
         let shutdown = CancellationToken::new();
         tokio::spawn(
             hub.clone()

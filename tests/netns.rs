@@ -597,25 +597,34 @@ fn start_sidecar(
     pod: &Pod,
     injected: &Injected,
     ca: &Path,
+    token: &Path,
     log: &Path,
 ) {
-    let ca_path = &injected
-        .proxy_env
-        .iter()
-        .find(|(k, _)| k == "MESH_CA_ROOT_PATH")
-        .expect("MESH_CA_ROOT_PATH injected")
-        .1;
-    let ca_dir = Path::new(ca_path).parent().unwrap();
+    let env_of = |name: &str| -> String {
+        injected
+            .proxy_env
+            .iter()
+            .find(|(k, _)| k == name)
+            .unwrap_or_else(|| panic!("{name} injected"))
+            .1
+            .clone()
+    };
     // `ip netns exec` needs root; in a mount namespace of its own a tmpfs on /run (where
-    // /var/run points) takes the ConfigMap's file, as the kubelet's volume would; setpriv
+    // /var/run points) takes the files of the pod's volumes where the injected env says they
+    // are, as the kubelet would mount them (the CA ConfigMap, the projected token); setpriv
     // then drops to the proxy's uid/gid.
     let script = r#"set -e
 mount -t tmpfs -o mode=755 tmpfs /run
-mkdir -p "$CA_DIR"
-cp "$CA_SRC" "$CA_PATH"
-chmod 644 "$CA_PATH"
-unset CA_SRC CA_DIR CA_PATH
+for f in "$CA_SRC:$MESH_CA_ROOT_PATH" "$TOKEN_SRC:$MESH_TOKEN_PATH"; do
+  src=${f%%:*}; dst=${f#*:}
+  mkdir -p "$(dirname "$dst")"
+  cp "$src" "$dst"
+  chmod 644 "$dst"
+done
+unset CA_SRC TOKEN_SRC
 exec setpriv --reuid 1337 --regid 1337 --clear-groups "$@""#;
+    assert!(env_of("MESH_CA_ROOT_PATH").starts_with("/var/run/"));
+    assert!(env_of("MESH_TOKEN_PATH").starts_with("/var/run/"));
     let log = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &pod.ns])
@@ -634,8 +643,7 @@ exec setpriv --reuid 1337 --regid 1337 --clear-groups "$@""#;
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("CA_SRC", ca)
-        .env("CA_DIR", ca_dir)
-        .env("CA_PATH", ca_path)
+        .env("TOKEN_SRC", token)
         .envs(std::env::var("RUST_LOG").ok().map(|v| ("RUST_LOG", v)))
         .envs(injected.proxy_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -936,8 +944,29 @@ fn sidecars_in_network_namespaces() {
         let rules =
             run(Command::new("ip").args(["netns", "exec", &pod.ns, "iptables-save", "-t", "nat"]));
         assert!(rules.contains("-A OUTPUT -p tcp -j MESH_OUTPUT"), "{rules}");
+        // The projected token the kubelet would mount: the pod's service account, the mesh's
+        // audience, bound to the pod.
+        let token = kubectl(
+            env,
+            &[
+                "-n",
+                "demo",
+                "create",
+                "token",
+                app,
+                "--audience",
+                "meshctl",
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                pod.name,
+            ],
+        );
+        let token_file = dir.path().join(format!("{app}-token"));
+        std::fs::write(&token_file, token.trim()).unwrap();
+        run(Command::new("chmod").args(["644", token_file.to_str().unwrap()]));
         let log = dir.path().join(format!("{app}-proxy.log"));
-        start_sidecar(&mut cleanup, &bin, pod, &injected, &ca, &log);
+        start_sidecar(&mut cleanup, &bin, pod, &injected, &ca, &token_file, &log);
         logs.push(log);
     }
     wait_ready(&mut client, &logs[0]);

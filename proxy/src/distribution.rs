@@ -186,6 +186,9 @@ pub struct ClientOptions {
     pub server_name: String,
     /// PEM CA bundle that verifies the control plane; read again on every connection.
     pub ca_file: PathBuf,
+    /// A Kubernetes service-account token (the projected `MESH_TOKEN_PATH`), sent as
+    /// `authorization: Bearer`; read again on every connection (the kubelet rotates it).
+    pub token_file: Option<PathBuf>,
     pub node: NodeIdentity,
     /// First reconnect delay; doubles up to `max_backoff` (with ±20 % jitter).
     pub min_backoff: Duration,
@@ -203,6 +206,7 @@ impl ClientOptions {
             address,
             server_name,
             ca_file,
+            token_file: None,
             node,
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
@@ -234,8 +238,8 @@ pub struct Update {
 pub enum ClientError {
     #[error("{0}")]
     Connect(String),
-    #[error("control plane answered {0}")]
-    Status(http::StatusCode),
+    #[error("control plane answered {0}: {1}")]
+    Status(http::StatusCode, String),
     #[error("stream: {0}")]
     Stream(String),
     #[error("the control plane closed the stream")]
@@ -280,6 +284,23 @@ pub async fn run_client(
     }
 }
 
+/// Connects once and returns the first snapshot (ACKed), or why the control plane would not
+/// serve this proxy (`ClientError::Status` carries its status and reason). For checks and
+/// tests; proxies use [`run_client`].
+pub async fn first_snapshot(options: &ClientOptions) -> Result<ProxyConfig, ClientError> {
+    let (tx, mut rx) = mpsc::channel::<Update>(1);
+    let mut got = false;
+    let stream = stream_once(options, &tx, &mut got);
+    tokio::pin!(stream);
+    tokio::select! {
+        r = &mut stream => Err(r.err().unwrap_or(ClientError::Closed)),
+        Some(update) = rx.recv() => {
+            let _ = update.reply.send(Ok(()));
+            Ok(update.config)
+        }
+    }
+}
+
 fn tls_config(ca_file: &PathBuf) -> Result<Arc<rustls::ClientConfig>, String> {
     let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
     let mut roots = rustls::RootCertStore::empty();
@@ -312,6 +333,14 @@ async fn stream_once(
     got_snapshot: &mut bool,
 ) -> Result<(), ClientError> {
     let tls = tls_config(&options.ca_file).map_err(ClientError::Connect)?;
+    let token = match &options.token_file {
+        None => None,
+        Some(path) => {
+            let t = std::fs::read_to_string(path)
+                .map_err(|e| ClientError::Connect(format!("token {}: {e}", path.display())))?;
+            Some(t.trim().to_string())
+        }
+    };
     let server_name = rustls::pki_types::ServerName::try_from(options.server_name.clone())
         .map_err(|e| ClientError::Connect(format!("server name {:?}: {e}", options.server_name)))?;
     let tcp = tokio::time::timeout(
@@ -353,16 +382,29 @@ async fn stream_once(
         node: options.node.clone(),
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     });
-    let request = http::Request::post(format!("https://{}{STREAM_PATH}", options.server_name))
-        .header(http::header::CONTENT_TYPE, "application/x-meshctl-frames")
-        .body(StreamBody::new(rx))
-        .expect("valid request");
+    let mut request = http::Request::post(format!("https://{}{STREAM_PATH}", options.server_name))
+        .header(http::header::CONTENT_TYPE, "application/x-meshctl-frames");
+    if let Some(t) = &token {
+        let value = http::HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+            ClientError::Connect("the token has characters a header cannot carry".into())
+        })?;
+        request = request.header(http::header::AUTHORIZATION, value);
+    }
+    let request = request.body(StreamBody::new(rx)).expect("valid request");
     let response = sender
         .send_request(request)
         .await
         .map_err(|e| ClientError::Stream(e.to_string()))?;
     if response.status() != http::StatusCode::OK {
-        return Err(ClientError::Status(response.status()));
+        let status = response.status();
+        // The control plane says why in a short text body.
+        let why = tokio::time::timeout(Duration::from_secs(2), response.into_body().collect())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        return Err(ClientError::Status(status, why));
     }
     tracing::info!(control_plane = %options.address, node = %options.node.describe(), "connected to the control plane");
     let mut body = response.into_body();

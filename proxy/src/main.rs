@@ -67,6 +67,10 @@ struct RunArgs {
     /// `--control-plane`).
     #[arg(long, value_name = "NAME")]
     control_plane_server_name: Option<String>,
+    /// Service-account token presented to the control plane (a projected token with the
+    /// mesh's audience; re-read on every connection).
+    #[arg(long, value_name = "FILE", env = "MESH_TOKEN_PATH")]
+    token_file: Option<PathBuf>,
     /// Namespace of `--resources` objects that have none (like `kubectl apply -n`).
     #[arg(long, short = 'n', value_name = "NAMESPACE", default_value = "default")]
     namespace: String,
@@ -472,6 +476,7 @@ async fn run_with_control_plane(
     if let Some(name) = &args.control_plane_server_name {
         client_options.server_name = name.clone();
     }
+    client_options.token_file = args.token_file.clone();
     let metrics = Arc::new(Metrics::new());
     let admin_state = Arc::new(AdminState::new(metrics.clone()));
     let admin_shutdown = CancellationToken::new();

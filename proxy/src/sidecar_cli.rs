@@ -194,7 +194,9 @@ impl SidecarArgs {
             service_account: Some(self.service_account.clone()).filter(|s| !s.is_empty()),
             ip: self.pod_ip,
         };
-        Ok(ClientOptions::new(address, ca.clone(), node))
+        let mut options = ClientOptions::new(address, ca.clone(), node);
+        options.token_file = self.token_path.clone();
+        Ok(options)
     }
 
     /// The sidecar's own ports on the sidecar listeners of a pushed config.

@@ -107,6 +107,13 @@ pub struct DistributionArgs {
     /// Do not write Gateway API status.
     #[arg(long)]
     pub no_status: bool,
+    /// The audience of the service-account tokens proxies must present (the injection
+    /// config's `tokenAudience`); the API server checks them (TokenReview).
+    #[arg(long, default_value = meshctl::controlplane::auth::DEFAULT_AUDIENCE)]
+    pub proxy_token_audience: String,
+    /// Serve config to any client that reaches the port (no token needed). For tests.
+    #[arg(long)]
+    pub no_proxy_auth: bool,
     /// Changes arriving within this window are translated and pushed together.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub debounce: Duration,
@@ -147,6 +154,7 @@ impl DistributionArgs {
                 control_plane_address: self.proxy_control_plane_address.clone(),
                 default_service_type: self.gateway_service_type.clone(),
                 pod_labels: translate.gateway_labels.clone(),
+                token_audience: self.proxy_token_audience.clone(),
                 ca_pem: None,
             });
         Ok(ControlPlaneConfig {
@@ -157,6 +165,7 @@ impl DistributionArgs {
             gateway_deployments,
             write_status: !self.no_status,
             debounce: self.debounce,
+            proxy_token_audience: (!self.no_proxy_auth).then(|| self.proxy_token_audience.clone()),
         })
     }
 }

@@ -23,6 +23,9 @@ pub const SERVICE_TYPE_ANNOTATION: &str = "networking.istio.io/service-type";
 pub use super::ca_root::{CA_CONFIGMAP, CA_CONFIGMAP_KEY};
 /// Where gateway pods mount it.
 pub const CA_MOUNT_DIR: &str = "/var/run/meshctl/ca";
+/// Where gateway pods mount the projected token they present to the control plane.
+pub const TOKEN_MOUNT_DIR: &str = "/var/run/secrets/tokens";
+pub const TOKEN_FILE: &str = "mesh-token";
 /// Readiness port of mesh-proxy.
 pub const STATUS_PORT: i32 = 15021;
 
@@ -38,6 +41,8 @@ pub struct GatewayDeploymentOptions {
     /// Labels of gateway pods (EnvoyFilter `workloadSelector`s match them), besides
     /// `gateway.networking.k8s.io/gateway-name` and the Gateway's infrastructure labels.
     pub pod_labels: BTreeMap<String, String>,
+    /// Audience of the projected token gateway pods present (`--proxy-token-audience`).
+    pub token_audience: String,
     /// The CA PEM for [`CA_CONFIGMAP`] (none: not written).
     pub ca_pem: Option<String>,
 }
@@ -176,6 +181,7 @@ pub fn desired(
                                     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                                     {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                                     {"name": "MESH_CA_ROOT_PATH", "value": format!("{CA_MOUNT_DIR}/{CA_CONFIGMAP_KEY}")},
+                                    {"name": "MESH_TOKEN_PATH", "value": format!("{TOKEN_MOUNT_DIR}/{TOKEN_FILE}")},
                                 ],
                                 "ports": container_ports,
                                 "readinessProbe": {
@@ -187,9 +193,22 @@ pub fn desired(
                                     "readOnlyRootFilesystem": true,
                                     "capabilities": {"drop": ["ALL"]},
                                 },
-                                "volumeMounts": [{"name": "mesh-ca", "mountPath": CA_MOUNT_DIR, "readOnly": true}],
+                                "volumeMounts": [
+                                    {"name": "mesh-ca", "mountPath": CA_MOUNT_DIR, "readOnly": true},
+                                    {"name": "mesh-token", "mountPath": TOKEN_MOUNT_DIR, "readOnly": true},
+                                ],
                             }],
-                            "volumes": [{"name": "mesh-ca", "configMap": {"name": CA_CONFIGMAP}}],
+                            // No API access for the proxy: only the projected token it
+                            // presents to the control plane.
+                            "automountServiceAccountToken": false,
+                            "volumes": [
+                                {"name": "mesh-ca", "configMap": {"name": CA_CONFIGMAP}},
+                                {"name": "mesh-token", "projected": {"sources": [{"serviceAccountToken": {
+                                    "audience": options.token_audience,
+                                    "expirationSeconds": 43200,
+                                    "path": TOKEN_FILE,
+                                }}]}},
+                            ],
                         },
                     },
                 },

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{ProxyAuth, authorize};
 use super::world::World;
 
 /// What the control plane knows about one connected proxy (`/debug/proxies`).
@@ -90,15 +91,21 @@ pub fn now_ms() -> u64 {
 pub struct Hub {
     world: watch::Receiver<Option<Arc<World>>>,
     options: TranslateOptions,
+    auth: ProxyAuth,
     proxies: Mutex<BTreeMap<u64, ProxyState>>,
     next_id: AtomicU64,
 }
 
 impl Hub {
-    pub fn new(world: watch::Receiver<Option<Arc<World>>>, options: TranslateOptions) -> Arc<Hub> {
+    pub fn new(
+        world: watch::Receiver<Option<Arc<World>>>,
+        options: TranslateOptions,
+        auth: ProxyAuth,
+    ) -> Arc<Hub> {
         Arc::new(Hub {
             world,
             options,
+            auth,
             proxies: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
         })
@@ -221,6 +228,17 @@ impl Hub {
         if req.method() != http::Method::POST {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
         }
+        let caller = match self
+            .auth
+            .authenticate(req.headers().get(http::header::AUTHORIZATION))
+            .await
+        {
+            Ok(c) => c,
+            Err(r) => {
+                tracing::info!(%peer, status = %r.status, "proxy refused: {}", r.reason);
+                return plain(r.status, format!("{}\n", r.reason));
+            }
+        };
         let mut body = req.into_body();
         let mut decoder = FrameDecoder::default();
         let hello = tokio::time::timeout(Duration::from_secs(10), async {
@@ -257,6 +275,13 @@ impl Hub {
             Ok(Err(e)) => return plain(StatusCode::BAD_REQUEST, format!("{e}\n")),
             Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "no hello within 10s\n".into()),
         };
+        if let Some(caller) = &caller {
+            let world = self.world.borrow().clone();
+            if let Err(r) = authorize(caller, &node, world.as_deref()) {
+                tracing::info!(%peer, node = %node.describe(), status = %r.status, "proxy refused: {}", r.reason);
+                return plain(r.status, format!("{}\n", r.reason));
+            }
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         tracing::info!(id, %peer, node = %node.describe(), "proxy connected");
         self.proxies.lock().expect("proxies lock").insert(

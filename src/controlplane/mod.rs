@@ -8,6 +8,7 @@
 //! ```
 
 pub mod admin;
+pub mod auth;
 pub mod ca_root;
 pub mod certs;
 pub mod gateways;
@@ -43,6 +44,8 @@ pub struct ControlPlaneConfig {
     pub write_status: bool,
     /// How long a burst of changes is collected before it is translated and pushed.
     pub debounce: Duration,
+    /// The audience proxies' tokens must have (`None`: proxies are not authenticated).
+    pub proxy_token_audience: Option<String>,
 }
 
 /// Runs until `shutdown`.
@@ -67,7 +70,16 @@ pub async fn run(
         world_tx,
         config.debounce,
     ));
-    let hub = Hub::new(world_rx.clone(), config.translate.clone());
+    let auth = match &config.proxy_token_audience {
+        Some(audience) => auth::ProxyAuth::token_review(client.clone(), audience.clone()),
+        None => {
+            tracing::warn!(
+                "--no-proxy-auth: any client that reaches config distribution gets any proxy's config"
+            );
+            auth::ProxyAuth::Disabled
+        }
+    };
+    let hub = Hub::new(world_rx.clone(), config.translate.clone(), auth);
     if let Some(addr) = config.admin_addr {
         let l = tokio::net::TcpListener::bind(addr)
             .await

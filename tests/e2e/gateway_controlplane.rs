@@ -671,7 +671,23 @@ async fn seed_walkthrough_through_the_control_plane() {
         netns.dnat(&ip, 5678, addr).await;
     }
 
-    // The gateway proxy: the real binary, in the netns, connected to the control plane.
+    // The gateway proxy: the real binary, in the netns, connected to the control plane, with
+    // the token its Deployment's pods would mount (the service account the control plane
+    // made for the Gateway, the mesh's audience).
+    let token = env
+        .kubectl_ok(&[
+            "-n",
+            &ns,
+            "create",
+            "token",
+            "istio-gwapi-istio",
+            "--audience",
+            "meshctl",
+        ])
+        .await
+        .unwrap();
+    let token_file = dir.join("gateway-token");
+    std::fs::write(&token_file, token.trim()).unwrap();
     let mut proxy_cmd = tokio::process::Command::new("nsenter");
     proxy_cmd
         .arg(netns.nsenter_arg())
@@ -686,6 +702,8 @@ async fn seed_walkthrough_through_the_control_plane() {
             dir.join("pki/root-cert.pem").to_str().unwrap(),
             "--gateway",
             &format!("{ns}/istio-gwapi"),
+            "--token-file",
+            token_file.to_str().unwrap(),
             "--admin-address",
             "0.0.0.0:15000",
             "--readiness-address",

@@ -6,6 +6,7 @@
 mod control_plane;
 mod gateway_controlplane;
 mod injection_webhook;
+mod proxy_auth;
 mod ssa;
 mod url_webhook;
 mod walkthrough;
