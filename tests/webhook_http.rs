@@ -414,7 +414,7 @@ async fn latency_per_review() {
         pct(0.99),
         samples[n - 1]
     );
-    assert!(pct(0.5) < Duration::from_millis(200));
+    // Printed, not asserted: speed is the benchmarks' job (bench/), not a test's.
     // The same review without HTTP/TLS: parse, decide, inject, diff, encode.
     let cfg = InjectionConfig::default();
     let ns = common::AllEnabled;
