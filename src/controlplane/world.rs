@@ -2,12 +2,11 @@
 //! from it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use mesh_proxy::config::ProxyConfig;
 use mesh_proxy::distribution::NodeIdentity;
-use mesh_translate::{Resources, SidecarOptions, TranslateOptions};
+use mesh_translate::{Resources, SidecarKey, SidecarOptions, TranslateOptions};
 
 /// One consistent view of the watched objects. Published as a whole (`Arc`) on every
 /// (debounced) change; the configs derived from it are computed lazily and cached, so many
@@ -29,8 +28,8 @@ pub struct World {
 enum CacheKey {
     /// Gateway `namespace/name`, instances enforcing its distributed limits.
     Gateway(String, u32),
-    /// A sidecar: pod namespace, name and IP.
-    Sidecar(String, String, Option<IpAddr>),
+    /// A sidecar: what its config depends on (pods of one Deployment share it).
+    Sidecar(SidecarKey),
 }
 
 impl World {
@@ -67,45 +66,45 @@ impl World {
         instances: u32,
         base: &TranslateOptions,
     ) -> Arc<ProxyConfig> {
-        let cache_key = match node {
-            NodeIdentity::Gateway { .. } => {
-                CacheKey::Gateway(node.gateway_key().unwrap_or_default(), instances.max(1))
-            }
+        let sidecar = match node {
+            NodeIdentity::Gateway { .. } => None,
             NodeIdentity::Sidecar {
                 namespace, pod, ip, ..
-            } => CacheKey::Sidecar(namespace.clone(), pod.clone(), *ip),
+            } => Some(SidecarOptions {
+                base: TranslateOptions {
+                    default_namespace: namespace.clone(),
+                    ..base.clone()
+                },
+                pod_namespace: namespace.clone(),
+                pod_name: pod.clone(),
+                pod_ip: *ip,
+                // The API server's labels; a pod not seen (yet) gets the selectors of the
+                // Services it backs.
+                pod_labels: self
+                    .pod_labels
+                    .get(&format!("{namespace}/{pod}"))
+                    .map(|l| (**l).clone()),
+                inbound_port: SIDECAR_INBOUND_PORT,
+                outbound_port: SIDECAR_OUTBOUND_PORT,
+            }),
+        };
+        let gateway = (node.gateway_key().unwrap_or_default(), instances.max(1));
+        let cache_key = match &sidecar {
+            None => CacheKey::Gateway(gateway.0.clone(), gateway.1),
+            Some(o) => CacheKey::Sidecar(mesh_translate::sidecar_key(&self.resources, o)),
         };
         if let Some(c) = self.cache.lock().expect("cache lock").get(&cache_key) {
             return c.clone();
         }
-        let translation = match &cache_key {
-            CacheKey::Gateway(key, instances) => {
+        let translation = match &sidecar {
+            Some(o) => mesh_translate::translate_sidecar(&self.resources, o),
+            None => {
                 let options = TranslateOptions {
-                    gateways: vec![key.clone()],
-                    distributed_instances: *instances,
+                    gateways: vec![gateway.0],
+                    distributed_instances: gateway.1,
                     ..base.clone()
                 };
                 mesh_translate::translate(&self.resources, &options)
-            }
-            CacheKey::Sidecar(namespace, pod, ip) => {
-                let options = SidecarOptions {
-                    base: TranslateOptions {
-                        default_namespace: namespace.clone(),
-                        ..base.clone()
-                    },
-                    pod_namespace: namespace.clone(),
-                    pod_name: pod.clone(),
-                    pod_ip: *ip,
-                    // The API server's labels; a pod not seen (yet) gets the selectors
-                    // of the Services it backs.
-                    pod_labels: self
-                        .pod_labels
-                        .get(&format!("{namespace}/{pod}"))
-                        .map(|l| (**l).clone()),
-                    inbound_port: SIDECAR_INBOUND_PORT,
-                    outbound_port: SIDECAR_OUTBOUND_PORT,
-                };
-                mesh_translate::translate_sidecar(&self.resources, &options)
             }
         };
         let config = Arc::new(translation.config);
@@ -121,3 +120,69 @@ impl World {
 /// defaults; a sidecar started with other ports puts its own on).
 pub const SIDECAR_INBOUND_PORT: u16 = 15006;
 pub const SIDECAR_OUTBOUND_PORT: u16 = 15001;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: server-abc, namespace: demo, labels: {kubernetes.io/service-name: server}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.0.2]}, {addresses: [10.244.0.3]}]
+"#;
+
+    fn sidecar(pod: &str, ip: &str) -> NodeIdentity {
+        NodeIdentity::Sidecar {
+            namespace: "demo".into(),
+            pod: pod.into(),
+            service_account: None,
+            ip: Some(ip.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn pods_that_back_the_same_services_share_one_translation() {
+        let res = mesh_translate::load_str("objects.yaml", OBJECTS, &Default::default())
+            .unwrap()
+            .resources;
+        let world = World::new(1, Arc::new(res), BTreeMap::new());
+        let base = TranslateOptions::default();
+        let a = world.config_for(&sidecar("server-a", "10.244.0.2"), 1, &base);
+        let b = world.config_for(&sidecar("server-b", "10.244.0.3"), 1, &base);
+        let client = world.config_for(&sidecar("client", "10.244.0.9"), 1, &base);
+        assert!(Arc::ptr_eq(&a, &b), "two replicas, one translation");
+        assert!(!Arc::ptr_eq(&a, &client));
+        // And what they share is right for each: the replicas serve 8080 inbound, the
+        // client backs nothing.
+        let inbound = |c: &ProxyConfig| -> Vec<u16> {
+            c.listeners
+                .iter()
+                .flat_map(|l| l.inbound_ports.iter().map(|p| p.port))
+                .collect()
+        };
+        assert_eq!(inbound(&a), [8080]);
+        assert!(inbound(&client).is_empty());
+        // Labels known from the API server make a different key.
+        let labelled = World::new(2, world.resources.clone(), BTreeMap::new()).with_pod_labels(
+            [(
+                "demo/server-b".to_string(),
+                Arc::new(BTreeMap::from([("app".to_string(), "server".to_string())])),
+            )]
+            .into(),
+        );
+        let a2 = labelled.config_for(&sidecar("server-a", "10.244.0.2"), 1, &base);
+        let b2 = labelled.config_for(&sidecar("server-b", "10.244.0.3"), 1, &base);
+        assert!(!Arc::ptr_eq(&a2, &b2));
+    }
+}

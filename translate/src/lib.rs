@@ -33,7 +33,7 @@ pub use load::{LoadError, LoadOptions, LoadProblem, Loaded, load, load_str};
 pub use policy::RateLimitPolicy;
 pub use precedence::PrecedenceKey;
 pub use resources::Resources;
-pub use sidecar::{SidecarOptions, translate_sidecar};
+pub use sidecar::{SidecarKey, SidecarOptions, sidecar_key, translate_sidecar};
 pub use translate::{TranslateOptions, Translation, translate};
 
 /// Something the user should see: an object ignored, a field without effect, a reference that

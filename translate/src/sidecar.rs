@@ -35,7 +35,9 @@ use crate::istio::PatchContext;
 use crate::policy::RateLimitPolicyMode;
 use crate::precedence::PrecedenceKey;
 use crate::resources::{Resources, ns_name};
-use crate::translate::{Ctx, access_log, build_routes, fmt_labels, resolve_backend};
+use crate::translate::{
+    Ctx, SERVICE_NAME_LABEL, access_log, build_routes, fmt_labels, resolve_backend,
+};
 use crate::{TranslateOptions, Translation, validate};
 
 /// Listener names in a sidecar's config.
@@ -61,6 +63,7 @@ pub struct SidecarOptions {
 }
 
 /// A Service this pod is an endpoint of, with its EndpointSlice ports (name → target port).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Backed {
     ns: String,
     name: String,
@@ -68,11 +71,32 @@ struct Backed {
     endpoints: usize,
 }
 
+/// Everything a sidecar's config depends on besides the objects: two pods with equal keys
+/// get equal configs (the pods of one Deployment, typically), so the control plane translates
+/// once per key, not once per pod. Costs one pass over the EndpointSlices.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SidecarKey {
+    namespace: String,
+    labels: Option<BTreeMap<String, String>>,
+    backed: Vec<Backed>,
+    ports: (u16, u16),
+}
+
+/// The [`SidecarKey`] of one pod.
+pub fn sidecar_key(res: &Resources, o: &SidecarOptions) -> SidecarKey {
+    SidecarKey {
+        namespace: o.pod_namespace.clone(),
+        labels: o.pod_labels.clone(),
+        backed: backed_services(res, &o.base.default_namespace, o),
+        ports: (o.inbound_port, o.outbound_port),
+    }
+}
+
 /// Translates the objects into the config of the sidecar of one pod.
 pub fn translate_sidecar(res: &Resources, o: &SidecarOptions) -> Translation {
     let mut cx = Ctx::new(res, &o.base);
     let services = outbound_services(&mut cx, o);
-    let backed = backed_services(&cx, o);
+    let backed = backed_services(res, &o.base.default_namespace, o);
     let labels = o.pod_labels.clone().unwrap_or_else(|| {
         let mut l = BTreeMap::new();
         for b in &backed {
@@ -317,39 +341,50 @@ fn outbound_services(cx: &mut Ctx<'_>, o: &SidecarOptions) -> Vec<MeshService> {
     out
 }
 
-fn backed_services(cx: &Ctx<'_>, o: &SidecarOptions) -> Vec<Backed> {
+/// The Services whose EndpointSlices hold this pod (by IP, or by a targetRef naming it),
+/// sorted by namespace and name.
+fn backed_services(res: &Resources, default_ns: &str, o: &SidecarOptions) -> Vec<Backed> {
     let ip = o.pod_ip.map(|i| i.to_string());
     let mut out: BTreeMap<(String, String), Backed> = BTreeMap::new();
-    for ((ns, svc), slices) in cx.all_slices() {
-        let mut b = Backed {
-            ns: ns.clone(),
+    let mut slices: Vec<_> = res.endpoint_slices.iter().collect();
+    // Later slices win a port name: in name order, whatever order the objects came in.
+    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    for s in slices {
+        let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let (ns, _) = ns_name(&s.metadata, default_ns);
+        let eps: &[_] = s.endpoints.as_deref().unwrap_or(&[]);
+        let mine = eps.iter().any(|e| {
+            ip.as_ref().is_some_and(|ip| e.addresses.contains(ip))
+                || (ns == o.pod_namespace
+                    && e.target_ref.as_ref().is_some_and(|t| {
+                        t.kind.as_deref() == Some("Pod")
+                            && t.name.as_deref() == Some(o.pod_name.as_str())
+                    }))
+        });
+        let b = out.entry((ns.clone(), svc.clone())).or_insert(Backed {
+            ns,
             name: svc.clone(),
             ports: BTreeMap::new(),
             endpoints: 0,
-        };
-        for s in slices {
-            let eps: &[_] = s.endpoints.as_deref().unwrap_or(&[]);
-            let mine = eps.iter().any(|e| {
-                ip.as_ref().is_some_and(|ip| e.addresses.contains(ip))
-                    || (*ns == o.pod_namespace
-                        && e.target_ref.as_ref().is_some_and(|t| {
-                            t.kind.as_deref() == Some("Pod")
-                                && t.name.as_deref() == Some(o.pod_name.as_str())
-                        }))
-            });
-            b.endpoints += eps
-                .iter()
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-                .count();
-            if mine {
-                for p in s.ports.iter().flatten() {
-                    if let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()) {
-                        b.ports.insert(p.name.clone().unwrap_or_default(), port);
-                    }
+        });
+        b.endpoints += eps
+            .iter()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .count();
+        if mine {
+            for p in s.ports.iter().flatten() {
+                if let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()) {
+                    b.ports.insert(p.name.clone().unwrap_or_default(), port);
                 }
             }
         }
-        out.insert((ns.clone(), svc.clone()), b);
     }
     out.into_values().filter(|b| !b.ports.is_empty()).collect()
 }

@@ -206,13 +206,6 @@ impl<'a> Ctx<'a> {
             .copied()
     }
 
-    /// Every Service name that has EndpointSlices, with them.
-    pub(crate) fn all_slices(
-        &self,
-    ) -> impl Iterator<Item = (&(String, String), &Vec<&'a EndpointSlice>)> {
-        self.slices.iter()
-    }
-
     /// The EndpointSlices of Service `ns/name`, by name.
     pub(crate) fn slices_of(&self, ns: &str, name: &str) -> &[&'a EndpointSlice] {
         self.slices
