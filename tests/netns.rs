@@ -1103,12 +1103,15 @@ fn sidecars_in_network_namespaces() {
     let status = run(Command::new(env!("CARGO_BIN_EXE_meshctl"))
         .args(["proxy-status", "--control-plane-admin"])
         .arg(format!("http://127.0.0.1:{admin_port}")));
-    for pod in ["sidecar demo/client-0", "sidecar demo/server-0"] {
+    for (pod, sa) in [
+        ("sidecar demo/client-0", " demo/client "),
+        ("sidecar demo/server-0", " demo/server "),
+    ] {
         assert!(
             status
                 .lines()
-                .any(|l| l.starts_with(pod) && l.contains("SYNCED")),
-            "{pod} not SYNCED:\n{status}"
+                .any(|l| l.starts_with(pod) && l.contains(sa) && l.contains("SYNCED")),
+            "{pod} not SYNCED as{sa}:\n{status}"
         );
     }
 

@@ -61,6 +61,7 @@ pub fn table(report: &serde_json::Value) -> String {
     let now = meshctl::controlplane::hub::now_ms();
     let mut rows = vec![[
         "PROXY".to_string(),
+        "IDENTITY".into(),
         "PEER".into(),
         "CONNECTED".into(),
         "SENT".into(),
@@ -115,6 +116,7 @@ pub fn table(report: &serde_json::Value) -> String {
             .unwrap_or_default();
         rows.push([
             name,
+            p["identity"].as_str().unwrap_or("-").to_string(),
             p["peer"].as_str().unwrap_or("").to_string(),
             age,
             sent,
@@ -123,7 +125,7 @@ pub fn table(report: &serde_json::Value) -> String {
             error,
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

@@ -34,6 +34,8 @@ use super::world::World;
 pub struct ProxyState {
     pub id: u64,
     pub node: NodeIdentity,
+    /// The service account (`namespace/name`) its token proved; none with `--no-proxy-auth`.
+    pub identity: Option<String>,
     pub peer: String,
     pub proxy_version: String,
     /// Milliseconds since the Unix epoch.
@@ -289,6 +291,9 @@ impl Hub {
             ProxyState {
                 id,
                 node: node.clone(),
+                identity: caller
+                    .as_ref()
+                    .map(|c| format!("{}/{}", c.namespace, c.service_account)),
                 peer: peer.to_string(),
                 proxy_version,
                 connected_since_ms: now_ms(),

@@ -744,8 +744,12 @@ async fn seed_walkthrough_through_the_control_plane() {
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("meshctl proxy-status:\n{table}");
     assert!(
-        table.contains(&format!("gateway {ns}/istio-gwapi (e2e-gateway-proxy)"))
-            && table.contains("SYNCED"),
+        table.lines().any(|l| {
+            l.starts_with(&format!("gateway {ns}/istio-gwapi (e2e-gateway-proxy)"))
+                // Authenticated as the Gateway's own service account.
+                && l.contains(&format!(" {ns}/istio-gwapi-istio "))
+                && l.contains("SYNCED")
+        }),
         "{table}"
     );
 
