@@ -33,6 +33,9 @@ pub const DEFAULT_AUDIENCE: &str = "meshctl";
 const POD_NAME_CLAIM: &str = "authentication.kubernetes.io/pod-name";
 /// How long a reviewed token is trusted without asking again (reconnect storms).
 const CACHE_FOR: Duration = Duration::from_secs(60);
+/// How often the token of an open stream is reviewed again: a stream outlives neither its
+/// token's expiry nor the pod the token is bound to by more than this.
+const RECHECK_EVERY: Duration = Duration::from_secs(300);
 
 /// What a token proves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +69,8 @@ pub enum ProxyAuth {
         client: Client,
         audience: String,
         cache: Mutex<HashMap<String, (Caller, Instant)>>,
+        cache_for: Duration,
+        recheck_every: Duration,
     },
 }
 
@@ -75,6 +80,30 @@ impl ProxyAuth {
             client,
             audience: audience.into(),
             cache: Mutex::new(HashMap::new()),
+            cache_for: CACHE_FOR,
+            recheck_every: RECHECK_EVERY,
+        }
+    }
+
+    /// Other timings than the defaults (60 s cache, 5 min re-review), for tests.
+    pub fn with_timings(mut self, cache: Duration, recheck: Duration) -> ProxyAuth {
+        if let ProxyAuth::TokenReview {
+            cache_for,
+            recheck_every,
+            ..
+        } = &mut self
+        {
+            *cache_for = cache;
+            *recheck_every = recheck;
+        }
+        self
+    }
+
+    /// How often an open stream's token is reviewed again (`None`: never, auth disabled).
+    pub fn recheck_every(&self) -> Option<Duration> {
+        match self {
+            ProxyAuth::Disabled => None,
+            ProxyAuth::TokenReview { recheck_every, .. } => Some(*recheck_every),
         }
     }
 
@@ -87,6 +116,8 @@ impl ProxyAuth {
             client,
             audience,
             cache,
+            cache_for,
+            ..
         } = self
         else {
             return Ok(None);
@@ -104,7 +135,7 @@ impl ProxyAuth {
                 )
             })?;
         if let Some((caller, at)) = cache.lock().expect("token cache").get(token)
-            && at.elapsed() < CACHE_FOR
+            && at.elapsed() < *cache_for
         {
             return Ok(Some(caller.clone()));
         }
@@ -157,7 +188,7 @@ impl ProxyAuth {
             pod,
         };
         let mut cache = cache.lock().expect("token cache");
-        cache.retain(|_, (_, at)| at.elapsed() < CACHE_FOR);
+        cache.retain(|_, (_, at)| at.elapsed() < *cache_for);
         cache.insert(token.to_string(), (caller.clone(), Instant::now()));
         Ok(Some(caller))
     }

@@ -230,11 +230,8 @@ impl Hub {
         if req.method() != http::Method::POST {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
         }
-        let caller = match self
-            .auth
-            .authenticate(req.headers().get(http::header::AUTHORIZATION))
-            .await
-        {
+        let authorization = req.headers().get(http::header::AUTHORIZATION).cloned();
+        let caller = match self.auth.authenticate(authorization.as_ref()).await {
             Ok(c) => c,
             Err(r) => {
                 tracing::info!(%peer, status = %r.status, "proxy refused: {}", r.reason);
@@ -307,6 +304,39 @@ impl Hub {
             },
         );
         let gone = shutdown.child_token();
+        // The token is reviewed again while the stream lives: an expired token, or one bound to
+        // a pod that is gone, ends the stream (a live proxy reconnects with its new token).
+        if let (Some(_), Some(every)) = (&caller, self.auth.recheck_every()) {
+            let hub = self.clone();
+            let gone = gone.clone();
+            let node = node.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = gone.cancelled() => return,
+                    }
+                    let refusal = match hub.auth.authenticate(authorization.as_ref()).await {
+                        Ok(Some(c)) => {
+                            let world = hub.world.borrow().clone();
+                            authorize(&c, &node, world.as_deref()).err()
+                        }
+                        Ok(None) => None,
+                        Err(r) => Some(r),
+                    };
+                    match refusal {
+                        // The API server is away: keep serving, ask again later.
+                        Some(r) if r.status == StatusCode::SERVICE_UNAVAILABLE => {}
+                        Some(r) => {
+                            tracing::info!(id, node = %node.describe(), "stream closed, the token no longer holds: {}", r.reason);
+                            gone.cancel();
+                            return;
+                        }
+                        None => {}
+                    }
+                }
+            });
+        }
         // Proxy → control plane: ACK/NACK.
         {
             let hub = self.clone();

@@ -80,7 +80,9 @@ async fn proxies_get_config_only_with_a_token_that_proves_who_they_say_they_are(
     let hub = Hub::new(
         rx,
         Default::default(),
-        ProxyAuth::token_review(env.client().unwrap(), "meshctl"),
+        // Review open streams' tokens every second (5 min in production), no cache.
+        ProxyAuth::token_review(env.client().unwrap(), "meshctl")
+            .with_timings(Duration::ZERO, Duration::from_secs(1)),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -167,8 +169,57 @@ async fn proxies_get_config_only_with_a_token_that_proves_who_they_say_they_are(
     // A Gateway's config: only for the service account of its Deployment.
     let config = attempt(gateway.clone(), Some(gateway_sa)).await.unwrap();
     assert_eq!(config.listeners.len(), 1, "{config:?}");
-    let (status, why) = refused(attempt(gateway, Some(bound)).await);
+    let (status, why) = refused(attempt(gateway, Some(bound.clone())).await);
     assert_eq!(status, 403, "{why}");
     assert!(why.contains("gw-istio"), "{why}");
+
+    // A stream lives only as long as its token holds: the pod the token is bound to is
+    // deleted, the stream ends, and the proxy's reconnects are refused.
+    let mut o = ClientOptions::new(
+        addr.to_string(),
+        tls.ca_path.clone(),
+        sidecar("app-0", "app"),
+    );
+    o.server_name = "meshd.mesh-system.svc".into();
+    o.token_file = Some(bound);
+    o.min_backoff = Duration::from_millis(200);
+    let (tx, mut updates) = tokio::sync::mpsc::channel(1);
+    let stop = CancellationToken::new();
+    tokio::spawn(mesh_proxy::distribution::run_client(o, tx, stop.clone()));
+    let u = tokio::time::timeout(Duration::from_secs(20), updates.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    u.reply.send(Ok(())).unwrap();
+    assert_eq!(hub.report().proxies.len(), 1);
+    env.kubectl_ok(&[
+        "-n",
+        &ns,
+        "delete",
+        "pod",
+        "app-0",
+        "--grace-period=0",
+        "--force",
+    ])
+    .await
+    .unwrap();
+    mesh_testenv::eventually(
+        Duration::from_secs(20),
+        "the stream of the deleted pod to end",
+        || {
+            let n = hub.report().proxies.len();
+            async move { Ok((n == 0).then_some(())) }
+        },
+    )
+    .await
+    .unwrap();
+    // And it stays out (the reconnects, every 200-800 ms, are refused).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        hub.report().proxies.is_empty(),
+        "{:?}",
+        hub.report().proxies
+    );
+    stop.cancel();
     shutdown.cancel();
 }
