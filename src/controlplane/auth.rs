@@ -64,37 +64,35 @@ fn refuse(status: StatusCode, reason: impl Into<String>) -> Refusal {
 pub enum ProxyAuth {
     /// Anyone who reaches the port and trusts the CA (tests, `--no-proxy-auth`).
     Disabled,
-    /// Tokens checked by the API server (TokenReview) for `audience`.
-    TokenReview {
-        client: Client,
-        audience: String,
-        cache: Mutex<HashMap<String, (Caller, Instant)>>,
-        cache_for: Duration,
-        recheck_every: Duration,
-    },
+    /// Tokens checked by the API server (TokenReview).
+    TokenReview(Box<TokenReviewer>),
+}
+
+/// Checks tokens with TokenReview for one audience.
+pub struct TokenReviewer {
+    client: Client,
+    audience: String,
+    cache: Mutex<HashMap<String, (Caller, Instant)>>,
+    cache_for: Duration,
+    recheck_every: Duration,
 }
 
 impl ProxyAuth {
     pub fn token_review(client: Client, audience: impl Into<String>) -> ProxyAuth {
-        ProxyAuth::TokenReview {
+        ProxyAuth::TokenReview(Box::new(TokenReviewer {
             client,
             audience: audience.into(),
             cache: Mutex::new(HashMap::new()),
             cache_for: CACHE_FOR,
             recheck_every: RECHECK_EVERY,
-        }
+        }))
     }
 
     /// Other timings than the defaults (60 s cache, 5 min re-review), for tests.
     pub fn with_timings(mut self, cache: Duration, recheck: Duration) -> ProxyAuth {
-        if let ProxyAuth::TokenReview {
-            cache_for,
-            recheck_every,
-            ..
-        } = &mut self
-        {
-            *cache_for = cache;
-            *recheck_every = recheck;
+        if let ProxyAuth::TokenReview(r) = &mut self {
+            r.cache_for = cache;
+            r.recheck_every = recheck;
         }
         self
     }
@@ -103,7 +101,7 @@ impl ProxyAuth {
     pub fn recheck_every(&self) -> Option<Duration> {
         match self {
             ProxyAuth::Disabled => None,
-            ProxyAuth::TokenReview { recheck_every, .. } => Some(*recheck_every),
+            ProxyAuth::TokenReview(r) => Some(r.recheck_every),
         }
     }
 
@@ -112,16 +110,16 @@ impl ProxyAuth {
         &self,
         authorization: Option<&http::HeaderValue>,
     ) -> Result<Option<Caller>, Refusal> {
-        let ProxyAuth::TokenReview {
+        let ProxyAuth::TokenReview(reviewer) = self else {
+            return Ok(None);
+        };
+        let TokenReviewer {
             client,
             audience,
             cache,
             cache_for,
             ..
-        } = self
-        else {
-            return Ok(None);
-        };
+        } = &**reviewer;
         let token = authorization
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
