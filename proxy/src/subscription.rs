@@ -40,21 +40,12 @@ impl Subscriber {
             config,
             reply,
         } = update;
-        let invalid = config.validate().err().map(|errs| {
-            let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
-            format!("invalid config:\n{}", lines.join("\n"))
-        });
-        let result = match &self.proxy {
-            _ if invalid.is_some() => Err(invalid.unwrap_or_default()),
-            None => match Proxy::start(config, self.options.clone()).await {
-                Ok(p) => {
-                    self.proxy = Some(p);
-                    Ok(())
-                }
-                Err(e) => Err(e.to_string()),
-            },
-            Some(p) if *p.config() == config => Ok(()),
-            Some(p) => p.update(config).await.map_err(|e| e.to_string()),
+        let result = match config.validate() {
+            Err(errs) => {
+                let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
+                Err(format!("invalid config:\n{}", lines.join("\n")))
+            }
+            Ok(()) => self.serve(config).await,
         };
         match &result {
             Ok(()) => {
@@ -70,6 +61,22 @@ impl Subscriber {
             }
         }
         let _ = reply.send(result);
+    }
+
+    /// Starts the proxy on the first config, then replaces its config.
+    async fn serve(&mut self, config: crate::config::ProxyConfig) -> Result<(), String> {
+        match &self.proxy {
+            None => {
+                self.proxy = Some(
+                    Proxy::start(config, self.options.clone())
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+                Ok(())
+            }
+            Some(p) if *p.config() == config => Ok(()),
+            Some(p) => p.update(config).await.map_err(|e| e.to_string()),
+        }
     }
 
     /// The running proxy (none before the first good snapshot).
