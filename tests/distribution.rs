@@ -568,3 +568,97 @@ fn weights_of(config: &ProxyConfig) -> Vec<u32> {
         .unwrap();
     backend_weights(&serde_json::to_value(&svc.routes).unwrap(), "server-v")
 }
+
+fn gateway_with_ports(ports: &[u16]) -> Resources {
+    let mut text = String::from(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: istio}\n\
+         spec: {controllerName: istio.io/gateway-controller}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: istio-gwapi}\n\
+         spec:\n  gatewayClassName: istio\n  listeners:\n",
+    );
+    for p in ports {
+        writeln!(text, "  - {{name: l{p}, protocol: HTTP, port: {p}}}").unwrap();
+    }
+    mesh_translate::load_str(
+        "gateway.yaml",
+        &text,
+        &LoadOptions {
+            default_namespace: "demo".into(),
+        },
+    )
+    .unwrap()
+    .resources
+}
+
+/// The proxy side for real: a snapshot the proxy cannot serve (its new listener's port is
+/// taken) is NACKed with the reason, and the previous config keeps serving.
+#[tokio::test]
+async fn a_snapshot_the_proxy_cannot_serve_is_nacked_and_the_last_good_one_keeps_serving() {
+    use mesh_proxy::admin::AdminState;
+    use mesh_proxy::metrics::Metrics;
+    use mesh_proxy::subscription::Subscriber;
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), 0).await;
+    let (mut rx, _stop) = server.client(Duration::from_millis(50));
+    let metrics = Arc::new(Metrics::new());
+    let mut subscriber = Subscriber::new(
+        mesh_proxy::ProxyOptions {
+            bind_address: "127.0.0.1".parse().unwrap(),
+            listener_port_overrides: [(80, free), (81, taken.local_addr().unwrap().port())].into(),
+            metrics: Some(metrics.clone()),
+            ..Default::default()
+        },
+        metrics.clone(),
+        Arc::new(AdminState::new(metrics)),
+    );
+
+    let g1 = server.publish(gateway_with_ports(&[80]), BTreeMap::new());
+    subscriber.apply(next(&mut rx).await).await;
+    wait_report(&server.hub, "ACK", |r| {
+        r.proxies[0].last_ack_version.as_deref() == Some(&*g1.to_string())
+    })
+    .await;
+    let answers = || async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", free)).await?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
+    };
+    assert!(answers().await.unwrap().starts_with("HTTP/1.1 404"));
+
+    let g2 = server.publish(gateway_with_ports(&[80, 81]), BTreeMap::new());
+    subscriber.apply(next(&mut rx).await).await;
+    wait_report(&server.hub, "NACK", |r| {
+        let p = &r.proxies[0];
+        p.sync_state() == "NACKED"
+            && p.last_nack
+                .as_ref()
+                .is_some_and(|n| n.version == g2.to_string())
+            && p.last_ack_version.as_deref() == Some(&*g1.to_string())
+    })
+    .await;
+    let error = server.hub.report().proxies[0]
+        .last_nack
+        .clone()
+        .unwrap()
+        .error;
+    let port = taken.local_addr().unwrap().port().to_string();
+    assert!(error.contains(&port), "the NACK names what failed: {error}");
+    // Still serving the first config.
+    assert!(answers().await.unwrap().starts_with("HTTP/1.1 404"));
+    assert!(
+        subscriber
+            .into_proxy()
+            .is_some_and(|p| p.config().listeners.len() == 1)
+    );
+}
