@@ -6,6 +6,7 @@ pub use mesh_config as config;
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod config_file;
 pub mod distribution;
 pub mod error;
 mod handler;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,7 +127,7 @@ impl ConfigSource {
     /// Reads, parses and validates the config. Errors name the file and the field.
     fn load(&self) -> anyhow::Result<ProxyConfig> {
         match self {
-            ConfigSource::Native(path) => load_native(path),
+            ConfigSource::Native(path) => mesh_proxy::config_file::load(path),
             ConfigSource::Resources {
                 paths,
                 load,
@@ -143,28 +143,6 @@ impl ConfigSource {
             ConfigSource::Resources { paths, .. } => paths.clone(),
         }
     }
-}
-
-fn load_native(path: &Path) -> anyhow::Result<ProxyConfig> {
-    let file = path.display();
-    let text = std::fs::read_to_string(path).with_context(|| format!("{file}: cannot read"))?;
-    if text.trim().is_empty() {
-        // Most likely caught between truncate and write; an empty config would drop every
-        // listener.
-        bail!("{file}: the file is empty");
-    }
-    let is_json =
-        path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
-    let config: ProxyConfig = if is_json {
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
-    } else {
-        serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
-    };
-    if let Err(errs) = config.validate() {
-        let lines: Vec<String> = errs.iter().map(|e| format!("{file}: {e}")).collect();
-        bail!("invalid config:\n{}", lines.join("\n"));
-    }
-    Ok(config)
 }
 
 /// Loads and translates Kubernetes objects. Problems in the files are errors naming file,
@@ -252,6 +230,22 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+impl RunArgs {
+    fn proxy_options(&self, metrics: &Arc<Metrics>) -> ProxyOptions {
+        ProxyOptions {
+            bind_address: self.bind_address,
+            listener_port_overrides: self
+                .listener_ports
+                .iter()
+                .copied()
+                .collect::<HashMap<_, _>>(),
+            distributed_instances: self.distributed_instances,
+            metrics: Some(metrics.clone()),
+            ..ProxyOptions::default()
+        }
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Signal handlers first: a SIGHUP must never hit the default action (exit).
     let mut hup = signal(SignalKind::hangup())?;
@@ -285,17 +279,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    let options = ProxyOptions {
-        bind_address: args.bind_address,
-        listener_port_overrides: args
-            .listener_ports
-            .iter()
-            .copied()
-            .collect::<HashMap<_, _>>(),
-        distributed_instances: args.distributed_instances,
-        metrics: Some(metrics.clone()),
-        ..ProxyOptions::default()
-    };
+    let options = args.proxy_options(&metrics);
     let proxy = Proxy::start(config, options).await?;
     let admin_state = Arc::new(AdminState::new(metrics.clone()));
     admin::publish(&proxy, &admin_state).await;
@@ -486,17 +470,7 @@ async fn run_with_control_plane(
         admin_shutdown.clone(),
     )
     .await?;
-    let options = ProxyOptions {
-        bind_address: args.bind_address,
-        listener_port_overrides: args
-            .listener_ports
-            .iter()
-            .copied()
-            .collect::<HashMap<_, _>>(),
-        distributed_instances: args.distributed_instances,
-        metrics: Some(metrics.clone()),
-        ..ProxyOptions::default()
-    };
+    let options = args.proxy_options(&metrics);
     let subscriber =
         mesh_proxy::subscription::Subscriber::new(options, metrics.clone(), admin_state.clone());
     let proxy =

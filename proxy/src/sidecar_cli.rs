@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminAddresses, AdminState};
@@ -130,21 +130,7 @@ impl SidecarArgs {
 
     fn load(&self, source: &SidecarSource) -> anyhow::Result<ProxyConfig> {
         match source {
-            SidecarSource::Native(path) => {
-                let file = path.display();
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("{file}: cannot read"))?;
-                let config: ProxyConfig = if text.trim_start().starts_with('{') {
-                    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
-                } else {
-                    serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
-                };
-                if let Err(errs) = config.validate() {
-                    let lines: Vec<String> = errs.iter().map(|e| format!("{file}: {e}")).collect();
-                    bail!("invalid config:\n{}", lines.join("\n"));
-                }
-                Ok(config)
-            }
+            SidecarSource::Native(path) => crate::config_file::load(path),
             SidecarSource::Resources(paths) => {
                 let load = mesh_translate::LoadOptions {
                     default_namespace: self.pod_namespace.clone(),
