@@ -461,6 +461,33 @@ pub fn strip_server_fields(v: &mut Value) {
     }
 }
 
+/// How a server-side dry-run apply of `o` would change `live`: a unified diff headed
+/// `live <what>` / `<label> <what>`, or `None` when it would change nothing (server fields
+/// aside).
+async fn drift(
+    cluster: &Cluster,
+    o: &Object,
+    live: &mut Value,
+    what: &dyn std::fmt::Display,
+    label: &str,
+    context: usize,
+) -> Result<Option<String>> {
+    let mut dry = cluster.apply(o, true).await?;
+    strip_server_fields(live);
+    strip_server_fields(&mut dry);
+    if *live == dry {
+        return Ok(None);
+    }
+    let (a, b) = (yaml(live), yaml(&dry));
+    Ok(Some(
+        similar::TextDiff::from_lines(&a, &b)
+            .unified_diff()
+            .context_radius(context)
+            .header(&format!("live {what}"), &format!("{label} {what}"))
+            .to_string(),
+    ))
+}
+
 fn yaml(v: &Value) -> String {
     serde_saphyr::to_string(v).unwrap_or_default()
 }
@@ -498,16 +525,7 @@ pub async fn diff(cluster: &Cluster, plan: &Plan) -> Result<Vec<Change>> {
                 });
             }
             Some(mut live) => {
-                let mut dry = cluster.apply(o, true).await?;
-                strip_server_fields(&mut live);
-                strip_server_fields(&mut dry);
-                if live != dry {
-                    let (a, b) = (yaml(&live), yaml(&dry));
-                    let diff = similar::TextDiff::from_lines(&a, &b)
-                        .unified_diff()
-                        .context_radius(3)
-                        .header(&format!("live {r}"), &format!("after install {r}"))
-                        .to_string();
+                if let Some(diff) = drift(cluster, o, &mut live, &r, "after install", 3).await? {
                     changes.push(Change::Update {
                         what: r.to_string(),
                         diff,
@@ -752,16 +770,7 @@ pub async fn verify(cluster: &Cluster, resolved: &Resolved) -> Result<(usize, Ve
                 why,
             });
         }
-        let mut dry = cluster.apply(o, true).await?;
-        strip_server_fields(&mut live);
-        strip_server_fields(&mut dry);
-        if live != dry {
-            let (a, b) = (yaml(&live), yaml(&dry));
-            let diff = similar::TextDiff::from_lines(&a, &b)
-                .unified_diff()
-                .context_radius(2)
-                .header(&format!("live {r}"), &format!("rendered {r}"))
-                .to_string();
+        if let Some(diff) = drift(cluster, o, &mut live, &r, "rendered", 2).await? {
             problems.push(Problem::Drifted {
                 what: r.to_string(),
                 diff,
