@@ -18,29 +18,7 @@ const DEFAULT_LINE: &str = "--proxy-uid 1337 --proxy-gid 1337 --inbound-port 150
     --outbound-port 15001 --include-inbound-ports * --exclude-inbound-ports 15000,15021,15090 \
     --include-outbound-ip-ranges *";
 
-const HEAD: &str = "* nat
-:MESH_INBOUND - [0:0]
-:MESH_IN_REDIRECT - [0:0]
-:MESH_OUTPUT - [0:0]
-:MESH_REDIRECT - [0:0]
--A MESH_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A MESH_REDIRECT -p tcp -j REDIRECT --to-ports 15001
-";
-const OWNER: &str = "-A OUTPUT -p tcp -j MESH_OUTPUT
--A MESH_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j MESH_IN_REDIRECT
--A MESH_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
--A MESH_OUTPUT -m owner --uid-owner 1337 -j RETURN
--A MESH_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --gid-owner 1337 -j MESH_IN_REDIRECT
--A MESH_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
--A MESH_OUTPUT -m owner --gid-owner 1337 -j RETURN
--A MESH_OUTPUT -d 127.0.0.1/32 -j RETURN
-";
-const DEFAULT_INBOUND: &str = "-A PREROUTING -p tcp -j MESH_INBOUND
--A MESH_INBOUND -p tcp --dport 15000 -j RETURN
--A MESH_INBOUND -p tcp --dport 15021 -j RETURN
--A MESH_INBOUND -p tcp --dport 15090 -j RETURN
--A MESH_INBOUND -p tcp -j MESH_IN_REDIRECT
-";
+use crate::testing::redirect_rules::{DEFAULT_INBOUND, HEAD, OWNER};
 
 #[test]
 fn the_injectors_default_line_round_trips() {
