@@ -417,16 +417,7 @@ fn inbound_policies(
     backed: &[Backed],
     limits: &mut BTreeMap<u16, Option<String>>,
 ) {
-    let mut policies: Vec<_> = cx.res.rate_limit_policies.iter().collect();
-    policies.sort_by_key(|p| {
-        let c = p.metadata.creation_timestamp.clone();
-        (
-            c.is_none(),
-            c,
-            ns_name(&p.metadata, &cx.opts.default_namespace),
-        )
-    });
-    for p in policies {
+    for p in cx.policies_in_order() {
         let (ns, name) = ns_name(&p.metadata, &cx.opts.default_namespace);
         let ctx = format!("RateLimitPolicy {ns}/{name}");
         if !validate::rate_limit_policy(p).is_empty() {

@@ -22,7 +22,7 @@ use mesh_config::{
 };
 
 use crate::istio::PatchContext;
-use crate::policy::RateLimitPolicyMode;
+use crate::policy::{RateLimitPolicy, RateLimitPolicyMode};
 use crate::precedence::PrecedenceKey;
 use crate::resources::{Resources, ns_name};
 use crate::status::{
@@ -197,6 +197,21 @@ impl<'a> Ctx<'a> {
             services,
             slices,
         }
+    }
+
+    /// Rate-limit policies in the order conflicts are settled, for gateways and sidecars
+    /// alike: oldest first (no timestamp last), then namespace/name.
+    pub(crate) fn policies_in_order(&self) -> Vec<&'a RateLimitPolicy> {
+        let mut policies: Vec<_> = self.res.rate_limit_policies.iter().collect();
+        policies.sort_by_key(|p| {
+            let c = p.metadata.creation_timestamp.clone();
+            (
+                c.is_none(),
+                c,
+                ns_name(&p.metadata, &self.opts.default_namespace),
+            )
+        });
+        policies
     }
 
     /// The Service `ns/name`.
@@ -1220,16 +1235,7 @@ fn set_limit(slot: &mut Option<String>, limit: &str) -> Result<(), String> {
 }
 
 fn apply_policies(cx: &mut Ctx<'_>, gws: &[Gw<'_>], entries: &mut [Entry]) {
-    let mut policies: Vec<_> = cx.res.rate_limit_policies.iter().collect();
-    policies.sort_by_key(|p| {
-        let c = p.metadata.creation_timestamp.clone();
-        (
-            c.is_none(),
-            c,
-            ns_name(&p.metadata, &cx.opts.default_namespace),
-        )
-    });
-    for p in policies {
+    for p in cx.policies_in_order() {
         let (ns, name) = ns_name(&p.metadata, &cx.opts.default_namespace);
         let ctx = format!("RateLimitPolicy {ns}/{name}");
         let problems = validate::rate_limit_policy(p);
