@@ -179,6 +179,8 @@ fn load_resources(
     Ok(translation.config)
 }
 
+// The system allocator on purpose: mimalloc (which meshctl uses) saved ~3% of instructions
+// per request here but added ~7 MB of RSS per proxy, and a sidecar runs in every pod.
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_level = match &cli.command {

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use kube::core::GroupVersionKind;
+use kube::core::admission::Operation;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::inject::patch::diff;
@@ -96,9 +97,30 @@ fn review(uid: &str, response: Value, outcome: Outcome) -> Answer {
     }
 }
 
+/// What the webhook reads of an AdmissionReview besides the object. Deserialized from the
+/// parsed body in place: the object (and oldObject) are skipped, not copied.
+#[derive(Deserialize)]
+struct ReviewHead {
+    #[serde(default)]
+    request: Option<RequestHead>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestHead {
+    #[serde(default)]
+    uid: String,
+    kind: GroupVersionKind,
+    operation: Operation,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
 /// Handle one AdmissionReview body.
 pub fn handle(body: &[u8], cfg: &InjectionConfig, namespaces: &dyn NamespaceLookup) -> Answer {
-    let raw: Value = match serde_json::from_slice(body) {
+    let mut raw: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => return bad_request(format!("body is not valid JSON: {e}")),
     };
@@ -115,13 +137,13 @@ pub fn handle(body: &[u8], cfg: &InjectionConfig, namespaces: &dyn NamespaceLook
             "apiVersion must be {ADMISSION_API_VERSION}, got {api_version:?}"
         ));
     }
-    let parsed: AdmissionReview<DynamicObject> = match serde_path_to_error::deserialize(&raw) {
+    // Only the request's head is typed; the object stays JSON and is taken, not copied.
+    let head: ReviewHead = match serde_path_to_error::deserialize(&raw) {
         Ok(r) => r,
         Err(e) => return bad_request(format!("AdmissionReview field {}: {}", e.path(), e.inner())),
     };
-    let req: AdmissionRequest<DynamicObject> = match parsed.try_into() {
-        Ok(r) => r,
-        Err(_) => return bad_request("AdmissionReview has no request"),
+    let Some(req) = head.request else {
+        return bad_request("AdmissionReview has no request");
     };
     if req.uid.is_empty() {
         return bad_request("request.uid is missing");
@@ -131,10 +153,10 @@ pub fn handle(body: &[u8], cfg: &InjectionConfig, namespaces: &dyn NamespaceLook
     if !is_pod || req.operation != Operation::Create || req.sub_resource.is_some() {
         return review(uid, json!({}), Outcome::Ignored);
     }
-    let Some(original) = raw.pointer("/request/object").filter(|o| o.is_object()) else {
-        return bad_request("request.object is missing for a Pod CREATE");
+    let mut pod = match raw.pointer_mut("/request/object") {
+        Some(o) if o.is_object() => o.take(),
+        _ => return bad_request("request.object is missing for a Pod CREATE"),
     };
-    let mut pod = original.clone();
     // The API server may omit apiVersion/kind inside the object; the core needs them.
     if let Some(o) = pod.as_object_mut() {
         o.entry("apiVersion").or_insert_with(|| json!("v1"));
