@@ -505,14 +505,15 @@ async fn forward<'a>(
         }
     }
 
-    let client = rt.clients.get(upstream.protocol, upstream.connect_timeout);
     let request = Request::from_parts(parts, body);
     let deadline = deadline(
         start,
         route.timeouts.request,
         route.timeouts.backend_request,
     );
-    let sent = client.request(request);
+    let sent = rt
+        .clients
+        .send(upstream.protocol, upstream.connect_timeout, request);
     let result = match deadline {
         Some(d) => match tokio::time::timeout_at(d, sent).await {
             Ok(r) => r,
@@ -520,7 +521,7 @@ async fn forward<'a>(
         },
         None => sent.await,
     };
-    let mut resp = result.map_err(|e| ProxyError::from_client(&e))?;
+    let mut resp = result?;
 
     // The response speaks the downstream's protocol, whatever the backend answered with (an
     // HTTP/1.0 backend must not turn a keep-alive HTTP/1.1 connection into 1.0).
@@ -546,7 +547,7 @@ async fn forward<'a>(
             }
         });
     }
-    Ok(resp.map(body::boxed))
+    Ok(resp)
 }
 
 fn deadline(
@@ -598,11 +599,12 @@ fn spawn_mirror(
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
-    let client = rt.clients.get(target.protocol, target.connect_timeout);
+    let rt = rt.clone();
+    let (protocol, connect_timeout) = (target.protocol, target.connect_timeout);
     let name = target.name.clone();
     tokio::spawn(async move {
         use http_body_util::BodyExt;
-        match client.request(req).await {
+        match rt.clients.send(protocol, connect_timeout, req).await {
             Ok(resp) => {
                 // Drain so the connection can go back to the pool.
                 let _ = resp.into_body().collect().await.map(|_: _| Bytes::new());

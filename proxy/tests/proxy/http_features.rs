@@ -62,6 +62,80 @@ async fn keep_alive_is_reused_downstream_and_upstream() {
     );
 }
 
+/// A keep-alive HTTP/1.1 backend that answers `status` with `body` once per connection,
+/// then closes it (like a backend whose idle timeout is shorter than the proxy's).
+async fn one_shot_backend(
+    status: &'static str,
+    body: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+                // No `connection: close`: the proxy learns of the close only from the socket.
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_is_not_used_again() {
+    let (endpoint, accepted) = one_shot_backend("200 OK", "hello").await;
+    let env = start(gateway(
+        json!([forward("r", json!({}), "b")]),
+        json!([backend("b", &[endpoint])]),
+    ))
+    .await;
+    let client = TestClient::http1();
+    for i in 0..3 {
+        let r = client.get(&env.url(&format!("/c{i}")), &[]).await.unwrap();
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.text(), "hello");
+        // Let the backend's close reach the proxy's idle connection.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_connection_is_reused_after_a_response_without_a_body() {
+    let (s, env) = one_backend("a").await;
+    let client = TestClient::http1();
+    for i in 0..4 {
+        // HEAD: a response head with no body to read.
+        let req = http::Request::head(env.url(&format!("/h{i}")))
+            .body(mesh_proxy::testing::body(""))
+            .unwrap();
+        let r = client.send(req).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(s.requests().len(), 4);
+    assert_eq!(
+        s.connections(),
+        1,
+        "the upstream connection came back to the pool"
+    );
+}
+
 #[tokio::test]
 async fn chunked_request_and_response_bodies_stream() {
     let (_s, env) = one_backend("a").await;
