@@ -35,9 +35,7 @@ use crate::istio::PatchContext;
 use crate::policy::RateLimitPolicyMode;
 use crate::precedence::PrecedenceKey;
 use crate::resources::{Resources, ns_name};
-use crate::translate::{
-    Ctx, SERVICE_NAME_LABEL, access_log, build_routes, fmt_labels, resolve_backend,
-};
+use crate::translate::{Ctx, access_log, build_routes, fmt_labels, resolve_backend, slice_service};
 use crate::{TranslateOptions, Translation, validate};
 
 /// Listener names in a sidecar's config.
@@ -350,15 +348,9 @@ fn backed_services(res: &Resources, default_ns: &str, o: &SidecarOptions) -> Vec
     // Later slices win a port name: in name order, whatever order the objects came in.
     slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     for s in slices {
-        let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some((ns, svc)) = slice_service(s, default_ns) else {
             continue;
         };
-        let (ns, _) = ns_name(&s.metadata, default_ns);
         let eps: &[_] = s.endpoints.as_deref().unwrap_or(&[]);
         let mine = eps.iter().any(|e| {
             ip.as_ref().is_some_and(|ip| e.addresses.contains(ip))

@@ -33,6 +33,14 @@ use crate::{Warning, hostname, validate};
 
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// (namespace, Service name) of the Service an EndpointSlice belongs to, from its
+/// `kubernetes.io/service-name` label; `None` for a slice without one.
+pub(crate) fn slice_service(s: &EndpointSlice, default_ns: &str) -> Option<(String, String)> {
+    let svc = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let (ns, _) = ns_name(&s.metadata, default_ns);
+    Some((ns, svc.clone()))
+}
 const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// What to translate and how.
@@ -173,16 +181,9 @@ impl<'a> Ctx<'a> {
         }
         let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
         for s in &res.endpoint_slices {
-            let Some(svc) = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            else {
-                continue;
-            };
-            let (ns, _) = ns_name(&s.metadata, default_ns);
-            slices.entry((ns, svc.clone())).or_default().push(s);
+            if let Some(key) = slice_service(s, default_ns) {
+                slices.entry(key).or_default().push(s);
+            }
         }
         for v in slices.values_mut() {
             v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
