@@ -121,7 +121,6 @@ impl Http1Pool {
             req.headers_mut().insert(header::HOST, h);
         }
         let key = authority.as_str();
-        let mut req = req;
         // A pooled connection may have been closed by the backend while idle. If hyper hands
         // the request back unsent, it is safe to send it again on a fresh connection.
         if let Some(mut sender) = self.take(key) {

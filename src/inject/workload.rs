@@ -188,40 +188,22 @@ fn inject_at(
 
 /// Validate a JSON value into a typed one, naming the offending field.
 fn typed<T: serde::de::DeserializeOwned>(v: &Value, prefix: &str) -> Result<T, FieldError> {
-    // Copy only when there is something to normalize: most templates have none.
-    let normalized;
-    let v = if has_numeric_quantities(v) {
-        let mut copy = v.clone();
-        normalize_quantities(&mut copy);
-        normalized = copy;
-        &normalized
-    } else {
-        v
-    };
-    // Path tracking costs about a third of the deserialization; only an error needs it.
+    // Most templates deserialize as they are: no copy, and no path tracking (about a third
+    // of the cost). Only a failure pays for a normalized copy and, if that fails too, for
+    // the path that names the field.
     if let Ok(t) = <T as serde::Deserialize>::deserialize(v) {
         return Ok(t);
     }
-    serde_path_to_error::deserialize(v).map_err(|e| {
+    let mut v = v.clone();
+    normalize_quantities(&mut v);
+    if let Ok(t) = <T as serde::Deserialize>::deserialize(&v) {
+        return Ok(t);
+    }
+    serde_path_to_error::deserialize(&v).map_err(|e| {
         let p = e.path().to_string();
         let p = if p == "." { String::new() } else { p };
         ferr(join(prefix, &p), e.inner().to_string())
     })
-}
-
-/// Whether [`normalize_quantities`] would change anything.
-fn has_numeric_quantities(v: &Value) -> bool {
-    match v {
-        Value::Object(m) => m.iter().any(|(k, child)| match (k.as_str(), child) {
-            ("limits" | "requests" | "overhead", Value::Object(q)) => {
-                q.values().any(Value::is_number)
-            }
-            ("sizeLimit", Value::Number(_)) => true,
-            _ => has_numeric_quantities(child),
-        }),
-        Value::Array(a) => a.iter().any(has_numeric_quantities),
-        _ => false,
-    }
 }
 
 /// Kubernetes accepts bare numbers for quantities (`cpu: 1`); our types want strings.
