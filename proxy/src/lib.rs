@@ -23,6 +23,7 @@ pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod upstream;
+pub mod workers;
 
 pub use error::ProxyError;
 pub use server::{BoundListener, Proxy, ProxyHandle, ProxyOptions, ServeError};

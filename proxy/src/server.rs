@@ -23,6 +23,7 @@ use crate::observe::Observer;
 use crate::ratelimit::RateLimiters;
 use crate::routing::{BuildError, RouteTable};
 use crate::upstream::Clients;
+use crate::workers::Workers;
 
 /// How the proxy binds its listeners.
 #[derive(Debug, Clone)]
@@ -43,6 +44,9 @@ pub struct ProxyOptions {
     /// Sidecar listeners: how long to wait for a captured connection's first bytes before
     /// treating it as opaque TCP (server-first protocols send nothing).
     pub protocol_detection_timeout: Duration,
+    /// Worker threads that serve accepted connections (`--workers N`, N > 1); `None` serves
+    /// them on the runtime that runs the proxy.
+    pub workers: Option<Arc<Workers>>,
 }
 
 impl Default for ProxyOptions {
@@ -55,6 +59,7 @@ impl Default for ProxyOptions {
             metrics: None,
             access_log: None,
             protocol_detection_timeout: Duration::from_secs(1),
+            workers: None,
         }
     }
 }
@@ -110,7 +115,7 @@ impl Proxy {
             .clone()
             .unwrap_or_else(|| Arc::new(AccessLogger::new(metrics.access_log_dropped_counter())));
         let rt = Arc::new(Runtime {
-            clients: Clients::default(),
+            clients: Clients::new(options.workers.as_ref().map_or(1, |w| w.len())),
             observer: Observer::new(metrics.clone(), access_log),
             kill: CancellationToken::new(),
         });
@@ -356,6 +361,7 @@ impl ProxyHandle {
                 stop.clone(),
                 kill.clone(),
                 opts.protocol_detection_timeout,
+                opts.workers.clone(),
             ));
             next.push(RunningListener {
                 key,
@@ -414,6 +420,7 @@ async fn accept_loop(
     stop: CancellationToken,
     kill: CancellationToken,
     detect_timeout: Duration,
+    workers: Option<Arc<Workers>>,
 ) {
     let graceful = GracefulShutdown::new();
     let gauge = metrics.connections_gauge(&name);
@@ -435,38 +442,47 @@ async fn accept_loop(
             let st = state.load();
             (st.table.limits, st.table.kind)
         };
+        let guard = gauge.opened();
+        let kill = kill.clone();
         if kind != ListenerKind::Gateway {
             // Captured connections: original destination, protocol detection, then HTTP or
             // an opaque copy (crate::sidecar).
-            tokio::spawn(crate::sidecar::serve_captured(
-                crate::sidecar::Captured {
-                    stream,
-                    peer,
-                    state: state.clone(),
-                    rt: rt.clone(),
-                    graceful: graceful.watcher(),
-                    kill: kill.clone(),
-                    detect_timeout,
-                },
-                gauge.opened(),
-            ));
+            let state = state.clone();
+            let rt = rt.clone();
+            let graceful = graceful.watcher();
+            let serve = move |stream| {
+                crate::sidecar::serve_captured(
+                    crate::sidecar::Captured {
+                        stream,
+                        peer,
+                        state,
+                        rt,
+                        graceful,
+                        kill,
+                        detect_timeout,
+                    },
+                    guard,
+                )
+            };
+            match &workers {
+                Some(w) => w.serve(stream, serve),
+                None => drop(tokio::spawn(serve(stream))),
+            }
             continue;
         }
-        let builder = server_builder(limits);
         let svc_state = state.clone();
         let svc_rt = rt.clone();
-        let svc = service_fn(move |req| {
-            let st = svc_state.load_full();
-            let rt = svc_rt.clone();
-            async move { handle(rt, st, req, peer, None).await }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        let kill = kill.clone();
-        let guard = gauge.opened();
-        tokio::spawn(async move {
+        let graceful = graceful.watcher();
+        let serve = move |stream| async move {
+            let svc = service_fn(move |req| {
+                let st = svc_state.load_full();
+                let rt = svc_rt.clone();
+                async move { handle(rt, st, req, peer, None).await }
+            });
+            let conn = server_builder(limits)
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            let conn = graceful.watch(conn);
             tokio::select! {
                 r = conn => {
                     if let Err(e) = r {
@@ -476,7 +492,11 @@ async fn accept_loop(
                 _ = kill.cancelled() => {}
             }
             drop(guard);
-        });
+        };
+        match &workers {
+            Some(w) => w.serve(stream, serve),
+            None => drop(tokio::spawn(serve(stream))),
+        }
     }
     drop(listener);
     graceful.shutdown().await;

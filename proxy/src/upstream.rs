@@ -38,14 +38,37 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per backend address; more are closed when they come back.
 const MAX_IDLE_PER_HOST: usize = 256;
 
-/// Every upstream client of the proxy.
-#[derive(Default)]
+/// Every upstream client of the proxy: one shard per worker thread
+/// ([`crate::workers::current`]), so a pooled connection is used on the thread whose reactor
+/// and runtime drive it.
 pub struct Clients {
+    shards: Box<[Shard]>,
+}
+
+#[derive(Default)]
+struct Shard {
     http1: Http1Pool,
     http2: Mutex<HashMap<Duration, LegacyClient>>,
 }
 
+impl Default for Clients {
+    fn default() -> Self {
+        Clients::new(1)
+    }
+}
+
 impl Clients {
+    /// Clients for `workers` worker threads (at least one shard).
+    pub fn new(workers: usize) -> Clients {
+        Clients {
+            shards: (0..workers.max(1)).map(|_| Shard::default()).collect(),
+        }
+    }
+
+    fn shard(&self) -> &Shard {
+        &self.shards[crate::workers::current() % self.shards.len()]
+    }
+
     /// Sends `req` (absolute URI: `http://ip:port/path`) to its backend.
     pub async fn send(
         &self,
@@ -53,11 +76,12 @@ impl Clients {
         connect_timeout: Duration,
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let shard = self.shard();
         match protocol {
-            UpstreamProtocol::Http1 => self.http1.send(connect_timeout, req).await,
+            UpstreamProtocol::Http1 => shard.http1.send(connect_timeout, req).await,
             UpstreamProtocol::Http2 => {
                 let client = {
-                    let mut map = self.http2.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut map = shard.http2.lock().unwrap_or_else(|p| p.into_inner());
                     map.entry(connect_timeout)
                         .or_insert_with(|| build_http2(connect_timeout))
                         .clone()
