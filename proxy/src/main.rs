@@ -199,26 +199,34 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let mut builder = match &mut cli.command {
-        // `run` serves traffic on worker threads of its own (proxy::workers); the main
-        // thread's runtime does the rest: accepting, config, admin.
-        Command::Run(args) => {
-            let workers = args.workers.map_or_else(
-                || std::thread::available_parallelism().map_or(1, usize::from),
-                usize::from,
-            );
-            if workers > 1 {
-                match Workers::start(workers) {
-                    Ok(w) => args.worker_pool = Some(Arc::new(w)),
+    // `run` and `sidecar` serve traffic on worker threads of their own (proxy::workers); the
+    // main thread's runtime does the rest: accepting, config, admin.
+    let cores = || std::thread::available_parallelism().map_or(1, usize::from);
+    let (requested, pool) = match &mut cli.command {
+        Command::Run(args) => (
+            args.workers.map_or_else(cores, usize::from),
+            Some(&mut args.worker_pool),
+        ),
+        Command::Sidecar(args) => (
+            args.workers.map_or_else(|| cores().min(2), usize::from),
+            Some(&mut args.worker_pool),
+        ),
+        _ => (1, None),
+    };
+    let mut builder = match pool {
+        Some(pool) => {
+            if requested > 1 {
+                match Workers::start(requested) {
+                    Ok(w) => *pool = Some(Arc::new(w)),
                     Err(e) => {
-                        eprintln!("error: cannot start {workers} worker threads: {e}");
+                        eprintln!("error: cannot start {requested} worker threads: {e}");
                         return std::process::ExitCode::FAILURE;
                     }
                 }
             }
             tokio::runtime::Builder::new_current_thread()
         }
-        _ => tokio::runtime::Builder::new_multi_thread(),
+        None => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,

@@ -86,6 +86,13 @@ pub struct SidecarArgs {
     pub token_path: Option<PathBuf>,
     #[arg(long, env = "MESH_CA_ROOT_PATH")]
     pub ca_root_path: Option<PathBuf>,
+    /// Worker threads serving traffic (default: the cores the pod may use, at most 2, like
+    /// Istio's sidecar `concurrency`). 1 serves everything on the main thread.
+    #[arg(long, value_name = "N", env = "MESH_PROXY_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub workers: Option<u16>,
+    /// The worker threads, started by `main` before the runtime.
+    #[arg(skip)]
+    pub worker_pool: Option<std::sync::Arc<crate::workers::Workers>>,
 }
 
 /// Where the sidecar's config comes from.
@@ -260,6 +267,7 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         bind_address: any,
         metrics: Some(metrics.clone()),
         protocol_detection_timeout: args.protocol_detection_timeout,
+        workers: args.worker_pool.clone(),
         ..ProxyOptions::default()
     };
     let proxy = match &source {

@@ -36,6 +36,9 @@ fn spawn(config: &std::path::Path) -> Child {
         .args(["run", "--config"])
         .arg(config)
         .args([
+            // Served on worker threads whatever the machine's core count.
+            "--workers",
+            "3",
             "--bind-address",
             "127.0.0.1",
             "--listener-port",

@@ -37,6 +37,20 @@ pub async fn start(v: Value) -> Env {
     Env { proxy, addr }
 }
 
+/// Like [`start`], with connections served on `n` worker threads (`mesh-proxy run --workers`).
+pub async fn start_on_workers(v: Value, n: usize) -> Env {
+    let workers = mesh_proxy::workers::Workers::start(n).expect("workers start");
+    let options = ProxyOptions {
+        workers: Some(std::sync::Arc::new(workers)),
+        ..options()
+    };
+    let proxy = Proxy::start(config(v), options)
+        .await
+        .expect("proxy starts");
+    let addr = proxy.listeners().await[0].address;
+    Env { proxy, addr }
+}
+
 /// One listener (port 0) with one virtual host for `*` and these routes and backends.
 pub fn gateway(routes: Value, backends: Value) -> Value {
     json!({

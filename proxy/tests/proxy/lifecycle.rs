@@ -28,7 +28,8 @@ fn two_versions(a: &EchoServer, b: &EchoServer, tag: &str) -> serde_json::Value 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_loses_no_request() {
     let (a, b) = tokio::join!(EchoServer::start("a"), EchoServer::start("b"));
-    let env = start(two_versions(&a, &b, "0")).await;
+    // Served on two worker threads: a reload reaches every worker.
+    let env = start_on_workers(two_versions(&a, &b, "0"), 2).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut workers = Vec::new();
@@ -151,10 +152,14 @@ async fn update_keeps_unchanged_sockets_and_rebinds_changed_ones() {
 #[tokio::test]
 async fn graceful_shutdown_lets_in_flight_requests_finish() {
     let slow = EchoServer::slow("slow", Duration::from_millis(600)).await;
-    let env = start(gateway(
-        json!([forward("r", json!({}), "s")]),
-        json!([backend("s", &[slow.endpoint()])]),
-    ))
+    // On worker threads: the drain reaches connections on every worker.
+    let env = start_on_workers(
+        gateway(
+            json!([forward("r", json!({}), "s")]),
+            json!([backend("s", &[slow.endpoint()])]),
+        ),
+        2,
+    )
     .await;
     let url = env.url("/");
     let in_flight = tokio::spawn(async move { get(&url).await });
@@ -188,10 +193,13 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
 #[tokio::test]
 async fn shutdown_grace_period_ends_stuck_requests() {
     let slow = EchoServer::slow("slow", Duration::from_secs(30)).await;
-    let env = start(gateway(
-        json!([forward("r", json!({}), "s")]),
-        json!([backend("s", &[slow.endpoint()])]),
-    ))
+    let env = start_on_workers(
+        gateway(
+            json!([forward("r", json!({}), "s")]),
+            json!([backend("s", &[slow.endpoint()])]),
+        ),
+        2,
+    )
     .await;
     let url = env.url("/");
     let in_flight = tokio::spawn(async move { get(&url).await });
