@@ -1,5 +1,6 @@
 //! The request path: route, rate-limit, filter, forward (or answer locally), then report.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,9 +91,10 @@ pub async fn handle(
         .access_log_enabled()
         .then(|| Arrival::new(&uri, req.headers()));
     let mut request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
-    let received = Arc::new(AtomicU64::new(0));
-    let req = match arrival {
-        Some(_) => req.map(|b| CountingBody::wrap(body::boxed(b), received.clone())),
+    // Bytes received are counted only for the access log.
+    let received = arrival.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
+    let req = match &received {
+        Some(received) => req.map(|b| CountingBody::wrap(body::boxed(b), received.clone())),
         None => req.map(body::boxed),
     };
     let mut out = Outcome::default();
@@ -140,7 +142,7 @@ pub async fn handle(
                 PendingLog {
                     logger: rt.observer.access_log.clone(),
                     entry,
-                    received,
+                    received: received.unwrap_or_default(),
                     start,
                 },
             )
@@ -171,12 +173,12 @@ async fn serve(
         return fail(out, ProxyError::HeadersTooLarge);
     }
 
+    // Both borrow the request (no copies); they are last used before it is forwarded.
     let (host_port, host) = request_host(&req);
-    let path = req.uri().path().to_string();
     let info = RequestInfo {
         host: &host,
         method: req.method(),
-        path: &path,
+        path: req.uri().path(),
         query: req.uri().query(),
         headers: req.headers(),
     };
@@ -340,21 +342,26 @@ fn apply_ops(ops: &[&HeaderOps], headers: &mut HeaderMap) {
     }
 }
 
-/// The request's host: `(authority as sent, lowercase host without port)`.
-fn request_host<B>(req: &Request<B>) -> (Option<u16>, String) {
+/// The request's host: `(port as sent, lowercase host without port)`; borrowed unless it
+/// had uppercase letters.
+fn request_host<B>(req: &Request<B>) -> (Option<u16>, Cow<'_, str>) {
     let raw = req
         .uri()
         .authority()
-        .map(|a| a.as_str().to_string())
+        .map(|a| a.as_str())
         .or_else(|| {
             req.headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
         })
         .unwrap_or_default();
-    let (host, port) = split_host_port(&raw);
-    (port, host.to_ascii_lowercase())
+    let (host, port) = split_host_port(raw);
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    (port, host)
 }
 
 fn split_host_port(s: &str) -> (&str, Option<u16>) {
@@ -465,7 +472,11 @@ async fn forward<'a>(
 
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     headers::set_forwarded(&mut parts.headers, peer.ip(), "http");
-    *request_id = Some(headers::ensure_request_id(&mut parts.headers));
+    let id = headers::ensure_request_id(&mut parts.headers);
+    // Kept only for the access log: a copy costs an allocation.
+    if rt.observer.access_log_enabled() {
+        *request_id = Some(id.clone());
+    }
     match host_value {
         Some(h) => {
             parts.headers.insert(header::HOST, h);
@@ -632,9 +643,9 @@ mod tests {
             .header("host", "Shop.COM:81")
             .body(())
             .unwrap();
-        assert_eq!(request_host(&req), (Some(81), "shop.com".to_string()));
+        assert_eq!(request_host(&req), (Some(81), Cow::from("shop.com")));
         let req = Request::get("http://h2.example/x").body(()).unwrap();
-        assert_eq!(request_host(&req), (None, "h2.example".to_string()));
+        assert_eq!(request_host(&req), (None, Cow::from("h2.example")));
     }
 
     #[test]

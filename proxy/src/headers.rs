@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use http::HeaderMap;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderName, HeaderValue};
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -130,16 +130,19 @@ impl IpBuf {
 }
 
 /// Returns the request's `x-request-id`, generating (and inserting) a UUID-v4-shaped one if
-/// absent.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID)
-        && !v.is_empty()
-    {
-        return v.clone();
+/// absent or empty. One map lookup.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> &HeaderValue {
+    let generated =
+        || HeaderValue::from_bytes(&request_id_bytes()).expect("hex is a valid header value");
+    match headers.entry(X_REQUEST_ID) {
+        Entry::Occupied(mut e) => {
+            if e.get().is_empty() {
+                e.insert(generated());
+            }
+            e.into_mut()
+        }
+        Entry::Vacant(e) => e.insert(generated()),
     }
-    let v = HeaderValue::from_bytes(&request_id_bytes()).expect("hex is a valid header value");
-    headers.insert(X_REQUEST_ID, v.clone());
-    v
 }
 
 /// A random UUID (version 4 layout).
@@ -231,9 +234,9 @@ mod tests {
     #[test]
     fn request_ids_are_kept_or_generated() {
         let mut h = HeaderMap::new();
-        let id = ensure_request_id(&mut h);
+        let id = ensure_request_id(&mut h).clone();
         assert_eq!(id.len(), 36);
-        assert_eq!(ensure_request_id(&mut h), id);
+        assert_eq!(*ensure_request_id(&mut h), id);
         assert_ne!(new_request_id(), new_request_id());
         // The UUID v4 layout: 8-4-4-4-12 lowercase hex, version 4, variant 10xx.
         for _ in 0..100 {

@@ -9,6 +9,7 @@ pub mod body;
 pub mod config_file;
 pub mod distribution;
 pub mod error;
+mod fasthash;
 mod handler;
 pub mod headers;
 pub mod metrics;
