@@ -20,6 +20,7 @@
 //! The plain [`Metrics::record_request`] works without a handle.
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::fasthash::FastMap;
+use crate::fasthash::{FastHasher, FastMap};
 
 /// Content type of [`Metrics::encode`]'s output.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -171,30 +172,27 @@ pub struct Metrics {
 /// Shards of the request-handle cache: workers beyond this share shards (correct, just a
 /// little lock traffic).
 const REQUEST_HANDLE_SHARDS: usize = 8;
-/// Entries per shard before it is emptied (label sets of configs long gone go with it).
+/// Label sets per shard before it is emptied (label sets of configs long gone go with it).
 const REQUEST_HANDLE_MAX: usize = 4096;
 
-/// A request's labels by identity: the addresses of the `Arc<str>` label values the request
-/// path holds (compiled into the config) and the status code. Each entry keeps its `Arc`s, so
-/// an address cannot be reused for another string while the entry exists.
-#[derive(Debug, PartialEq, Eq, Hash, Clone, Copy)]
-struct RequestHandleKey {
-    listener: usize,
-    route: usize,
-    backend: usize,
-    code: u16,
-}
-
+/// The metric handles of one label set (listener, route, backend, code).
 #[derive(Debug)]
 struct RequestHandles {
-    _labels: [Arc<str>; 3],
+    labels: RouteLabels,
+    code: u16,
     requests: Counter,
     duration: Histogram,
 }
 
-/// SipHash over three label strings (what a `Family` lookup costs) was ~4% of the proxy's
-/// instructions per request; this is a few multiplications.
-type RequestHandleCache = FastMap<RequestHandleKey, RequestHandles>;
+/// Handles by the hash of their label values. SipHash over three label strings plus a
+/// lookup in each `Family` was ~4% of the proxy's instructions per request; this is one fast
+/// hash and a comparison of the strings. Keyed by content, not by `Arc` identity: sidecar
+/// passthrough routes build their names per request.
+#[derive(Debug, Default)]
+struct RequestHandleCache {
+    by_hash: FastMap<u64, Vec<RequestHandles>>,
+    len: usize,
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -328,21 +326,30 @@ impl Metrics {
     ) {
         let route = route.unwrap_or(&self.empty);
         let backend = backend.unwrap_or(&self.empty);
-        let key = RequestHandleKey {
-            listener: Arc::as_ptr(listener).cast::<u8>() as usize,
-            route: Arc::as_ptr(route).cast::<u8>() as usize,
-            backend: Arc::as_ptr(backend).cast::<u8>() as usize,
-            code,
+        let hash = {
+            let mut h = FastHasher::default();
+            (&**listener, &**route, &**backend, code).hash(&mut h);
+            h.finish()
+        };
+        let is_it = |e: &RequestHandles| {
+            e.code == code
+                && *e.labels.listener == **listener
+                && *e.labels.route == **route
+                && *e.labels.backend == **backend
         };
         let shard = &self.request_handles[crate::workers::current() % REQUEST_HANDLE_SHARDS];
         let mut cache = shard.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = cache.get(&key) {
-            h.requests.inc();
-            h.duration.observe(duration.as_secs_f64());
+        if let Some(e) = cache
+            .by_hash
+            .get(&hash)
+            .and_then(|l| l.iter().find(|e| is_it(e)))
+        {
+            e.requests.inc();
+            e.duration.observe(duration.as_secs_f64());
             return;
         }
-        if cache.len() >= REQUEST_HANDLE_MAX {
-            cache.clear();
+        if cache.len >= REQUEST_HANDLE_MAX {
+            *cache = RequestHandleCache::default();
         }
         let labels = RouteLabels {
             listener: listener.clone(),
@@ -358,14 +365,13 @@ impl Metrics {
         });
         requests.inc();
         histogram.observe(duration.as_secs_f64());
-        cache.insert(
-            key,
-            RequestHandles {
-                _labels: [labels.listener, labels.route, labels.backend],
-                requests,
-                duration: histogram,
-            },
-        );
+        cache.len += 1;
+        cache.by_hash.entry(hash).or_default().push(RequestHandles {
+            labels,
+            code,
+            requests,
+            duration: histogram,
+        });
     }
 
     /// Counts one request refused by `limit`.

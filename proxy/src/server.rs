@@ -23,7 +23,7 @@ use crate::observe::Observer;
 use crate::ratelimit::RateLimiters;
 use crate::routing::{BuildError, RouteTable};
 use crate::upstream::Clients;
-use crate::workers::Workers;
+use crate::workers::{Workers, serve_connection};
 
 /// How the proxy binds its listeners.
 #[derive(Debug, Clone)]
@@ -464,10 +464,7 @@ async fn accept_loop(
                     guard,
                 )
             };
-            match &workers {
-                Some(w) => w.serve(stream, serve),
-                None => drop(tokio::spawn(serve(stream))),
-            }
+            serve_connection(workers.as_deref(), stream, serve);
             continue;
         }
         let svc_state = state.clone();
@@ -493,10 +490,7 @@ async fn accept_loop(
             }
             drop(guard);
         };
-        match &workers {
-            Some(w) => w.serve(stream, serve),
-            None => drop(tokio::spawn(serve(stream))),
-        }
+        serve_connection(workers.as_deref(), stream, serve);
     }
     drop(listener);
     graceful.shutdown().await;

@@ -114,6 +114,19 @@ impl Workers {
     }
 }
 
+/// Serves an accepted connection with `serve`: on the next worker of `workers`, or on the
+/// current runtime when there are none.
+pub fn serve_connection<F, Fut>(workers: Option<&Workers>, stream: TcpStream, serve: F)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    match workers {
+        Some(w) => w.serve(stream, serve),
+        None => drop(tokio::spawn(serve(stream))),
+    }
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
         for w in &mut self.workers {

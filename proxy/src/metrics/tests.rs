@@ -98,3 +98,33 @@ fn handles_from_many_threads() {
     }
     assert_eq!(m.requests_count("l", "r", "b", 200), 4000);
 }
+
+#[test]
+fn the_request_path_counts_by_label_values_not_by_label_instances() {
+    let m = Metrics::new();
+    let listener: Arc<str> = Arc::from("gw/http");
+    // Sidecar passthrough routes build their names per request: equal text, new `Arc`s.
+    for _ in 0..3 {
+        let route: Arc<str> = Arc::from("passthrough");
+        m.record_request_arc(&listener, Some(&route), None, 200, Duration::from_millis(1));
+    }
+    let route: Arc<str> = Arc::from("passthrough");
+    m.record_request_arc(&listener, Some(&route), None, 503, Duration::from_millis(1));
+    m.record_request_arc(&listener, None, None, 404, Duration::from_millis(1));
+    assert_eq!(m.requests_count("gw/http", "passthrough", "", 200), 3);
+    assert_eq!(m.requests_count("gw/http", "passthrough", "", 503), 1);
+    assert_eq!(m.requests_count("gw/http", "", "", 404), 1);
+    let cached: usize = m
+        .request_handles
+        .iter()
+        .map(|s| s.lock().unwrap().len)
+        .sum();
+    assert_eq!(cached, 3, "one cached entry per label set");
+    let text = m.encode();
+    assert!(
+        text.contains(
+            r#"mesh_request_duration_seconds_count{listener="gw/http",route="passthrough",backend=""} 4"#
+        ),
+        "{text}"
+    );
+}
