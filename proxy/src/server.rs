@@ -10,8 +10,8 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -438,10 +438,7 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        let (limits, kind) = {
-            let st = state.load();
-            (st.table.limits, st.table.kind)
-        };
+        let kind = state.load().table.kind;
         let guard = gauge.opened();
         let kill = kill.clone();
         if kind != ListenerKind::Gateway {
@@ -467,27 +464,11 @@ async fn accept_loop(
             serve_connection(workers.as_deref(), stream, serve);
             continue;
         }
-        let svc_state = state.clone();
-        let svc_rt = rt.clone();
+        let state = state.clone();
+        let rt = rt.clone();
         let graceful = graceful.watcher();
         let serve = move |stream| async move {
-            let svc = service_fn(move |req| {
-                let st = svc_state.load_full();
-                let rt = svc_rt.clone();
-                async move { handle(rt, st, req, peer, None).await }
-            });
-            let conn = server_builder(limits)
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::select! {
-                r = conn => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                }
-                _ = kill.cancelled() => {}
-            }
+            serve_http_connection(stream, peer, None, state, rt, graceful, kill).await;
             drop(guard);
         };
         serve_connection(workers.as_deref(), stream, serve);
@@ -496,7 +477,38 @@ async fn accept_loop(
     graceful.shutdown().await;
 }
 
-pub(crate) fn server_builder(limits: HttpLimits) -> auto::Builder<TokioExecutor> {
+/// Serves HTTP/1.1 or HTTP/2 (with upgrades) on one accepted connection until the client
+/// closes it, the drain closes it, or `kill` fires. `original_dst` is the captured
+/// destination on sidecar listeners.
+pub(crate) async fn serve_http_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    original_dst: Option<SocketAddr>,
+    state: Arc<ArcSwap<ListenerState>>,
+    rt: Arc<Runtime>,
+    graceful: Watcher,
+    kill: CancellationToken,
+) {
+    let limits = state.load().table.limits;
+    let svc = service_fn(move |req| {
+        let st = state.load_full();
+        handle(rt.clone(), st, req, peer, original_dst)
+    });
+    let conn = server_builder(limits)
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .into_owned();
+    let conn = graceful.watch(conn);
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = kill.cancelled() => {}
+    }
+}
+
+fn server_builder(limits: HttpLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     // The request path checks the exact limits (and answers 431 with a body); hyper's own
     // parser limits sit above them as a backstop (hyper answers 431 without a body).

@@ -19,8 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -28,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLogEntry, ResponseFlags};
 use crate::config::{Backend, ListenerKind};
-use crate::handler::{ListenerState, Runtime, handle};
+use crate::handler::{ListenerState, Runtime};
 use crate::metrics::{ConnectionGuard, UpstreamErrorKind};
 
 /// What a captured connection speaks, as far as its first bytes tell.
@@ -138,32 +136,16 @@ pub(crate) async fn serve_captured(c: Captured, guard: ConnectionGuard) {
 }
 
 async fn serve_http(c: Captured, dst: SocketAddr) {
-    let Captured {
-        stream,
-        peer,
-        state,
-        rt,
-        graceful,
-        kill,
-        ..
-    } = c;
-    let builder = crate::server::server_builder(state.load().table.limits);
-    let svc = service_fn(move |req| {
-        let st = state.load_full();
-        handle(rt.clone(), st, req, peer, Some(dst))
-    });
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-        .into_owned();
-    let conn = graceful.watch(conn);
-    tokio::select! {
-        r = conn => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        }
-        _ = kill.cancelled() => {}
-    }
+    crate::server::serve_http_connection(
+        c.stream,
+        c.peer,
+        Some(dst),
+        c.state,
+        c.rt,
+        c.graceful,
+        c.kill,
+    )
+    .await;
 }
 
 /// Inbound: the app, on loopback at the original port.
