@@ -90,8 +90,10 @@ pub async fn handle(
         .observer
         .access_log_enabled()
         .then(|| Arrival::new(&uri, req.headers()));
-    let mut request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
-    // Bytes received are counted only for the access log.
+    // The request id and the bytes received are kept only for the access log.
+    let mut request_id = arrival
+        .as_ref()
+        .and_then(|_| req.headers().get(&headers::X_REQUEST_ID).cloned());
     let received = arrival.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
     let req = match &received {
         Some(received) => req.map(|b| CountingBody::wrap(body::boxed(b), received.clone())),
@@ -473,7 +475,7 @@ async fn forward<'a>(
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     headers::set_forwarded(&mut parts.headers, peer.ip(), "http");
     let id = headers::ensure_request_id(&mut parts.headers);
-    // Kept only for the access log: a copy costs an allocation.
+    // Kept only for the access log (see `handle`): a copy of a generated id allocates.
     if rt.observer.access_log_enabled() {
         *request_id = Some(id.clone());
     }

@@ -165,7 +165,8 @@ pub struct Metrics {
     tcp_sent: Family<TcpLabels, Counter>,
     /// The empty label value, shared.
     empty: Arc<str>,
-    /// Resolved (counter, histogram) handles of `record_request_arc`, per worker thread.
+    /// Resolved (counter, histogram) handles of `record_request_arc`, sharded by worker
+    /// thread.
     request_handles: Box<[Mutex<RequestHandleCache>]>,
 }
 

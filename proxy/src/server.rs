@@ -440,38 +440,31 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let kind = state.load().table.kind;
         let guard = gauge.opened();
-        let kill = kill.clone();
-        if kind != ListenerKind::Gateway {
-            // Captured connections: original destination, protocol detection, then HTTP or
-            // an opaque copy (crate::sidecar).
-            let state = state.clone();
-            let rt = rt.clone();
-            let graceful = graceful.watcher();
-            let serve = move |stream| {
-                crate::sidecar::serve_captured(
-                    crate::sidecar::Captured {
-                        stream,
-                        peer,
-                        state,
-                        rt,
-                        graceful,
-                        kill,
-                        detect_timeout,
-                    },
-                    guard,
-                )
+        let (state, rt, watcher, kill) =
+            (state.clone(), rt.clone(), graceful.watcher(), kill.clone());
+        if kind == ListenerKind::Gateway {
+            let serve = move |stream| async move {
+                serve_http_connection(stream, peer, None, state, rt, watcher, kill).await;
+                drop(guard);
             };
             serve_connection(workers.as_deref(), stream, serve);
-            continue;
+        } else {
+            // Captured connections: original destination, protocol detection, then HTTP or
+            // an opaque copy (crate::sidecar).
+            let serve = move |stream| {
+                let captured = crate::sidecar::Captured {
+                    stream,
+                    peer,
+                    state,
+                    rt,
+                    graceful: watcher,
+                    kill,
+                    detect_timeout,
+                };
+                crate::sidecar::serve_captured(captured, guard)
+            };
+            serve_connection(workers.as_deref(), stream, serve);
         }
-        let state = state.clone();
-        let rt = rt.clone();
-        let graceful = graceful.watcher();
-        let serve = move |stream| async move {
-            serve_http_connection(stream, peer, None, state, rt, graceful, kill).await;
-            drop(guard);
-        };
-        serve_connection(workers.as_deref(), stream, serve);
     }
     drop(listener);
     graceful.shutdown().await;

@@ -199,7 +199,7 @@ impl Http1Pool {
         resp.map(|inner| {
             let mut b = PooledBody { inner, give_back };
             if b.inner.is_end_stream() {
-                b.finish();
+                return_to_pool(&mut b.give_back);
             }
             body::boxed(b)
         })
@@ -287,11 +287,10 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl PooledBody {
-    fn finish(&mut self) {
-        if let Some(g) = self.give_back.take() {
-            g.put();
-        }
+/// Returns the connection in `slot` (if still there) to the pool: the response has ended.
+fn return_to_pool(slot: &mut Option<GiveBack>) {
+    if let Some(g) = slot.take() {
+        g.put();
     }
 }
 
@@ -314,8 +313,8 @@ impl Body for PooledBody {
                 false
             }
         };
-        if ended && let Some(g) = this.give_back.take() {
-            g.put();
+        if ended {
+            return_to_pool(this.give_back);
         }
         Poll::Ready(frame)
     }
