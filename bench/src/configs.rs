@@ -130,6 +130,7 @@ pub fn mesh(s: Scenario, port: u16, backends: [u16; 2]) -> c::ProxyConfig {
         backends: backs,
         rate_limits,
         access_log: c::AccessLog::default(),
+        http: c::HttpOptions::default(),
     }
 }
 

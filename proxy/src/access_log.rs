@@ -66,8 +66,10 @@ impl ResponseFlags {
     pub const UPSTREAM_PROTOCOL_ERROR: ResponseFlags = ResponseFlags(1 << 8);
     /// `DI`: a direct response or redirect configured on the route.
     pub const DIRECT_RESPONSE: ResponseFlags = ResponseFlags(1 << 9);
+    /// `SI`: the stream idle timeout ended the request (the backend went silent).
+    pub const STREAM_IDLE_TIMEOUT: ResponseFlags = ResponseFlags(1 << 10);
 
-    const CODES: [(ResponseFlags, &'static str); 10] = [
+    const CODES: [(ResponseFlags, &'static str); 11] = [
         (ResponseFlags::RATE_LIMITED, "RL"),
         (ResponseFlags::NO_ROUTE, "NR"),
         (ResponseFlags::NO_HEALTHY_UPSTREAM, "UH"),
@@ -78,6 +80,7 @@ impl ResponseFlags {
         (ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
         (ResponseFlags::UPSTREAM_PROTOCOL_ERROR, "UPE"),
         (ResponseFlags::DIRECT_RESPONSE, "DI"),
+        (ResponseFlags::STREAM_IDLE_TIMEOUT, "SI"),
     ];
 
     pub const fn empty() -> ResponseFlags {

@@ -1,5 +1,6 @@
 //! Body types of the request path: everything is streamed, nothing buffered whole.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -19,6 +20,180 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body type of every request and response the proxy handles.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// A request body as the client sends it: its errors (malformed chunked encoding, a body
+/// shorter than its Content-Length) are marked as the client's, so a send that fails because
+/// of them answers 400 and is not counted against the backend.
+pub fn downstream(b: hyper::body::Incoming) -> ProxyBody {
+    b.map_err(|e| Box::new(DownstreamError(e)) as BoxError)
+        .boxed()
+}
+
+/// An error of the client's request body.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+pub struct DownstreamError(#[source] pub hyper::Error);
+
+/// The backend sent nothing for the stream idle timeout in the middle of a response body.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream stream idle timeout: no response data for {0:?}")]
+pub struct StreamIdle(pub std::time::Duration);
+
+pin_project_lite::pin_project! {
+    /// A backend's response body that fails when no frame arrives for `idle`: a stalled
+    /// backend ends the downstream response (HTTP/1: connection closed mid-body; HTTP/2:
+    /// stream reset) instead of holding the client forever. The timer exists only while the
+    /// body actually waits, so a body that is already there costs nothing.
+    pub struct StallGuard<B> {
+        #[pin]
+        inner: B,
+        idle: Option<std::time::Duration>,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        armed: bool,
+    }
+}
+
+impl<B> StallGuard<B> {
+    pub fn new(inner: B, idle: Option<std::time::Duration>) -> Self {
+        StallGuard {
+            inner,
+            idle,
+            timer: None,
+            armed: false,
+        }
+    }
+
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+}
+
+impl<B> Body for StallGuard<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.armed = false;
+                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let Some(idle) = *this.idle else {
+                    return Poll::Pending;
+                };
+                if !*this.armed {
+                    *this.armed = true;
+                    let at = tokio::time::Instant::now() + idle;
+                    match this.timer {
+                        Some(t) => t.as_mut().reset(at),
+                        None => *this.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                }
+                let fired = match this.timer {
+                    Some(t) => t.as_mut().poll(cx).is_ready(),
+                    None => false,
+                };
+                if fired {
+                    *this.idle = None;
+                    return Poll::Ready(Some(Err(Box::new(StreamIdle(idle)))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that raises a flag whenever data goes through (the stream idle timeout
+/// must not fire while the client is still uploading).
+pub struct ActivityBody {
+    inner: ProxyBody,
+    active: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ActivityBody {
+    pub fn wrap(inner: ProxyBody) -> (ProxyBody, Arc<std::sync::atomic::AtomicBool>) {
+        let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let b = ActivityBody {
+            inner,
+            active: active.clone(),
+        };
+        (b.boxed(), active)
+    }
+}
+
+impl Body for ActivityBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.active.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that holds its connection's in-flight mark until it is sent or dropped
+/// (the connection's idle timeout counts only while nothing is in flight).
+pub struct InFlightBody {
+    inner: ProxyBody,
+    _mark: crate::connection::InFlight,
+}
+
+impl InFlightBody {
+    pub fn wrap(inner: ProxyBody, mark: crate::connection::InFlight) -> ProxyBody {
+        InFlightBody { inner, _mark: mark }.boxed()
+    }
+}
+
+impl Body for InFlightBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A whole body from bytes.
 pub fn full(b: impl Into<Bytes>) -> ProxyBody {

@@ -14,8 +14,9 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{self, CountingBody, LoggedBody, PendingLog, ProxyBody, TeeBody};
+use crate::body::{self, CountingBody, InFlightBody, LoggedBody, PendingLog, ProxyBody, TeeBody};
 use crate::config::{Backend, ListenerKind, ProxyConfig, UpstreamProtocol};
+use crate::connection::{HttpSettings, InFlight};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::observe::{Arrival, Finished};
@@ -32,6 +33,8 @@ pub struct Snapshot {
     pub config: Arc<ProxyConfig>,
     pub table: Arc<RouteTable>,
     pub limiters: Arc<RateLimiters>,
+    /// The config's HTTP options with the command line's and the built-in defaults.
+    pub http: Arc<HttpSettings>,
 }
 
 /// What one listener's connections read per request (through an `ArcSwap`).
@@ -81,6 +84,7 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     original_dst: Option<SocketAddr>,
+    in_flight: InFlight,
 ) -> Result<Response<ProxyBody>, CloseConnection> {
     let start = Instant::now();
     let method = req.method().clone();
@@ -96,8 +100,8 @@ pub async fn handle(
         .and_then(|_| req.headers().get(&headers::X_REQUEST_ID).cloned());
     let received = arrival.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
     let req = match &received {
-        Some(received) => req.map(|b| CountingBody::wrap(body::boxed(b), received.clone())),
-        None => req.map(body::boxed),
+        Some(received) => req.map(|b| CountingBody::wrap(body::downstream(b), received.clone())),
+        None => req.map(body::downstream),
     };
     let mut out = Outcome::default();
     let resp = serve(
@@ -137,7 +141,7 @@ pub async fn handle(
         }
         return Err(CloseConnection);
     }
-    Ok(match entry {
+    let resp = match entry {
         Some(entry) => resp.map(|b| {
             LoggedBody::wrap(
                 b,
@@ -150,7 +154,8 @@ pub async fn handle(
             )
         }),
         None => resp,
-    })
+    };
+    Ok(resp.map(|b| InFlightBody::wrap(b, in_flight)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -173,6 +178,14 @@ async fn serve(
     if req.headers().len() > limits.max_headers as usize || head > limits.max_header_bytes as usize
     {
         return fail(out, ProxyError::HeadersTooLarge);
+    }
+    let http = &*st.snapshot.http;
+    if let Err(e) = check_host(&req) {
+        return fail(out, e);
+    }
+    let mut req = req;
+    if let Err(e) = normalize_path(&mut req, http.path_normalization) {
+        return fail(out, e);
     }
 
     // Both borrow the request (no copies); they are last used before it is forwarded.
@@ -280,6 +293,7 @@ async fn serve(
                         let filters = route.filters.iter().chain(&choice.filters);
                         let forwarded = forward(
                             rt,
+                            http,
                             route,
                             upstream,
                             &fwd.mirrors,
@@ -366,6 +380,119 @@ fn request_host<B>(req: &Request<B>) -> (Option<u16>, Cow<'_, str>) {
     (port, host)
 }
 
+/// Host rules of RFC 9112 §3.2 and RFC 9113 §8.3.1, checked before anything is routed: an
+/// HTTP/1.1 request without a Host, with more than one, or with an invalid one is refused;
+/// so is an authority with userinfo (RFC 9110 §4.2.4) and an HTTP/2 request whose Host
+/// names another authority than its `:authority`. HTTP/1.0 may omit Host.
+fn check_host<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let bad = |why: &str| Err(ProxyError::BadRequest(why.to_string()));
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return bad("more than one Host header");
+    }
+    if let Some(h) = host
+        && !valid_authority(h.as_bytes())
+    {
+        return bad("invalid Host header");
+    }
+    match req.uri().authority() {
+        Some(a) => {
+            if a.as_str().contains('@') {
+                return bad("the request target has userinfo");
+            }
+            if !valid_authority(a.as_str().as_bytes()) {
+                return bad("invalid authority in the request target");
+            }
+            // Absolute-form (HTTP/1.1): the target's authority wins and is what is forwarded,
+            // so a differing Host cannot route one way and reach the backend another. HTTP/2:
+            // the two must agree.
+            if req.version() == Version::HTTP_2
+                && let Some(h) = host
+                && !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes())
+            {
+                return bad("Host differs from :authority");
+            }
+        }
+        None if host.is_none() && req.version() == Version::HTTP_2 => {
+            return bad("missing :authority");
+        }
+        None => {}
+    }
+    if host.is_none() && req.version() == Version::HTTP_11 {
+        return bad("missing Host header");
+    }
+    Ok(())
+}
+
+/// `host [ ":" port ]` (RFC 3986 §3.2.2): a bracketed IPv6 literal or a reg-name of
+/// unreserved, sub-delims and percent-encoded characters; a port of digits.
+fn valid_authority(a: &[u8]) -> bool {
+    let (host, port) = if a.first() == Some(&b'[') {
+        let Some(end) = a.iter().position(|&c| c == b']') else {
+            return false;
+        };
+        let lit = &a[1..end];
+        if lit.is_empty()
+            || !lit
+                .iter()
+                .all(|&c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
+        {
+            return false;
+        }
+        match &a[end + 1..] {
+            [] => (&a[..0], None),
+            [b':', port @ ..] => (&a[..0], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match a.iter().rposition(|&c| c == b':') {
+            Some(i) => (&a[..i], Some(&a[i + 1..])),
+            None => (a, None),
+        }
+    };
+    let reg_name_ok = host
+        .iter()
+        .all(|&c| c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&c));
+    let port_ok = port.is_none_or(|p| {
+        p.len() <= 5
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p)
+                .ok()
+                .and_then(|p| {
+                    if p.is_empty() {
+                        Some(0)
+                    } else {
+                        p.parse::<u32>().ok()
+                    }
+                })
+                .is_some_and(|n| n <= 65535)
+    });
+    reg_name_ok && port_ok && !(host.is_empty() && a.first() != Some(&b'['))
+}
+
+/// Normalizes the request's path in place (see [`crate::normalize`]); the request is rebuilt
+/// only when the path changes.
+fn normalize_path<B>(
+    req: &mut Request<B>,
+    mode: crate::config::PathNormalization,
+) -> Result<(), ProxyError> {
+    let normalized = match crate::normalize::normalize(req.uri().path(), mode) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(p)) => p,
+        Err(e) => return Err(ProxyError::BadRequest(e.to_string())),
+    };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(pq).map_err(|e| ProxyError::BadRequest(e.to_string()))?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    Ok(())
+}
+
 fn split_host_port(s: &str) -> (&str, Option<u16>) {
     if let Some(rest) = s.strip_prefix('[') {
         // [v6]:port
@@ -422,6 +549,7 @@ fn redirect<B>(
 #[allow(clippy::too_many_arguments)]
 async fn forward<'a>(
     rt: &Arc<Runtime>,
+    http: &HttpSettings,
     route: &CompiledRoute,
     upstream: &Upstream,
     mirrors: &[crate::routing::MirrorTarget],
@@ -440,9 +568,16 @@ async fn forward<'a>(
 
     let downstream_version = req.version();
     let downstream_h1 = downstream_version < Version::HTTP_2;
+    // Only the upgrades the proxy allows become tunnels (never h2c: it would carry HTTP/2
+    // around routing); any other `Upgrade` is dropped below and the request forwarded as a
+    // plain one, which RFC 9110 lets a server do.
     let upgrade = downstream_h1
         && upstream.protocol == UpstreamProtocol::Http1
-        && headers::is_upgrade(req.headers());
+        && headers::is_upgrade(req.headers())
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|u| http.upgrade_allowed(u));
     let on_downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, incoming) = req.into_parts();
@@ -518,28 +653,39 @@ async fn forward<'a>(
         }
     }
 
+    // The stream idle timeout runs from the last request body data the client sent.
+    let uploading = if !http_body::Body::is_end_stream(&body) && http.stream_idle_timeout.is_some()
+    {
+        let (b, active) = body::ActivityBody::wrap(body);
+        body = b;
+        Some(active)
+    } else {
+        None
+    };
     let request = Request::from_parts(parts, body);
     let deadline = deadline(
         start,
         route.timeouts.request,
         route.timeouts.backend_request,
     );
-    let sent = rt
-        .clients
-        .send(upstream.protocol, upstream.connect_timeout, request);
-    let result = match deadline {
-        Some(d) => match tokio::time::timeout_at(d, sent).await {
-            Ok(r) => r,
-            Err(_) => return Err(ProxyError::Timeout),
-        },
-        None => sent.await,
-    };
-    let mut resp = result?;
+    let sent = rt.clients.send(
+        upstream.protocol,
+        upstream.connect_timeout,
+        http.stream_idle_timeout,
+        request,
+    );
+    let mut resp = await_response(sent, deadline, http.stream_idle_timeout, uploading).await?;
 
     // The response speaks the downstream's protocol, whatever the backend answered with (an
     // HTTP/1.0 backend must not turn a keep-alive HTTP/1.1 connection into 1.0).
     *resp.version_mut() = downstream_version;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching && !upgrade {
+        // A tunnel nobody asked for (or that the proxy refused): never hand it over.
+        return Err(ProxyError::UpstreamProtocol(
+            "the backend switched protocols without an allowed upgrade".into(),
+        ));
+    }
     headers::strip_hop_by_hop(resp.headers_mut(), switching && upgrade);
     if switching && let Some(down) = on_downstream_upgrade {
         let up = hyper::upgrade::on(&mut resp);
@@ -561,6 +707,45 @@ async fn forward<'a>(
         });
     }
     Ok(resp)
+}
+
+/// Waits for the backend's response head: the route's deadline ends it with 504 (`UT`), and
+/// so does the stream idle timeout (`SI`) once neither the backend answered nor the client
+/// sent body data for that long.
+async fn await_response(
+    sent: impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>>,
+    deadline: Option<Instant>,
+    stream_idle: Option<Duration>,
+    uploading: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let Some(idle) = stream_idle else {
+        return match deadline {
+            Some(d) => tokio::time::timeout_at(d, sent)
+                .await
+                .unwrap_or(Err(ProxyError::Timeout)),
+            None => sent.await,
+        };
+    };
+    tokio::pin!(sent);
+    let mut idle_at = Instant::now() + idle;
+    loop {
+        let wake = deadline.map_or(idle_at, |d| d.min(idle_at));
+        if let Ok(r) = tokio::time::timeout_at(wake, &mut sent).await {
+            return r;
+        }
+        if deadline.is_some_and(|d| d <= wake) {
+            return Err(ProxyError::Timeout);
+        }
+        // Body data went up since the last check: the stream is not idle.
+        if uploading
+            .as_ref()
+            .is_some_and(|a| a.swap(false, std::sync::atomic::Ordering::Relaxed))
+        {
+            idle_at = Instant::now() + idle;
+            continue;
+        }
+        return Err(ProxyError::StreamIdleTimeout);
+    }
 }
 
 fn deadline(
@@ -591,6 +776,9 @@ fn upstream_uri_from(authority: Authority, pq: PathAndQuery) -> Result<Uri, Prox
         .map_err(|e| ProxyError::Connect(e.to_string()))
 }
 
+/// How long a mirrored request may take: nobody waits for its answer.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn spawn_mirror(
     rt: &Arc<Runtime>,
     target: &Upstream,
@@ -617,7 +805,14 @@ fn spawn_mirror(
     let name = target.name.clone();
     tokio::spawn(async move {
         use http_body_util::BodyExt;
-        match rt.clients.send(protocol, connect_timeout, req).await {
+        // A mirror that never answers must not be kept forever either.
+        let sent = rt
+            .clients
+            .send(protocol, connect_timeout, Some(MIRROR_TIMEOUT), req);
+        match tokio::time::timeout(MIRROR_TIMEOUT, sent)
+            .await
+            .unwrap_or(Err(ProxyError::Timeout))
+        {
             Ok(resp) => {
                 // Drain so the connection can go back to the pool.
                 let _ = resp.into_body().collect().await.map(|_: _| Bytes::new());

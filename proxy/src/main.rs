@@ -99,6 +99,8 @@ struct RunArgs {
     #[arg(skip)]
     worker_pool: Option<Arc<Workers>>,
     #[command(flatten)]
+    http: mesh_proxy::connection::HttpArgs,
+    #[command(flatten)]
     admin: AdminArgs,
 }
 
@@ -187,6 +189,10 @@ fn load_resources(
 // per request here but added ~7 MB of RSS per proxy, and a sidecar runs in every pod.
 fn main() -> std::process::ExitCode {
     let mut cli = Cli::parse();
+    // Use the open-file limit the system allows (the connection cap is sized from it).
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("warning: cannot raise the open-file limit: {e}");
+    }
     let default_level = match &cli.command {
         Command::Sidecar(a) => a.log_level.clone(),
         _ => "info".to_string(),
@@ -264,6 +270,7 @@ impl RunArgs {
             distributed_instances: self.distributed_instances,
             metrics: Some(metrics.clone()),
             workers: self.worker_pool.clone(),
+            http: self.http.options(),
             ..ProxyOptions::default()
         }
     }

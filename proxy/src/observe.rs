@@ -8,9 +8,8 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 use crate::access_log::{AccessLogEntry, AccessLogger, ResponseFlags, protocol_name};
-use crate::error::ProxyError;
 use crate::handler::Outcome;
-use crate::metrics::{Metrics, UpstreamErrorKind};
+use crate::metrics::Metrics;
 
 /// What is known of a request when it arrives (kept only while the access log is on).
 pub struct Arrival {
@@ -86,7 +85,7 @@ impl Observer {
             self.metrics.rate_limited(f.listener, route, limit);
         }
         if let Some(e) = &o.error
-            && let Some(kind) = upstream_kind(e)
+            && let Some(kind) = e.upstream_error_kind()
         {
             self.metrics.upstream_error(backend, kind);
         }
@@ -99,7 +98,7 @@ impl Observer {
                 flags.insert(ResponseFlags::DIRECT_RESPONSE);
             }
             if let Some(e) = &o.error {
-                flags.insert(response_flag(e));
+                flags.insert(e.response_flag());
             }
             Some(AccessLogEntry {
                 start_time: arrival.start_time,
@@ -127,29 +126,5 @@ impl Observer {
         } else {
             None
         }
-    }
-}
-
-fn upstream_kind(e: &ProxyError) -> Option<UpstreamErrorKind> {
-    Some(match e {
-        ProxyError::NoEndpoints(_) => UpstreamErrorKind::NoEndpoints,
-        ProxyError::Connect(_) => UpstreamErrorKind::Connect,
-        ProxyError::Timeout => UpstreamErrorKind::Timeout,
-        ProxyError::UpstreamReset(_) => UpstreamErrorKind::Reset,
-        _ => return None,
-    })
-}
-
-fn response_flag(e: &ProxyError) -> ResponseFlags {
-    match e {
-        ProxyError::NoRoute => ResponseFlags::NO_ROUTE,
-        ProxyError::NoEndpoints(_) => ResponseFlags::NO_HEALTHY_UPSTREAM,
-        ProxyError::Connect(_) => ResponseFlags::UPSTREAM_CONNECT_FAILURE,
-        ProxyError::Timeout => ResponseFlags::UPSTREAM_TIMEOUT,
-        ProxyError::UpstreamReset(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
-        ProxyError::HeadersTooLarge | ProxyError::BadRequest(_) => {
-            ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR
-        }
-        ProxyError::InvalidBackend(_) | ProxyError::NoBackends => ResponseFlags::empty(),
     }
 }

@@ -10,13 +10,15 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::access_log::AccessLogger;
-use crate::config::{HttpLimits, ListenerKind, ProxyConfig, ValidationError};
+use crate::config::{HttpLimits, HttpOptions, ListenerKind, ProxyConfig, ValidationError};
+use crate::connection::{ConnWatch, ConnectionSlots, Expiry, HttpSettings, Slot, watchdog};
 use crate::handler::{ListenerState, Runtime, Snapshot, handle};
 use crate::metrics::{Metrics, ReloadResult};
 use crate::observe::Observer;
@@ -47,6 +49,9 @@ pub struct ProxyOptions {
     /// Worker threads that serve accepted connections (`--workers N`, N > 1); `None` serves
     /// them on the runtime that runs the proxy.
     pub workers: Option<Arc<Workers>>,
+    /// HTTP timeouts, connection cap, path normalization and upgrades from the command line:
+    /// the defaults for whatever a config's `http` section leaves unset.
+    pub http: HttpOptions,
 }
 
 impl Default for ProxyOptions {
@@ -60,6 +65,7 @@ impl Default for ProxyOptions {
             access_log: None,
             protocol_detection_timeout: Duration::from_secs(1),
             workers: None,
+            http: HttpOptions::default(),
         }
     }
 }
@@ -174,6 +180,8 @@ struct RunningListener {
     name: String,
     address: SocketAddr,
     state: Arc<ArcSwap<ListenerState>>,
+    /// The listener's connection cap (resized on reload).
+    slots: Arc<ConnectionSlots>,
     /// Stops accepting and starts the graceful drain.
     stop: CancellationToken,
     /// Ends the remaining connections (after the grace period).
@@ -197,6 +205,7 @@ fn compile(
         config: Arc::new(config.clone()),
         table: Arc::new(table),
         limiters: Arc::new(limiters),
+        http: Arc::new(HttpSettings::resolve(&config.http, &options.http)),
     }))
 }
 
@@ -339,6 +348,7 @@ impl ProxyHandle {
             });
             if let Some(pos) = kept.iter().position(|r| r.key == key) {
                 let mut r = kept.swap_remove(pos);
+                r.slots.set_cap(snapshot.http.max_connections);
                 r.state.store(state);
                 r.name = name;
                 next.push(r);
@@ -350,24 +360,27 @@ impl ProxyHandle {
             let (_, listener, address) = bound.swap_remove(pos);
             tracing::info!(listener = %name, %address, "listening");
             let state = Arc::new(ArcSwap::new(state));
+            let slots = ConnectionSlots::new(snapshot.http.max_connections);
             let stop = CancellationToken::new();
             let kill = self.inner.rt.kill.child_token();
-            let task = tokio::spawn(accept_loop(
+            let task = tokio::spawn(accept_loop(Acceptor {
                 listener,
-                state.clone(),
-                self.inner.rt.clone(),
-                self.inner.metrics.clone(),
-                name.clone(),
-                stop.clone(),
-                kill.clone(),
-                opts.protocol_detection_timeout,
-                opts.workers.clone(),
-            ));
+                state: state.clone(),
+                slots: slots.clone(),
+                rt: self.inner.rt.clone(),
+                metrics: self.inner.metrics.clone(),
+                name: name.clone(),
+                stop: stop.clone(),
+                kill: kill.clone(),
+                detect_timeout: opts.protocol_detection_timeout,
+                workers: opts.workers.clone(),
+            }));
             next.push(RunningListener {
                 key,
                 name,
                 address,
                 state,
+                slots,
                 stop,
                 kill,
                 task,
@@ -410,10 +423,11 @@ impl ProxyHandle {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn accept_loop(
+/// One listener's accept loop and what its connections share.
+struct Acceptor {
     listener: TcpListener,
     state: Arc<ArcSwap<ListenerState>>,
+    slots: Arc<ConnectionSlots>,
     rt: Arc<Runtime>,
     metrics: Arc<Metrics>,
     name: String,
@@ -421,18 +435,52 @@ async fn accept_loop(
     kill: CancellationToken,
     detect_timeout: Duration,
     workers: Option<Arc<Workers>>,
-) {
-    let graceful = GracefulShutdown::new();
+}
+
+/// What a served connection holds until it ends: its place under the cap and in the drain.
+pub(crate) struct ConnectionTicket {
+    _slot: Slot,
+    /// Held while the drain should wait for this connection.
+    draining: Option<TaskTrackerToken>,
+    /// Cancelled when the listener stops: finish in-flight requests, then close.
+    pub drain: CancellationToken,
+}
+
+async fn accept_loop(a: Acceptor) {
+    let Acceptor {
+        listener,
+        state,
+        slots,
+        rt,
+        metrics,
+        name,
+        stop,
+        kill,
+        detect_timeout,
+        workers,
+    } = a;
+    let tracker = TaskTracker::new();
     let gauge = metrics.connections_gauge(&name);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
+        // At the cap, stop accepting: new connections wait in the kernel's backlog.
+        let slot = tokio::select! {
+            _ = stop.cancelled() => break,
+            slot = slots.acquire() => slot,
+        };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    x
+                }
+                Err(e) if is_connection_error(&e) => continue,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = %name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: back off (up to a second) instead of spinning.
+                    tracing::warn!(listener = %name, error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
@@ -440,12 +488,16 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let kind = state.load().table.kind;
         let guard = gauge.opened();
-        let (state, rt, watcher, kill) =
-            (state.clone(), rt.clone(), graceful.watcher(), kill.clone());
+        let ticket = ConnectionTicket {
+            _slot: slot,
+            draining: Some(tracker.token()),
+            drain: stop.clone(),
+        };
+        let (state, rt, kill) = (state.clone(), rt.clone(), kill.clone());
         if kind == ListenerKind::Gateway {
             let serve = move |stream| async move {
-                serve_http_connection(stream, peer, None, state, rt, watcher, kill).await;
-                drop(guard);
+                serve_http_connection(stream, peer, None, state, rt, &ticket.drain, kill).await;
+                drop((guard, ticket));
             };
             serve_connection(workers.as_deref(), stream, serve);
         } else {
@@ -457,7 +509,7 @@ async fn accept_loop(
                     peer,
                     state,
                     rt,
-                    graceful: watcher,
+                    ticket,
                     kill,
                     detect_timeout,
                 };
@@ -467,41 +519,89 @@ async fn accept_loop(
         }
     }
     drop(listener);
-    graceful.shutdown().await;
+    tracker.close();
+    tracker.wait().await;
+}
+
+impl ConnectionTicket {
+    /// The drain stops waiting for this connection (opaque TCP copies end with `kill`).
+    pub(crate) fn leave_drain(&mut self) {
+        self.draining = None;
+    }
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Errors of one pending connection (it was reset before we took it), not of the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 /// Serves HTTP/1.1 or HTTP/2 (with upgrades) on one accepted connection until the client
-/// closes it, the drain closes it, or `kill` fires. `original_dst` is the captured
-/// destination on sidecar listeners.
+/// closes it, the drain or the watchdog closes it, or `kill` fires. `original_dst` is the
+/// captured destination on sidecar listeners.
 pub(crate) async fn serve_http_connection(
     stream: TcpStream,
     peer: SocketAddr,
     original_dst: Option<SocketAddr>,
     state: Arc<ArcSwap<ListenerState>>,
     rt: Arc<Runtime>,
-    graceful: Watcher,
+    drain: &CancellationToken,
     kill: CancellationToken,
 ) {
-    let limits = state.load().table.limits;
-    let svc = service_fn(move |req| {
-        let st = state.load_full();
-        handle(rt.clone(), st, req, peer, original_dst)
-    });
-    let conn = server_builder(limits)
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-        .into_owned();
-    let conn = graceful.watch(conn);
-    tokio::select! {
-        r = conn => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "connection ended with an error");
+    let (limits, http) = {
+        let st = state.load();
+        (st.table.limits, st.snapshot.http.clone())
+    };
+    let watch = Arc::new(ConnWatch::default());
+    let svc = {
+        let watch = watch.clone();
+        service_fn(move |req| {
+            let st = state.load_full();
+            let in_flight = watch.begin();
+            handle(rt.clone(), st, req, peer, original_dst, in_flight)
+        })
+    };
+    let builder = server_builder(limits, &http);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let dog = watchdog(&watch, http.request_headers_timeout, http.idle_timeout);
+    tokio::pin!(dog);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break;
             }
+            _ = drain.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            why = &mut dog, if !closing => match why {
+                Expiry::RequestHeaders => {
+                    tracing::debug!(%peer, timeout = ?http.request_headers_timeout, "no request head in time; closing the connection");
+                    break;
+                }
+                Expiry::Idle => {
+                    tracing::debug!(%peer, timeout = ?http.idle_timeout, "idle connection; closing");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            },
+            _ = kill.cancelled() => break,
         }
-        _ = kill.cancelled() => {}
     }
 }
 
-fn server_builder(limits: HttpLimits) -> auto::Builder<TokioExecutor> {
+fn server_builder(limits: HttpLimits, http: &HttpSettings) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     // The request path checks the exact limits (and answers 431 with a body); hyper's own
     // parser limits sit above them as a backstop (hyper answers 431 without a body).
@@ -509,9 +609,11 @@ fn server_builder(limits: HttpLimits) -> auto::Builder<TokioExecutor> {
     let max_buf = (limits.max_header_bytes as usize)
         .saturating_mul(2)
         .max(64 * 1024);
+    // Later request heads on a keep-alive connection: hyper's timer, armed at their first
+    // byte (the first head is the watchdog's).
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(http.request_headers_timeout)
         .keep_alive(true)
         .max_headers(max_headers)
         .max_buf_size(max_buf);

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -116,7 +115,7 @@ pub(crate) struct Captured {
     pub peer: SocketAddr,
     pub state: Arc<ArcSwap<ListenerState>>,
     pub rt: Arc<Runtime>,
-    pub graceful: Watcher,
+    pub ticket: crate::server::ConnectionTicket,
     pub kill: CancellationToken,
     pub detect_timeout: Duration,
 }
@@ -142,7 +141,7 @@ async fn serve_http(c: Captured, dst: SocketAddr) {
         Some(dst),
         c.state,
         c.rt,
-        c.graceful,
+        &c.ticket.drain,
         c.kill,
     )
     .await;
@@ -153,7 +152,8 @@ fn app_addr(dst: SocketAddr) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port())
 }
 
-async fn serve_tcp(c: Captured, dst: SocketAddr) {
+async fn serve_tcp(mut c: Captured, dst: SocketAddr) {
+    c.ticket.leave_drain();
     let st = c.state.load_full();
     let listener = st.table.name.clone();
     let (backend, target, connect_timeout): (Arc<str>, String, Duration) = match st.table.kind {

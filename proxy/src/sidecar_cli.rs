@@ -93,6 +93,8 @@ pub struct SidecarArgs {
     /// The worker threads, started by `main` before the runtime.
     #[arg(skip)]
     pub worker_pool: Option<std::sync::Arc<crate::workers::Workers>>,
+    #[command(flatten)]
+    pub http: crate::connection::HttpArgs,
 }
 
 /// Where the sidecar's config comes from.
@@ -268,6 +270,7 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         metrics: Some(metrics.clone()),
         protocol_detection_timeout: args.protocol_detection_timeout,
         workers: args.worker_pool.clone(),
+        http: args.http.options(),
         ..ProxyOptions::default()
     };
     let proxy = match &source {

@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::{self, ProxyBody};
+use crate::body::{self, BoxError, ProxyBody, StallGuard};
 use crate::config::UpstreamProtocol;
 use crate::error::{ProxyError, chain};
 use crate::fasthash::FastMap;
@@ -71,15 +71,17 @@ impl Clients {
     }
 
     /// Sends `req` (absolute URI: `http://ip:port/path`) to its backend.
+    /// `stream_idle`: a response body that then sends nothing for this long fails.
     pub async fn send(
         &self,
         protocol: UpstreamProtocol,
         connect_timeout: Duration,
+        stream_idle: Option<Duration>,
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shard = self.shard();
         match protocol {
-            UpstreamProtocol::Http1 => shard.http1.send(connect_timeout, req).await,
+            UpstreamProtocol::Http1 => shard.http1.send(connect_timeout, stream_idle, req).await,
             UpstreamProtocol::Http2 => {
                 let client = {
                     let mut map = shard.http2.lock().unwrap_or_else(|p| p.into_inner());
@@ -91,7 +93,7 @@ impl Clients {
                     .request(req)
                     .await
                     .map_err(|e| ProxyError::from_client(&e))?;
-                Ok(resp.map(body::boxed))
+                Ok(resp.map(|b| body::boxed(StallGuard::new(b, stream_idle))))
             }
         }
     }
@@ -127,6 +129,7 @@ impl Http1Pool {
     async fn send(
         &self,
         connect_timeout: Duration,
+        stream_idle: Option<Duration>,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let Some(authority) = req.uri().authority().cloned() else {
@@ -150,17 +153,17 @@ impl Http1Pool {
         // the request back unsent, it is safe to send it again on a fresh connection.
         if let Some(mut sender) = self.take(key) {
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.wrap(resp, sender, key)),
+                Ok(resp) => return Ok(self.wrap(resp, sender, key, stream_idle)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
-                    None => return Err(ProxyError::UpstreamReset(chain(e.error()))),
+                    None => return Err(ProxyError::from_send(e.error())),
                 },
             }
         }
         let mut sender = connect(key, connect_timeout).await?;
         match sender.send_request(req).await {
-            Ok(resp) => Ok(self.wrap(resp, sender, key)),
-            Err(e) => Err(ProxyError::UpstreamReset(chain(&e))),
+            Ok(resp) => Ok(self.wrap(resp, sender, key, stream_idle)),
+            Err(e) => Err(ProxyError::from_send(&e)),
         }
     }
 
@@ -188,6 +191,7 @@ impl Http1Pool {
         resp: Response<Incoming>,
         sender: SendRequest<ProxyBody>,
         key: &str,
+        stream_idle: Option<Duration>,
     ) -> Response<ProxyBody> {
         // A 101 hands the connection over to the upgrade: it never comes back.
         let give_back =
@@ -197,7 +201,10 @@ impl Http1Pool {
                 pool: Arc::downgrade(&self.idle),
             });
         resp.map(|inner| {
-            let mut b = PooledBody { inner, give_back };
+            let mut b = PooledBody {
+                inner: StallGuard::new(inner, stream_idle),
+                give_back,
+            };
             if b.inner.is_end_stream() {
                 return_to_pool(&mut b.give_back);
             }
@@ -282,7 +289,7 @@ pin_project_lite::pin_project! {
     /// Dropped before the end, the connection is closed instead (it is mid-response).
     struct PooledBody {
         #[pin]
-        inner: Incoming,
+        inner: StallGuard<Incoming>,
         give_back: Option<GiveBack>,
     }
 }
@@ -296,12 +303,12 @@ fn return_to_pool(slot: &mut Option<GiveBack>) {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         let ended = match &frame {

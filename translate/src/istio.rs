@@ -129,7 +129,8 @@ pub struct Patch {
 
 /// An install profile (`install.istio.io/v1alpha1` `IstioOperator`, or our
 /// `install.meshctl.io/v1alpha1` `MeshOperator`). The proxy only uses
-/// `spec.meshConfig.accessLogFile`; the rest is the installer's business.
+/// `spec.meshConfig.accessLogFile` and `spec.meshConfig.pathNormalization`; the rest is the
+/// installer's business.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct IstioOperator {
@@ -150,6 +151,14 @@ impl IstioOperator {
             .pointer("/meshConfig/accessLogFile")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
+    }
+
+    /// `spec.meshConfig.pathNormalization.normalization`, if set (validated on load).
+    pub fn path_normalization(&self) -> Option<mesh_config::PathNormalization> {
+        self.spec
+            .pointer("/meshConfig/pathNormalization/normalization")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
     }
 }
 

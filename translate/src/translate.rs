@@ -16,9 +16,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use mesh_config::{
     AccessLog, Backend, BackendTarget, Filter, Forward, HeaderMatch, HeaderModifier, HeaderValue,
-    Listener, ListenerKind, ListenerProtocol, Mirror, PathMatch, PathRewrite, ProxyConfig,
-    QueryParamMatch, RateLimit, RateLimitMode, Redirect, Route, RouteAction, RouteMatch,
-    StringMatch, Timeouts, UrlRewrite, VirtualHost, WeightedBackend,
+    HttpOptions, Listener, ListenerKind, ListenerProtocol, Mirror, PathMatch, PathNormalization,
+    PathRewrite, ProxyConfig, QueryParamMatch, RateLimit, RateLimitMode, Redirect, Route,
+    RouteAction, RouteMatch, StringMatch, Timeouts, UrlRewrite, VirtualHost, WeightedBackend,
 };
 
 use crate::istio::PatchContext;
@@ -151,12 +151,14 @@ impl<'a> Ctx<'a> {
         access_log: AccessLog,
         context: &str,
     ) -> (ProxyConfig, Vec<Warning>) {
+        let http = http_options(&mut self);
         let mut config = ProxyConfig {
             version: String::new(),
             listeners,
             backends: self.backends.into_values().map(|b| b.backend).collect(),
             rate_limits: self.rate_limits.into_values().collect(),
             access_log,
+            http,
         };
         config.backends.sort_by(|a, b| a.name.cmp(&b.name));
         if let Err(errs) = config.validate() {
@@ -1639,6 +1641,48 @@ fn build_listeners(cx: &mut Ctx<'_>, gws: &[Gw<'_>], entries: Vec<Entry>) -> Vec
     listeners
 }
 
+/// The proxy's HTTP options from the install profiles: `meshConfig.pathNormalization` (the
+/// first profile, by namespace and name, that sets it wins).
+fn http_options(cx: &mut Ctx<'_>) -> HttpOptions {
+    let mut ops: Vec<_> = cx.res.operators.iter().collect();
+    ops.sort_by_key(|o| ns_name(&o.metadata, &cx.opts.default_namespace));
+    let mut chosen: Option<(PathNormalization, String)> = None;
+    let mut warnings = Vec::new();
+    for op in ops {
+        let Some(n) = op.path_normalization() else {
+            continue;
+        };
+        let (ns, name) = ns_name(&op.metadata, &cx.opts.default_namespace);
+        let ctx = format!(
+            "{} {ns}/{name}",
+            if op.kind.is_empty() {
+                "IstioOperator"
+            } else {
+                op.kind.as_str()
+            }
+        );
+        match &chosen {
+            None => chosen = Some((n, ctx)),
+            Some((c, first)) if *c != n => warnings.push((
+                ctx,
+                format!(
+                    "pathNormalization {} ignored: {first} already sets {}",
+                    n.as_str(),
+                    c.as_str()
+                ),
+            )),
+            _ => {}
+        }
+    }
+    for (ctx, w) in warnings {
+        cx.warn(&ctx, w);
+    }
+    HttpOptions {
+        path_normalization: chosen.map(|(n, _)| n),
+        ..HttpOptions::default()
+    }
+}
+
 pub(crate) fn access_log(cx: &mut Ctx<'_>) -> AccessLog {
     let mut path: Option<(String, String)> = None;
     let mut ops: Vec<_> = cx.res.operators.iter().collect();
@@ -1659,7 +1703,7 @@ pub(crate) fn access_log(cx: &mut Ctx<'_>) -> AccessLog {
         cx.warn(
             &ctx,
             format!(
-                "the proxy only uses spec.meshConfig.accessLogFile ({used}); the rest (profile, values, components, other meshConfig) is the installer's business (meshctl install)"
+                "the proxy only uses spec.meshConfig.accessLogFile ({used}) and spec.meshConfig.pathNormalization; the rest (profile, values, components, other meshConfig) is the installer's business (meshctl install)"
             ),
         );
         if let Some(f) = file {

@@ -572,5 +572,22 @@ pub(crate) fn operator(op: &IstioOperator) -> Problems {
             "must be a string (a path, or /dev/stdout)",
         );
     }
+    if let Some(v) = op
+        .spec
+        .pointer("/meshConfig/pathNormalization/normalization")
+        .filter(|v| !v.is_null())
+    {
+        let parsed = v
+            .as_str()
+            .ok_or_else(|| "must be a string".to_string())
+            .and_then(str::parse::<mesh_config::PathNormalization>);
+        if let Err(e) = parsed {
+            push(
+                &mut out,
+                "spec.meshConfig.pathNormalization.normalization".into(),
+                e,
+            );
+        }
+    }
     out
 }
