@@ -136,13 +136,17 @@ pub fn default_max_connections() -> usize {
 pub struct ConnWatch {
     started: AtomicU64,
     in_flight: AtomicU32,
+    /// Signalled when the first request starts (ends the request headers timeout).
+    first: Notify,
 }
 
 impl ConnWatch {
     /// Marks a request as started; it stays in flight until the returned mark is dropped
     /// (with its response body).
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.started.fetch_add(1, Ordering::Relaxed);
+        if self.started.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.first.notify_one();
+        }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
@@ -187,9 +191,13 @@ pub async fn watchdog(
     idle_timeout: Option<Duration>,
 ) -> Expiry {
     if let Some(t) = headers_timeout {
-        tokio::time::sleep(t).await;
-        if watch.started() == 0 {
-            return Expiry::RequestHeaders;
+        tokio::select! {
+            _ = tokio::time::sleep(t) => {
+                if watch.started() == 0 {
+                    return Expiry::RequestHeaders;
+                }
+            }
+            _ = watch.first.notified() => {}
         }
     }
     let Some(idle) = idle_timeout else {

@@ -314,3 +314,14 @@ fn directory_loading_skips_other_files_and_sorts() {
         "{e}"
     );
 }
+
+#[test]
+fn a_path_normalization_istio_does_not_know_is_an_error() {
+    let text = "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {name: p}\nspec:\n  meshConfig:\n    pathNormalization: {normalization: SQUASH}\n";
+    let e = errors("profile.yaml", text);
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(
+        e[0].starts_with("profile.yaml: document 1 (IstioOperator demo/p): spec.meshConfig.pathNormalization.normalization: \"SQUASH\" is not a path normalization"),
+        "{e:#?}"
+    );
+}

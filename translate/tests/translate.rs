@@ -753,3 +753,16 @@ spec:
     );
     assert!(t.config.rate_limits.is_empty());
 }
+
+#[test]
+fn mesh_config_path_normalization_reaches_the_proxy_config() {
+    let profile = "\n---\napiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {name: p}\nspec:\n  meshConfig:\n    pathNormalization: {normalization: DECODE_AND_MERGE_SLASHES}\n";
+    let t = run(&format!("{BASE}{GW}{profile}"));
+    assert_eq!(
+        t.config.http.path_normalization,
+        Some(mesh_config::PathNormalization::DecodeAndMergeSlashes)
+    );
+    // Without a profile the proxy's own default (BASE) applies.
+    let t = run(&format!("{BASE}{GW}"));
+    assert_eq!(t.config.http.path_normalization, None);
+}
