@@ -15,7 +15,10 @@
 //!    connection, so the client sees a reset instead of a refusal, never a success).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -180,7 +183,7 @@ async fn serve_tcp(mut c: Captured, dst: SocketAddr) {
     let start = Instant::now();
     let start_time = SystemTime::now();
     let metrics = &c.rt.observer.metrics;
-    let mut down = c.stream;
+    let down = c.stream;
     let connected = tokio::time::timeout(connect_timeout, TcpStream::connect(&target)).await;
     let mut up = match connected {
         Ok(Ok(up)) => up,
@@ -209,14 +212,26 @@ async fn serve_tcp(mut c: Captured, dst: SocketAddr) {
     };
     let _ = up.set_nodelay(true);
     metrics.tcp_connection(&listener, &backend);
+    // Envoy's TCP proxy idle timeout: a connection that moves no byte either way for the
+    // idle timeout is closed (so silent captured sockets cannot pile up either).
+    let idle = c.state.load().snapshot.http.idle_timeout;
+    let active = Arc::new(AtomicBool::new(false));
+    let mut down_io = Marked {
+        inner: down,
+        active: active.clone(),
+    };
     let (received, sent) = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut down, &mut up) => match r {
+        r = tokio::io::copy_bidirectional(&mut down_io, &mut up) => match r {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!(error = %e, "opaque connection ended with an error");
                 (0, 0)
             }
         },
+        _ = idle_expired(&active, idle) => {
+            tracing::debug!(peer = %c.peer, ?idle, "opaque connection idle; closing");
+            (0, 0)
+        }
         _ = c.kill.cancelled() => (0, 0),
     };
     metrics.tcp_bytes(&listener, &backend, received, sent);
@@ -234,6 +249,71 @@ async fn serve_tcp(mut c: Captured, dst: SocketAddr) {
             flags: ResponseFlags::empty(),
         },
     );
+}
+
+/// Resolves once `active` has stayed unset for `idle` (checked every eighth of it); never
+/// without a timeout.
+async fn idle_expired(active: &AtomicBool, idle: Option<Duration>) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    let tick = (idle / 8).clamp(Duration::from_millis(1), Duration::from_secs(30));
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(tick).await;
+        if active.swap(false, Ordering::Relaxed) {
+            quiet = Duration::ZERO;
+        } else {
+            quiet += tick;
+            if quiet >= idle {
+                return;
+            }
+        }
+    }
+}
+
+/// The downstream side of an opaque copy, marking every read or write that moved bytes
+/// (both directions pass through it).
+struct Marked {
+    inner: TcpStream,
+    active: Arc<AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Marked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.active.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Marked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.active.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 struct TcpLog {
