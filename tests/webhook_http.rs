@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshctl::inject::InjectionConfig;
+use meshctl::net_limits::ConnectionLimits;
 use meshctl::webhook::{Limits, StaticNamespaces};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,7 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 fn small_limits() -> Limits {
     Limits {
         max_body_bytes: 64 * 1024,
-        stall_timeout: Duration::from_millis(500),
+        body_timeout: Duration::from_millis(500),
+        connections: ConnectionLimits {
+            tls_handshake_timeout: Duration::from_millis(500),
+            request_headers_timeout: Duration::from_millis(500),
+            ..ConnectionLimits::webhook()
+        },
     }
 }
 
@@ -427,4 +433,151 @@ async fn latency_per_review() {
         "review::handle alone: {:?} per review",
         t0.elapsed() / n as u32
     );
+}
+
+fn connection_limits(headers: Duration, idle: Duration, max_connections: usize) -> Limits {
+    Limits {
+        connections: ConnectionLimits {
+            tls_handshake_timeout: headers,
+            request_headers_timeout: headers,
+            idle_timeout: idle,
+            max_connections,
+        },
+        ..Limits::default()
+    }
+}
+
+/// About 1,000 connections that never send a request (plain TCP that never starts TLS, TLS
+/// handshaken then silent, TLS with half a request head) are all closed once the
+/// request-headers timeout has passed since they were accepted, while clients that do send
+/// requests are served all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_while_clients_are_served() {
+    let headers = Duration::from_secs(3);
+    let s = server(connection_limits(headers, Duration::from_secs(60), 4096)).await;
+    let addr = s.addr;
+    let client_tls = common::client_config(&s.cert.der);
+
+    // A client that keeps using one keep-alive connection longer than the headers timeout,
+    // and one that opens a new connection per review.
+    let review = serde_json::to_vec(&common::review_for(&pod(1), "demo", "busy")).unwrap();
+    let served = {
+        let der = s.cert.der.clone();
+        tokio::spawn(async move {
+            let mut kept = common::Client::connect(addr, &der).await;
+            let until = Instant::now() + headers * 3;
+            let mut n = 0;
+            while Instant::now() < until {
+                let (status, resp) = kept.post("/inject", review.clone()).await;
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+                assert!(common::decode_response(&resp, "busy").1.is_some());
+                let mut fresh = common::Client::connect(addr, &der).await;
+                assert_eq!(fresh.get("/healthz").await.0, 200);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            n
+        })
+    };
+
+    let mut conns = common::silent::open_many(500, 64, |_| common::silent::tcp(addr)).await;
+    let tls = |then: &'static [u8]| {
+        let cfg = client_tls.clone();
+        move |_| {
+            let cfg = cfg.clone();
+            async move {
+                common::silent::tls(addr, cfg, "localhost", then)
+                    .await
+                    .expect("TLS handshake within its timeout")
+            }
+        }
+    };
+    conns.extend(common::silent::open_many(450, 8, tls(b"")).await);
+    conns.extend(
+        common::silent::open_many(50, 8, tls(b"POST /inject HTTP/1.1\r\nhost: local")).await,
+    );
+    let n = conns.len();
+    let times = common::silent::closed_after(conns, headers + Duration::from_secs(30)).await;
+    let summary = common::silent::summary(&times);
+    println!("{n} silent connections: {summary}");
+    assert!(times.iter().all(Option::is_some), "{summary}");
+    // Never before the timeout: the server accepted each one after the client connected.
+    assert!(
+        times.iter().flatten().all(|t| *t >= headers),
+        "closed too early: {summary}"
+    );
+    let reviews = served.await.expect("the busy clients were served");
+    assert!(reviews >= 3, "{reviews} rounds");
+}
+
+/// A keep-alive connection stays open while requests keep coming, and is closed once it has
+/// been idle for the idle timeout.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let idle = Duration::from_millis(1500);
+    let s = server(connection_limits(Duration::from_secs(1), idle, 64)).await;
+    let tls = common::tls_connect(s.addr, &s.cert.der).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // Longer in total than both the request-headers and the idle timeout.
+    let mut last_sent = Instant::now();
+    for _ in 0..6 {
+        sender.ready().await.expect("connection still open");
+        // The server's idle timer can only start after the request was sent.
+        last_sent = Instant::now();
+        let req = http::Request::get("/healthz")
+            .header("host", "localhost")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.expect("served");
+        assert_eq!(resp.status(), 200);
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    assert!(closed.is_ok(), "idle connection still open after 20 s");
+    assert!(
+        last_sent.elapsed() >= idle,
+        "closed {:?} after the last request",
+        last_sent.elapsed()
+    );
+}
+
+/// At the connection cap the server stops accepting: one more client waits (its TLS
+/// handshake does not complete) until a connection closes, then it is served.
+#[tokio::test]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    let long = Duration::from_secs(60);
+    let cap = 20;
+    let s = server(connection_limits(long, long, cap)).await;
+    let addr = s.addr;
+    let mut holders = common::silent::open_many(cap, 8, |_| common::silent::tcp(addr)).await;
+    let der = s.cert.der.clone();
+    let mut waiting = tokio::spawn(async move {
+        let mut c = common::Client::connect(addr, &der).await;
+        c.get("/healthz").await.0
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut waiting)
+            .await
+            .is_err(),
+        "a connection over the cap was served"
+    );
+    drop(holders.pop());
+    let status = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    assert_eq!(status, 200);
+    // Everyone gone: the server serves as before.
+    drop(holders);
+    for i in 0..cap + 5 {
+        let mut c = common::Client::connect(addr, &s.cert.der).await;
+        assert_eq!(c.get("/healthz").await.0, 200, "client {i}");
+    }
 }
