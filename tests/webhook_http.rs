@@ -581,3 +581,107 @@ async fn connections_over_the_cap_wait_until_one_closes() {
         assert_eq!(c.get("/healthz").await.0, 200, "client {i}");
     }
 }
+
+/// A review sent for a Pod whose object is something else (a List of pods, a Deployment) is
+/// denied, naming both kinds, with a small answer: no item is injected.
+#[tokio::test]
+async fn object_of_another_kind_than_the_review_is_denied() {
+    let s = server(Limits::default()).await;
+    let mut c = common::Client::connect(s.addr, &s.cert.der).await;
+    let items: Vec<_> = (0..200).map(|_| pod(3)).collect();
+    let list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items});
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "demo"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "app:1"}]}}}});
+    let mut v2 = pod(1);
+    v2["apiVersion"] = json!("v2");
+    let mut numeric = pod(1);
+    numeric["kind"] = json!(7);
+    for (uid, object, want) in [
+        (
+            "list",
+            list,
+            "request.object is v1 PodList, but request.kind is v1 Pod",
+        ),
+        (
+            "deployment",
+            deployment,
+            "request.object is apps/v1 Deployment, but request.kind is v1 Pod",
+        ),
+        (
+            "v2",
+            v2,
+            "request.object is v2 Pod, but request.kind is v1 Pod",
+        ),
+        (
+            "numeric",
+            numeric,
+            "request.object is v1 7, but request.kind is v1 Pod",
+        ),
+    ] {
+        let body = serde_json::to_vec(&common::review_for(&object, "demo", uid)).unwrap();
+        let (status, resp) = c.post("/inject", body.clone()).await;
+        assert_eq!(status, 200, "{uid}: {}", String::from_utf8_lossy(&resp));
+        let (allowed, patch) = common::decode_response(&resp, uid);
+        assert!(!allowed && patch.is_none(), "{uid}");
+        let v: Value = serde_json::from_slice(&resp).unwrap();
+        let msg = v["response"]["status"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{uid}: {msg}");
+        assert!(msg.contains("only a single Pod"), "{uid}: {msg}");
+        assert_eq!(v["response"]["status"]["code"], 400);
+        assert!(resp.len() < 1024, "{uid}: {} bytes answered", resp.len());
+    }
+    // The object may leave apiVersion/kind out; the review's kind is assumed.
+    let mut bare = pod(1);
+    bare.as_object_mut().unwrap().remove("apiVersion");
+    bare.as_object_mut().unwrap().remove("kind");
+    let body = serde_json::to_vec(&common::review_for(&bare, "demo", "bare")).unwrap();
+    let (status, resp) = c.post("/inject", body).await;
+    assert_eq!(status, 200);
+    let (allowed, patch) = common::decode_response(&resp, "bare");
+    assert!(allowed && patch.is_some());
+}
+
+/// A user container named like the sidecar (or its init container) is denied with the
+/// container named, instead of being replaced; a pod we injected before is still fine.
+#[tokio::test]
+async fn user_container_with_the_sidecars_name_is_denied() {
+    let s = server(Limits::default()).await;
+    let mut c = common::Client::connect(s.addr, &s.cert.der).await;
+    let mut only_proxy = pod(1);
+    only_proxy["spec"]["containers"][0]["name"] = json!("mesh-proxy");
+    let mut init = pod(2);
+    init["spec"]["initContainers"] = json!([{"name": "mesh-init", "image": "mine:1"}]);
+    for (uid, p, want) in [
+        (
+            "proxy",
+            only_proxy,
+            "request.object.spec.containers[0].name: container name \"mesh-proxy\" is reserved",
+        ),
+        (
+            "init",
+            init,
+            "request.object.spec.initContainers[0].name: container name \"mesh-init\" is reserved",
+        ),
+    ] {
+        let body = serde_json::to_vec(&common::review_for(&p, "demo", uid)).unwrap();
+        let (status, resp) = c.post("/inject", body).await;
+        assert_eq!(status, 200);
+        let (allowed, patch) = common::decode_response(&resp, uid);
+        assert!(!allowed && patch.is_none(), "{uid}");
+        let v: Value = serde_json::from_slice(&resp).unwrap();
+        let msg = v["response"]["status"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{uid}: {msg}");
+    }
+    // Injected once (by the patch we answered), reviewed again: allowed, nothing to change.
+    let p = pod(1);
+    let body = serde_json::to_vec(&common::review_for(&p, "demo", "first")).unwrap();
+    let (_, resp) = c.post("/inject", body).await;
+    let (_, patch) = common::decode_response(&resp, "first");
+    let mut injected = p.clone();
+    json_patch::patch(&mut injected, &patch.unwrap()).unwrap();
+    let body = serde_json::to_vec(&common::review_for(&injected, "demo", "again")).unwrap();
+    let (status, resp) = c.post("/inject", body).await;
+    assert_eq!(status, 200);
+    let (allowed, patch) = common::decode_response(&resp, "again");
+    assert!(allowed && patch.is_none());
+}
