@@ -6,7 +6,7 @@
 //! - the TLS handshake must finish within `tls_handshake_timeout`;
 //! - the first request's headers must have arrived within `request_headers_timeout` (counted
 //!   from accept, so it also bounds a client that sends nothing, a partial TLS record or part
-//!   of a request head);
+//!   of a request head); a later request's, within as long from its first byte;
 //! - once no request is in flight, the connection is closed after `idle_timeout`. A request
 //!   is in flight from its headers until its response body has been sent or dropped, so a
 //!   long-lived config-distribution stream (one HTTP/2 stream per proxy, open as long as the
@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
@@ -99,6 +100,7 @@ struct ActivityInner {
     state: Mutex<ActivityState>,
     changed: Notify,
     idle_timeout: Duration,
+    request_headers_timeout: Duration,
 }
 
 /// Requests in flight on one connection, and when it expires without one.
@@ -106,15 +108,30 @@ struct ActivityInner {
 pub struct Activity(Arc<ActivityInner>);
 
 impl Activity {
-    fn new(first_deadline: Instant, idle_timeout: Duration) -> Self {
+    fn new(accepted_at: Instant, limits: &ConnectionLimits) -> Self {
         Self(Arc::new(ActivityInner {
             state: Mutex::new(ActivityState {
                 in_flight: 0,
-                deadline: first_deadline,
+                deadline: accepted_at + limits.request_headers_timeout,
             }),
             changed: Notify::new(),
-            idle_timeout,
+            idle_timeout: limits.idle_timeout,
+            request_headers_timeout: limits.request_headers_timeout,
         }))
+    }
+
+    /// Bytes arrived. With no request in flight they begin the next request (HTTP/1.1 keep-
+    /// alive), whose head is then due within the request-headers timeout, not the idle one.
+    fn received(&self) {
+        let mut s = self.lock();
+        if s.in_flight == 0 {
+            let due = Instant::now() + self.0.request_headers_timeout;
+            if due < s.deadline {
+                s.deadline = due;
+                drop(s);
+                self.0.changed.notify_one();
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
@@ -244,9 +261,61 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
     }
 }
 
+/// A connection's stream that reports what it receives to the connection's [`Activity`].
+pub struct Watched<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.received();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// What a listener's connection handler gets once the TLS handshake is done.
 pub struct Accepted {
-    pub tls: TlsStream<TcpStream>,
+    /// The TLS stream, watched for the request-headers timeout of keep-alive requests.
+    pub tls: Watched<TlsStream<TcpStream>>,
     pub peer: SocketAddr,
     /// Wrap the connection's service with [`Activity::track`]: requests keep it open.
     pub activity: Activity,
@@ -281,16 +350,24 @@ pub async fn serve_tls<H, Fut>(
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut backoff = Duration::ZERO;
+    // Logged once each time the listener reaches its cap, not once per connection there.
+    let mut at_cap = false;
     tokio::pin!(shutdown);
     loop {
         let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => p,
+            Ok(p) => {
+                at_cap = false;
+                p
+            }
             Err(_) => {
-                tracing::warn!(
-                    listener = name,
-                    max_connections = limits.max_connections,
-                    "connection limit reached; new connections wait until one closes"
-                );
+                if !at_cap {
+                    at_cap = true;
+                    tracing::warn!(
+                        listener = name,
+                        max_connections = limits.max_connections,
+                        "connection limit reached; new connections wait until one closes"
+                    );
+                }
                 tokio::select! {
                     _ = &mut shutdown => return,
                     p = permits.clone().acquire_owned() => match p {
@@ -324,10 +401,7 @@ pub async fn serve_tls<H, Fut>(
         };
         let _ = tcp.set_nodelay(true);
         let accepted_at = Instant::now();
-        let activity = Activity::new(
-            accepted_at + limits.request_headers_timeout,
-            limits.idle_timeout,
-        );
+        let activity = Activity::new(accepted_at, &limits);
         let acceptor = acceptor.clone();
         let handle = handle.clone();
         tokio::spawn(async move {
@@ -351,7 +425,10 @@ pub async fn serve_tls<H, Fut>(
                     }
                 };
                 handle(Accepted {
-                    tls,
+                    tls: Watched {
+                        inner: tls,
+                        activity: activity.clone(),
+                    },
                     peer,
                     activity,
                 })

@@ -548,6 +548,54 @@ async fn idle_keep_alive_connections_are_closed() {
     );
 }
 
+/// On a kept-alive connection, a request head that starts but never ends is cut after the
+/// request-headers timeout from its first byte, not after the (much longer) idle timeout.
+#[tokio::test]
+async fn stalled_head_on_a_kept_alive_connection_is_closed() {
+    let headers = Duration::from_secs(1);
+    let s = server(connection_limits(headers, Duration::from_secs(120), 64)).await;
+    let mut tls = common::tls_connect(s.addr, &s.cert.der).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !resp.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .expect("a response")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before answering: {}",
+            String::from_utf8_lossy(&resp)
+        );
+        resp.extend(&buf[..n]);
+    }
+    assert!(resp.starts_with(b"HTTP/1.1 200"));
+    // Idle for a while (within the idle timeout), then half a head, then nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    tls.write_all(b"POST /inject HTTP/1.1\r\nhost: loc")
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "stalled head kept open for 20 s");
+    assert!(
+        started.elapsed() >= headers,
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
 /// At the connection cap the server stops accepting: one more client waits (its TLS
 /// handshake does not complete) until a connection closes, then it is served.
 #[tokio::test]
