@@ -416,7 +416,7 @@ pub async fn serve_tls<H, Fut>(
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+                        tracing::info!(listener = name, %peer, error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
