@@ -6,5 +6,6 @@ pub mod demo;
 pub mod inject;
 pub mod install;
 pub mod kube_yaml;
+pub mod net_limits;
 pub mod offline;
 pub mod webhook;

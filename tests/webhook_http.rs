@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshctl::inject::InjectionConfig;
+use meshctl::net_limits::ConnectionLimits;
 use meshctl::webhook::{Limits, StaticNamespaces};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,7 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 fn small_limits() -> Limits {
     Limits {
         max_body_bytes: 64 * 1024,
-        stall_timeout: Duration::from_millis(500),
+        body_timeout: Duration::from_millis(500),
+        connections: ConnectionLimits {
+            tls_handshake_timeout: Duration::from_millis(500),
+            request_headers_timeout: Duration::from_millis(500),
+            ..ConnectionLimits::webhook()
+        },
     }
 }
 
@@ -427,4 +433,303 @@ async fn latency_per_review() {
         "review::handle alone: {:?} per review",
         t0.elapsed() / n as u32
     );
+}
+
+fn connection_limits(headers: Duration, idle: Duration, max_connections: usize) -> Limits {
+    Limits {
+        connections: ConnectionLimits {
+            tls_handshake_timeout: headers,
+            request_headers_timeout: headers,
+            idle_timeout: idle,
+            max_connections,
+        },
+        ..Limits::default()
+    }
+}
+
+/// About 1,000 connections that never send a request (plain TCP that never starts TLS, TLS
+/// handshaken then silent, TLS with half a request head) are all closed once the
+/// request-headers timeout has passed since they were accepted, while clients that do send
+/// requests are served all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_while_clients_are_served() {
+    let headers = Duration::from_secs(3);
+    let s = server(connection_limits(headers, Duration::from_secs(60), 4096)).await;
+    let addr = s.addr;
+    let client_tls = common::client_config(&s.cert.der);
+
+    // A client that keeps using one keep-alive connection longer than the headers timeout,
+    // and one that opens a new connection per review.
+    let review = serde_json::to_vec(&common::review_for(&pod(1), "demo", "busy")).unwrap();
+    let served = {
+        let der = s.cert.der.clone();
+        tokio::spawn(async move {
+            let mut kept = common::Client::connect(addr, &der).await;
+            let until = Instant::now() + headers * 3;
+            let mut n = 0;
+            while Instant::now() < until {
+                let (status, resp) = kept.post("/inject", review.clone()).await;
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+                assert!(common::decode_response(&resp, "busy").1.is_some());
+                let mut fresh = common::Client::connect(addr, &der).await;
+                assert_eq!(fresh.get("/healthz").await.0, 200);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            n
+        })
+    };
+
+    let mut conns = common::silent::open_many(500, 64, |_| common::silent::tcp(addr)).await;
+    let tls = |then: &'static [u8]| {
+        let cfg = client_tls.clone();
+        move |_| {
+            let cfg = cfg.clone();
+            async move {
+                common::silent::tls(addr, cfg, "localhost", then)
+                    .await
+                    .expect("TLS handshake within its timeout")
+            }
+        }
+    };
+    conns.extend(common::silent::open_many(450, 8, tls(b"")).await);
+    conns.extend(
+        common::silent::open_many(50, 8, tls(b"POST /inject HTTP/1.1\r\nhost: local")).await,
+    );
+    let n = conns.len();
+    let times = common::silent::closed_after(conns, headers + Duration::from_secs(30)).await;
+    let summary = common::silent::summary(&times);
+    println!("{n} silent connections: {summary}");
+    assert!(times.iter().all(Option::is_some), "{summary}");
+    // Never before the timeout: the server accepted each one after the client connected.
+    assert!(
+        times.iter().flatten().all(|t| *t >= headers),
+        "closed too early: {summary}"
+    );
+    let reviews = served.await.expect("the busy clients were served");
+    assert!(reviews >= 3, "{reviews} rounds");
+}
+
+/// A keep-alive connection stays open while requests keep coming, and is closed once it has
+/// been idle for the idle timeout.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let idle = Duration::from_millis(1500);
+    let s = server(connection_limits(Duration::from_secs(1), idle, 64)).await;
+    let tls = common::tls_connect(s.addr, &s.cert.der).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // Longer in total than both the request-headers and the idle timeout.
+    let mut last_sent = Instant::now();
+    for _ in 0..6 {
+        sender.ready().await.expect("connection still open");
+        // The server's idle timer can only start after the request was sent.
+        last_sent = Instant::now();
+        let req = http::Request::get("/healthz")
+            .header("host", "localhost")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.expect("served");
+        assert_eq!(resp.status(), 200);
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    assert!(closed.is_ok(), "idle connection still open after 20 s");
+    assert!(
+        last_sent.elapsed() >= idle,
+        "closed {:?} after the last request",
+        last_sent.elapsed()
+    );
+}
+
+/// On a kept-alive connection, a request head that starts but never ends is cut after the
+/// request-headers timeout from its first byte, not after the (much longer) idle timeout.
+#[tokio::test]
+async fn stalled_head_on_a_kept_alive_connection_is_closed() {
+    let headers = Duration::from_secs(1);
+    let s = server(connection_limits(headers, Duration::from_secs(120), 64)).await;
+    let mut tls = common::tls_connect(s.addr, &s.cert.der).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !resp.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .expect("a response")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before answering: {}",
+            String::from_utf8_lossy(&resp)
+        );
+        resp.extend(&buf[..n]);
+    }
+    assert!(resp.starts_with(b"HTTP/1.1 200"));
+    // Idle for a while (within the idle timeout), then half a head, then nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    tls.write_all(b"POST /inject HTTP/1.1\r\nhost: loc")
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "stalled head kept open for 20 s");
+    assert!(
+        started.elapsed() >= headers,
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
+/// At the connection cap the server stops accepting: one more client waits (its TLS
+/// handshake does not complete) until a connection closes, then it is served.
+#[tokio::test]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    let long = Duration::from_secs(60);
+    let cap = 20;
+    let s = server(connection_limits(long, long, cap)).await;
+    let addr = s.addr;
+    let mut holders = common::silent::open_many(cap, 8, |_| common::silent::tcp(addr)).await;
+    let der = s.cert.der.clone();
+    let mut waiting = tokio::spawn(async move {
+        let mut c = common::Client::connect(addr, &der).await;
+        c.get("/healthz").await.0
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut waiting)
+            .await
+            .is_err(),
+        "a connection over the cap was served"
+    );
+    drop(holders.pop());
+    let status = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    assert_eq!(status, 200);
+    // Everyone gone: the server serves as before.
+    drop(holders);
+    for i in 0..cap + 5 {
+        let mut c = common::Client::connect(addr, &s.cert.der).await;
+        assert_eq!(c.get("/healthz").await.0, 200, "client {i}");
+    }
+}
+
+/// A review sent for a Pod whose object is something else (a List of pods, a Deployment) is
+/// denied, naming both kinds, with a small answer: no item is injected.
+#[tokio::test]
+async fn object_of_another_kind_than_the_review_is_denied() {
+    let s = server(Limits::default()).await;
+    let mut c = common::Client::connect(s.addr, &s.cert.der).await;
+    let items: Vec<_> = (0..200).map(|_| pod(3)).collect();
+    let list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items});
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "demo"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "app:1"}]}}}});
+    let mut v2 = pod(1);
+    v2["apiVersion"] = json!("v2");
+    let mut numeric = pod(1);
+    numeric["kind"] = json!(7);
+    for (uid, object, want) in [
+        (
+            "list",
+            list,
+            "request.object is v1 PodList, but request.kind is v1 Pod",
+        ),
+        (
+            "deployment",
+            deployment,
+            "request.object is apps/v1 Deployment, but request.kind is v1 Pod",
+        ),
+        (
+            "v2",
+            v2,
+            "request.object is v2 Pod, but request.kind is v1 Pod",
+        ),
+        (
+            "numeric",
+            numeric,
+            "request.object is v1 7, but request.kind is v1 Pod",
+        ),
+    ] {
+        let body = serde_json::to_vec(&common::review_for(&object, "demo", uid)).unwrap();
+        let (status, resp) = c.post("/inject", body.clone()).await;
+        assert_eq!(status, 200, "{uid}: {}", String::from_utf8_lossy(&resp));
+        let (allowed, patch) = common::decode_response(&resp, uid);
+        assert!(!allowed && patch.is_none(), "{uid}");
+        let v: Value = serde_json::from_slice(&resp).unwrap();
+        let msg = v["response"]["status"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{uid}: {msg}");
+        assert!(msg.contains("only a single Pod"), "{uid}: {msg}");
+        assert_eq!(v["response"]["status"]["code"], 400);
+        assert!(resp.len() < 1024, "{uid}: {} bytes answered", resp.len());
+    }
+    // The object may leave apiVersion/kind out; the review's kind is assumed.
+    let mut bare = pod(1);
+    bare.as_object_mut().unwrap().remove("apiVersion");
+    bare.as_object_mut().unwrap().remove("kind");
+    let body = serde_json::to_vec(&common::review_for(&bare, "demo", "bare")).unwrap();
+    let (status, resp) = c.post("/inject", body).await;
+    assert_eq!(status, 200);
+    let (allowed, patch) = common::decode_response(&resp, "bare");
+    assert!(allowed && patch.is_some());
+}
+
+/// A user container named like the sidecar (or its init container) is denied with the
+/// container named, instead of being replaced; a pod we injected before is still fine.
+#[tokio::test]
+async fn user_container_with_the_sidecars_name_is_denied() {
+    let s = server(Limits::default()).await;
+    let mut c = common::Client::connect(s.addr, &s.cert.der).await;
+    let mut only_proxy = pod(1);
+    only_proxy["spec"]["containers"][0]["name"] = json!("mesh-proxy");
+    let mut init = pod(2);
+    init["spec"]["initContainers"] = json!([{"name": "mesh-init", "image": "mine:1"}]);
+    for (uid, p, want) in [
+        (
+            "proxy",
+            only_proxy,
+            "request.object.spec.containers[0].name: container name \"mesh-proxy\" is reserved",
+        ),
+        (
+            "init",
+            init,
+            "request.object.spec.initContainers[0].name: container name \"mesh-init\" is reserved",
+        ),
+    ] {
+        let body = serde_json::to_vec(&common::review_for(&p, "demo", uid)).unwrap();
+        let (status, resp) = c.post("/inject", body).await;
+        assert_eq!(status, 200);
+        let (allowed, patch) = common::decode_response(&resp, uid);
+        assert!(!allowed && patch.is_none(), "{uid}");
+        let v: Value = serde_json::from_slice(&resp).unwrap();
+        let msg = v["response"]["status"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{uid}: {msg}");
+    }
+    // Injected once (by the patch we answered), reviewed again: allowed, nothing to change.
+    let p = pod(1);
+    let body = serde_json::to_vec(&common::review_for(&p, "demo", "first")).unwrap();
+    let (_, resp) = c.post("/inject", body).await;
+    let (_, patch) = common::decode_response(&resp, "first");
+    let mut injected = p.clone();
+    json_patch::patch(&mut injected, &patch.unwrap()).unwrap();
+    let body = serde_json::to_vec(&common::review_for(&injected, "demo", "again")).unwrap();
+    let (status, resp) = c.post("/inject", body).await;
+    assert_eq!(status, 200);
+    let (allowed, patch) = common::decode_response(&resp, "again");
+    assert!(allowed && patch.is_none());
 }

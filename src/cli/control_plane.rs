@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use meshctl::inject::InjectionConfig;
+use meshctl::net_limits::{self, ConnectionLimits};
 use meshctl::webhook::namespaces::KubeNamespaces;
 use meshctl::webhook::tls::CertStore;
 use meshctl::webhook::{self, AppState, Limits, NamespaceLookup, StaticNamespaces};
@@ -40,9 +41,15 @@ pub struct ControlPlaneArgs {
     /// Largest AdmissionReview body accepted (bytes); larger gets 413.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Longest a client may stall in TLS, headers or body before the request is dropped.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub stall_timeout: Duration,
+    /// Longest a client may take to send an AdmissionReview body once its headers arrived;
+    /// slower gets 408.
+    #[arg(long, alias = "stall-timeout", default_value = "10s", value_parser = parse_duration)]
+    pub request_body_timeout: Duration,
+    /// Webhook connections open at once; more wait to be accepted until one closes.
+    #[arg(long, default_value_t = net_limits::DEFAULT_WEBHOOK_MAX_CONNECTIONS, value_parser = positive)]
+    pub webhook_max_connections: usize,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
     /// How often cert and config files are checked for changes.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub reload_interval: Duration,
@@ -51,6 +58,33 @@ pub struct ControlPlaneArgs {
     pub no_webhook: bool,
     #[command(flatten)]
     pub distribution: DistributionArgs,
+}
+
+/// Timeouts of every connection to the webhook and to config distribution.
+#[derive(Args, Debug)]
+pub struct ConnectionArgs {
+    /// Longest a TLS handshake may take, from accept.
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Longest from accept until a connection's first request headers have arrived (a client
+    /// that sends nothing, or part of a request, is disconnected).
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    pub request_headers_timeout: Duration,
+    /// How long a connection with no request in flight stays open (a proxy's config stream
+    /// counts as a request in flight for as long as it is open).
+    #[arg(long, default_value = "5m", value_parser = positive_duration)]
+    pub idle_timeout: Duration,
+}
+
+impl ConnectionArgs {
+    fn limits(&self, max_connections: usize) -> ConnectionLimits {
+        ConnectionLimits {
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            request_headers_timeout: self.request_headers_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections,
+        }
+    }
 }
 
 /// The Gateway API control plane (needs cluster access).
@@ -117,10 +151,17 @@ pub struct DistributionArgs {
     /// Changes arriving within this window are translated and pushed together.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub debounce: Duration,
+    /// Config distribution connections open at once (one per proxy); more wait to be
+    /// accepted until one closes.
+    #[arg(long, default_value_t = net_limits::DEFAULT_DISTRIBUTION_MAX_CONNECTIONS, value_parser = positive)]
+    pub distribution_max_connections: usize,
 }
 
 impl DistributionArgs {
-    fn config(&self) -> Result<meshctl::controlplane::ControlPlaneConfig> {
+    fn config(
+        &self,
+        connections: &ConnectionArgs,
+    ) -> Result<meshctl::controlplane::ControlPlaneConfig> {
         use meshctl::controlplane::{ControlPlaneConfig, certs::CertSource, gateways};
         let cert = match (
             &self.distribution_cert,
@@ -159,6 +200,7 @@ impl DistributionArgs {
             });
         Ok(ControlPlaneConfig {
             distribution_addr: self.distribution_addr,
+            distribution_limits: connections.limits(self.distribution_max_connections),
             admin_addr,
             cert,
             translate,
@@ -171,7 +213,23 @@ impl DistributionArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    meshctl::inject::redirect::parse_duration(s)
+    mesh_config::parse_duration(s)
+}
+
+/// A timeout of zero would close every connection at once.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be longer than zero")),
+        d => Ok(d),
+    }
+}
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
 }
 
 pub fn run(args: ControlPlaneArgs) -> Result<ExitCode> {
@@ -199,7 +257,7 @@ async fn serve(args: ControlPlaneArgs) -> Result<()> {
         && (args.kubeconfig.is_some() || in_cluster)
     {
         let client = kube_client(args.kubeconfig.as_ref()).await?;
-        let config = args.distribution.config()?;
+        let config = args.distribution.config(&args.connections)?;
         control_plane = Some(tokio::spawn(meshctl::controlplane::run(
             client.clone(),
             config,
@@ -245,7 +303,8 @@ async fn serve(args: ControlPlaneArgs) -> Result<()> {
         namespaces,
         Limits {
             max_body_bytes: args.max_body_bytes,
-            stall_timeout: args.stall_timeout,
+            body_timeout: args.request_body_timeout,
+            connections: args.connections.limits(args.webhook_max_connections),
         },
     );
     webhook::spawn_reloaders(

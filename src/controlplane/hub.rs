@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{ProxyAuth, authorize};
 use super::world::World;
+use crate::net_limits::{self, Accepted, ConnectionLimits};
 
 /// What the control plane knows about one connected proxy (`/debug/proxies`).
 #[derive(Debug, Clone, Serialize)]
@@ -158,57 +159,58 @@ impl Hub {
         }
     }
 
-    /// Serves proxies on `listener` until `shutdown`.
+    /// Serves proxies on `listener` until `shutdown`, with the default connection limits.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
         shutdown: CancellationToken,
     ) {
+        self.serve_with_limits(listener, tls, ConnectionLimits::distribution(), shutdown)
+            .await
+    }
+
+    /// Serves proxies on `listener` until `shutdown`. A connection without an open stream is
+    /// closed after the request-headers timeout (from accept) or the idle timeout; a proxy's
+    /// stream keeps its connection open for as long as it lasts.
+    pub async fn serve_with_limits(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        limits: ConnectionLimits,
+        shutdown: CancellationToken,
+    ) {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "config distribution: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let hub = self.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::info!(%peer, "config distribution: TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let service = hyper::service::service_fn(move |req| {
+        let stop = shutdown.clone();
+        net_limits::serve_tls(
+            "config distribution",
+            listener,
+            acceptor,
+            limits,
+            async move { stop.cancelled().await },
+            move |conn: Accepted| {
+                let hub = self.clone();
+                let shutdown = shutdown.clone();
+                let peer = conn.peer;
+                let service = conn.activity.track(hyper::service::service_fn(move |req| {
                     let hub = hub.clone();
                     let shutdown = shutdown.clone();
                     async move { Ok::<_, Infallible>(hub.handle(req, peer, shutdown).await) }
-                });
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(Some(Duration::from_secs(15)))
-                    .keep_alive_timeout(Duration::from_secs(15))
-                    .adaptive_window(true)
-                    .serve_connection(TokioIo::new(tls), service);
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, "config distribution connection ended: {e}");
+                }));
+                async move {
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .keep_alive_interval(Some(Duration::from_secs(15)))
+                        .keep_alive_timeout(Duration::from_secs(15))
+                        .adaptive_window(true)
+                        .serve_connection(TokioIo::new(conn.tls), service);
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, "config distribution connection ended: {e}");
+                    }
                 }
-            });
-        }
+            },
+        )
+        .await
     }
 
     async fn handle(

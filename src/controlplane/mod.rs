@@ -34,6 +34,8 @@ pub use world::World;
 pub struct ControlPlaneConfig {
     /// Config distribution (TLS, HTTP/2).
     pub distribution_addr: SocketAddr,
+    /// Timeouts and connection cap of the config distribution listener.
+    pub distribution_limits: crate::net_limits::ConnectionLimits,
     /// `/debug/proxies`, `/ready` (plain HTTP; keep it on 127.0.0.1).
     pub admin_addr: Option<SocketAddr>,
     pub cert: certs::CertSource,
@@ -122,6 +124,12 @@ pub async fn run(
             }
         });
     }
-    hub.serve(listener, tls.server_config, shutdown).await;
+    hub.serve_with_limits(
+        listener,
+        tls.server_config,
+        config.distribution_limits,
+        shutdown,
+    )
+    .await;
     Ok(())
 }

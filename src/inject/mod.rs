@@ -125,6 +125,11 @@ pub fn inject_template(
             decision,
         });
     }
+    if !carries_status(tpl)
+        && let Some(e) = reserved_name_clash(tpl)
+    {
+        return Err(e);
+    }
     let Some(spec) = out.spec.as_mut() else {
         return Err(InjectError::Invalid {
             field: "spec".into(),
@@ -168,7 +173,8 @@ pub fn inject_template(
         }
     }
 
-    // Volumes (a same-named user volume would make the pod invalid: ours replaces it).
+    // Volumes. One of ours left by an earlier injection whose status did not list it is
+    // replaced (a user's own volume with our name was refused above).
     let vols = template::volumes(cfg);
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     volumes.retain(|v| !vols.iter().any(|o| o.name == v.name));
@@ -212,6 +218,74 @@ pub fn inject_template(
         template: out,
         decision,
     })
+}
+
+/// Whether the template records an injection of ours: its containers and volumes with our
+/// names are then ours, and are replaced.
+fn carries_status(tpl: &PodTemplateSpec) -> bool {
+    tpl.metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .is_some_and(|a| a.contains_key(STATUS_ANNOTATION))
+}
+
+/// The names of what the injector adds, and what each one is.
+const RESERVED_CONTAINERS: [(&str, &str); 2] = [
+    (
+        template::INIT_NAME,
+        "the init container that redirects the pod's traffic",
+    ),
+    (template::PROXY_NAME, "the sidecar proxy container"),
+];
+const RESERVED_VOLUMES: [(&str, &str); 3] = [
+    (
+        template::TOKEN_VOLUME,
+        "the proxy's service-account token volume",
+    ),
+    (template::CA_VOLUME, "the proxy's CA root volume"),
+    (template::DATA_VOLUME, "the proxy's data volume"),
+];
+
+/// A user's container or volume named like one the injector adds would be replaced by ours
+/// (the user's app silently gone, or its mount pointing at our volume): refused, naming the
+/// field. Only for templates that do not record an injection of ours.
+fn reserved_name_clash(tpl: &PodTemplateSpec) -> Option<InjectError> {
+    let spec = tpl.spec.as_ref()?;
+    let clash = |field: String, name: &str, what: &str, reserved: &[(&str, &str)]| {
+        reserved
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(n, role)| InjectError::Invalid {
+                field,
+                message: format!(
+                    "{what} name {n:?} is reserved: the sidecar injector adds {role} under that \
+                     name, which would replace this {what}; rename it, or opt the pod out of \
+                     injection (label sidecar.meshctl.io/inject: \"false\")"
+                ),
+            })
+    };
+    let containers = [
+        (
+            "initContainers",
+            spec.init_containers.as_deref().unwrap_or(&[]),
+        ),
+        ("containers", &spec.containers[..]),
+    ];
+    for (list, items) in containers {
+        for (i, c) in items.iter().enumerate() {
+            let field = format!("spec.{list}[{i}].name");
+            if let Some(e) = clash(field, &c.name, "container", &RESERVED_CONTAINERS) {
+                return Some(e);
+            }
+        }
+    }
+    for (i, v) in spec.volumes.iter().flatten().enumerate() {
+        let field = format!("spec.volumes[{i}].name");
+        if let Some(e) = clash(field, &v.name, "volume", &RESERVED_VOLUMES) {
+            return Some(e);
+        }
+    }
+    None
 }
 
 fn normalize_spec(spec: &mut PodSpec) {

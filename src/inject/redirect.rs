@@ -7,23 +7,9 @@
 
 pub use mesh_proxy::redirect::{Cidr, IpRanges, PortSet, RedirectSpec};
 
-/// Parse a duration like `5s`, `500ms`, `1m`.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let (num, mult_ms) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60_000)
-    } else {
-        return Err(format!("{s:?} is not a duration (e.g. 5s, 500ms, 1m)"));
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 500ms, 1m)"))?;
-    Ok(std::time::Duration::from_millis(n.saturating_mul(mult_ms)))
-}
+/// Durations (`5s`, `500ms`, `1m30s`): the one parser of the mesh, so what the injector
+/// accepts (e.g. `proxy.drainDuration`) is what `mesh-proxy` reads back from its flags.
+pub use mesh_config::parse_duration;
 
 #[cfg(test)]
 mod tests {

@@ -499,13 +499,14 @@ fn user_labels_and_annotations_win_and_survive_reinjection() {
 }
 
 #[test]
-fn pull_secrets_and_conflicting_volume() {
+fn pull_secrets_and_volumes() {
     let mut cfg = InjectionConfig::default();
     cfg.image_pull_secrets = vec!["regcred".into(), "mine".into()];
+    // (A user volume named like one of ours is refused: `user_objects_with_our_names_are_refused`.)
     let p = pod(
         &[],
         &[],
-        json!({"imagePullSecrets": [{"name": "mine"}], "volumes": [{"name": "mesh-data", "emptyDir": {"medium": "Memory"}}]}),
+        json!({"imagePullSecrets": [{"name": "mine"}], "volumes": [{"name": "cache", "emptyDir": {"medium": "Memory"}}]}),
     );
     let a = inject_template(&p, &ns("demo", &[]), &cfg, Mode::Offline).unwrap();
     let spec = a.template.spec.as_ref().unwrap();
@@ -522,7 +523,7 @@ fn pull_secrets_and_conflicting_volume() {
         .flatten()
         .map(|v| v.name.as_str())
         .collect();
-    assert_eq!(vols, ["mesh-token", "mesh-ca-root", "mesh-data"]);
+    assert_eq!(vols, ["cache", "mesh-token", "mesh-ca-root", "mesh-data"]);
     let b = inject_template(&a.template, &ns("demo", &[]), &cfg, Mode::Offline).unwrap();
     assert_eq!(a.template, b.template);
     let mut s = b.template;
@@ -549,4 +550,60 @@ fn hundreds_of_containers() {
     assert_eq!(a.template.spec.as_ref().unwrap().containers.len(), 500);
     let b = inject_template(&a.template, &ns("demo", &[]), &cfg, Mode::Offline).unwrap();
     assert_eq!(a.template, b.template);
+}
+
+/// A user's container or volume named like one we add is refused (it would be replaced),
+/// naming the field; a template that records our injection is re-injected as before.
+#[test]
+fn user_objects_with_our_names_are_refused() {
+    let cfg = InjectionConfig::default();
+    let n = ns("demo", &[]);
+    let cases = [
+        (
+            json!({"containers": [{"name": "app", "image": "a"}, {"name": "mesh-proxy", "image": "mine"}]}),
+            "spec.containers[1].name",
+            "container name \"mesh-proxy\" is reserved",
+        ),
+        (
+            json!({"containers": [{"name": "mesh-proxy", "image": "mine"}]}),
+            "spec.containers[0].name",
+            "the sidecar proxy container",
+        ),
+        (
+            json!({"initContainers": [{"name": "mesh-init", "image": "mine"}]}),
+            "spec.initContainers[0].name",
+            "redirects the pod's traffic",
+        ),
+        (
+            json!({"containers": [{"name": "app", "image": "a"}, {"name": "mesh-init", "image": "mine"}]}),
+            "spec.containers[1].name",
+            "container name \"mesh-init\" is reserved",
+        ),
+        (
+            json!({"volumes": [{"name": "data", "emptyDir": {}}, {"name": "mesh-data", "emptyDir": {}}]}),
+            "spec.volumes[1].name",
+            "volume name \"mesh-data\" is reserved",
+        ),
+    ];
+    for (spec, field, want) in cases {
+        let p = pod(&[], &[], spec.clone());
+        let e = inject_template(&p, &n, &cfg, Mode::Offline).unwrap_err();
+        match &e {
+            InjectError::Invalid { field: f, message } => {
+                assert_eq!(f, field, "{spec}");
+                assert!(message.contains(want), "{spec}: {message}");
+                assert!(message.contains("rename"), "{message}");
+            }
+            other => panic!("{spec}: {other:?}"),
+        }
+        // Not injected anyway: nothing to replace, nothing refused.
+        let off = pod(&[("sidecar.meshctl.io/inject", "false")], &[], spec.clone());
+        let out = inject_template(&off, &n, &cfg, Mode::Offline).unwrap();
+        assert!(!out.decision.inject);
+        assert_eq!(out.template, off);
+    }
+    // Injected by us (status annotation present): re-injected, same result as once.
+    let once = inject_template(&pod(&[], &[], json!({})), &n, &cfg, Mode::Offline).unwrap();
+    let twice = inject_template(&once.template, &n, &cfg, Mode::Webhook).unwrap();
+    assert_eq!(once.template, twice.template);
 }

@@ -2,8 +2,9 @@
 //!
 //! Routes: `POST /inject` (AdmissionReview `admission.k8s.io/v1` → JSONPatch),
 //! `GET /healthz`, `GET /ready`, `GET /metrics` (Prometheus text).
-//! Bodies over the limit get 413; a request whose headers or body stall longer than the
-//! stall timeout gets 408 (or the connection is closed while still in headers/TLS).
+//! Bodies over the limit get 413; a body slower than the body timeout gets 408. Connections
+//! are accepted through [`crate::net_limits`]: TLS handshake, request-headers and idle
+//! timeouts, and a cap on open connections.
 
 pub mod namespaces;
 pub mod review;
@@ -29,6 +30,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::inject::InjectionConfig;
+use crate::net_limits::{self, Accepted, ConnectionLimits};
 pub use review::{NamespaceLookup, Outcome, StaticNamespaces};
 use tls::CertStore;
 
@@ -101,19 +103,22 @@ impl Metrics {
     }
 }
 
-/// Limits applied to every request.
+/// Limits applied to every request and connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_body_bytes: usize,
-    /// Longest wait for the TLS handshake, the request headers, or the body.
-    pub stall_timeout: Duration,
+    /// Longest a client may take to send a request body once its headers have arrived.
+    pub body_timeout: Duration,
+    /// TLS handshake, request-headers and idle timeouts, connection cap.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 4 * 1024 * 1024,
-            stall_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            connections: ConnectionLimits::webhook(),
         }
     }
 }
@@ -182,32 +187,30 @@ async fn inject(State(state): State<Arc<AppState>>, req: Request) -> Response {
         );
     }
     let body: Body = req.into_body();
-    let bytes = match tokio::time::timeout(
-        state.limits.stall_timeout,
-        axum::body::to_bytes(body, limit),
-    )
-    .await
-    {
-        Err(_) => {
-            state.metrics.observe(Outcome::BadRequest, start.elapsed());
-            return error(StatusCode::REQUEST_TIMEOUT, "timed out reading the body");
-        }
-        Ok(Err(e)) => {
-            state.metrics.observe(Outcome::BadRequest, start.elapsed());
-            let too_big = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
-            return if too_big {
-                error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("body larger than {limit} bytes"),
-                )
-            } else {
-                error(StatusCode::BAD_REQUEST, &format!("reading body: {e}"))
-            };
-        }
-        Ok(Ok(b)) => b,
-    };
+    let bytes =
+        match tokio::time::timeout(state.limits.body_timeout, axum::body::to_bytes(body, limit))
+            .await
+        {
+            Err(_) => {
+                state.metrics.observe(Outcome::BadRequest, start.elapsed());
+                return error(StatusCode::REQUEST_TIMEOUT, "timed out reading the body");
+            }
+            Ok(Err(e)) => {
+                state.metrics.observe(Outcome::BadRequest, start.elapsed());
+                let too_big = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                    || e.to_string().contains("length limit");
+                return if too_big {
+                    error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        &format!("body larger than {limit} bytes"),
+                    )
+                } else {
+                    error(StatusCode::BAD_REQUEST, &format!("reading body: {e}"))
+                };
+            }
+            Ok(Ok(b)) => b,
+        };
     let cfg = state.config.load();
     let answer = review::handle(&bytes, &cfg, state.namespaces.as_ref());
     state.metrics.observe(answer.outcome, start.elapsed());
@@ -246,47 +249,37 @@ pub async fn serve(
 ) -> Result<(), tls::TlsError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config()?);
     let app = router(state.clone());
-    let stall = state.limits.stall_timeout;
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    let limits = state.limits.connections;
+    net_limits::serve_tls(
+        "webhook",
+        listener,
+        acceptor,
+        limits,
+        shutdown,
+        move |conn: Accepted| {
+            let svc = conn
+                .activity
+                .track(hyper_util::service::TowerToHyperService::new(app.clone()));
+            async move {
+                let io = hyper_util::rt::TokioIo::new(conn.tls);
+                let mut builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                // The request-headers and idle timeouts are enforced per connection by
+                // `net_limits` (from accept, whatever the protocol); hyper's own header timer
+                // would restart on every keep-alive wait and cut idle connections early.
+                builder
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(None);
+                if let Err(e) = builder.serve_connection(io, svc).await {
+                    tracing::debug!(peer = %conn.peer, error = %e, "connection ended with error");
                 }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(stall, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let io = hyper_util::rt::TokioIo::new(tls);
-            let svc = hyper_util::service::TowerToHyperService::new(app);
-            let mut builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(stall);
-            if let Err(e) = builder.serve_connection(io, svc).await {
-                tracing::debug!(%peer, error = %e, "connection ended with error");
             }
-        });
-    }
+        },
+    )
+    .await;
+    Ok(())
 }
 
 /// Watch files by polling (robust with ConfigMap/Secret volume symlink swaps).

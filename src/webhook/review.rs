@@ -97,6 +97,17 @@ fn review(uid: &str, response: Value, outcome: Outcome) -> Answer {
     }
 }
 
+/// Refuses the object: `allowed: false` with `message` (prefixed with who refused) as the
+/// status the API server shows the user.
+fn deny(uid: &str, message: String) -> Answer {
+    let message = format!("meshctl sidecar injection: {message}");
+    review(
+        uid,
+        json!({"allowed": false, "status": {"status": "Failure", "code": 400, "reason": "BadRequest", "message": message}}),
+        Outcome::Denied,
+    )
+}
+
 /// What the webhook reads of an AdmissionReview besides the object. Deserialized from the
 /// parsed body in place: the object (and oldObject) are skipped, not copied.
 #[derive(Deserialize)]
@@ -158,9 +169,37 @@ pub fn handle(body: &[u8], cfg: &InjectionConfig, namespaces: &dyn NamespaceLook
         _ => return bad_request("request.object is missing for a Pod CREATE"),
     };
     // The API server may omit apiVersion/kind inside the object; the core needs them.
+    let want_api_version = if req.kind.group.is_empty() {
+        req.kind.version.clone()
+    } else {
+        format!("{}/{}", req.kind.group, req.kind.version)
+    };
     if let Some(o) = pod.as_object_mut() {
-        o.entry("apiVersion").or_insert_with(|| json!("v1"));
-        o.entry("kind").or_insert_with(|| json!("Pod"));
+        o.entry("apiVersion")
+            .or_insert_with(|| json!(want_api_version));
+        o.entry("kind").or_insert_with(|| json!(req.kind.kind));
+    }
+    // Only one object of the kind the review is for: anything else (a List of pods, a
+    // Deployment) would be injected item by item into a patch the API server cannot apply,
+    // many times larger than the request. Denied rather than answered with an HTTP error,
+    // which `failurePolicy: Ignore` would turn into admitting the object unexamined.
+    let got_api_version = pod.get("apiVersion").unwrap_or(&Value::Null);
+    let got_kind = pod.get("kind").unwrap_or(&Value::Null);
+    if got_api_version.as_str() != Some(&want_api_version)
+        || got_kind.as_str() != Some(&req.kind.kind)
+    {
+        let show = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+        return deny(
+            uid,
+            format!(
+                "request.object is {} {}, but request.kind is {} {}: only a single {} is accepted",
+                show(got_api_version),
+                show(got_kind),
+                want_api_version,
+                req.kind.kind,
+                req.kind.kind,
+            ),
+        );
     }
     let before = pod.clone();
     let namespace = req
@@ -180,14 +219,7 @@ pub fn handle(body: &[u8], cfg: &InjectionConfig, namespaces: &dyn NamespaceLook
         name: namespace,
     };
     match inject_value(&mut pod, &ns, cfg, Mode::Webhook) {
-        Err(e) => {
-            let msg = format!("meshctl sidecar injection: request.object.{e}");
-            review(
-                uid,
-                json!({"allowed": false, "status": {"status": "Failure", "code": 400, "reason": "BadRequest", "message": msg}}),
-                Outcome::Denied,
-            )
-        }
+        Err(e) => deny(uid, format!("request.object.{e}")),
         Ok(_) => {
             let patch = diff(&before, &pod);
             if patch.0.is_empty() {

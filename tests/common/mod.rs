@@ -1,6 +1,8 @@
 //! Shared test helpers: a webhook over real HTTPS on 127.0.0.1:0, and a small client.
 #![allow(dead_code)]
 
+pub mod silent;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
