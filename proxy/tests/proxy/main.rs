@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod common;
+mod fuzz;
 mod http_features;
 mod lifecycle;
 mod routing;
