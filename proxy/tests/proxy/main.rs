@@ -6,5 +6,6 @@ mod common;
 mod fuzz;
 mod http_features;
 mod lifecycle;
+mod reload;
 mod routing;
 mod seed;
