@@ -20,6 +20,7 @@ pub mod ratelimit;
 pub mod redirect;
 pub mod routing;
 pub mod server;
+pub mod settle;
 pub mod sidecar;
 pub mod sidecar_cli;
 pub mod subscription;

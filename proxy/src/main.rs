@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use mesh_proxy::admin::{self, AdminAddresses, AdminArgs, AdminState};
 use mesh_proxy::config::{ProxyConfig, parse_duration};
 use mesh_proxy::metrics::{Metrics, ReloadResult};
+use mesh_proxy::settle;
 use mesh_proxy::subscription::Signals;
 use mesh_proxy::workers::Workers;
 use mesh_proxy::{Proxy, ProxyHandle, ProxyOptions};
@@ -299,7 +300,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     };
     // Watch before the first load, so a change made right after it is not missed.
-    let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(16);
+    let (reload_tx, mut reload_rx) = mpsc::channel::<Change>(16);
     let _watcher = watch(&source.watched(), reload_tx)?;
     let metrics = Arc::new(Metrics::new());
     let config = match source.load() {
@@ -331,19 +332,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
+    let watched = source.watched();
     loop {
-        let why = tokio::select! {
-            _ = hup.recv() => "SIGHUP",
-            Some(why) = reload_rx.recv() => {
-                // Debounce: editors and ConfigMap updates write in several steps.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                while reload_rx.try_recv().is_ok() {}
-                why
+        let trigger = tokio::select! {
+            _ = hup.recv() => Trigger::Signal,
+            Some(change) = reload_rx.recv() => {
+                // Everything reported so far: a rename (atomic replace) is complete at once,
+                // anything else may be a file caught half-written (mesh_proxy::settle).
+                let mut atomic = change == Change::Replaced;
+                while let Ok(c) = reload_rx.try_recv() {
+                    atomic &= c == Change::Replaced;
+                }
+                if atomic { Trigger::Replaced } else { Trigger::Written }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        reload(&source, &proxy, &admin_state, &metrics, why).await;
+        let settled = match trigger {
+            Trigger::Signal | Trigger::Replaced => {
+                settle::Settled::Quiet(settle::fingerprint(&watched))
+            }
+            Trigger::Written => tokio::select! {
+                s = settle::settle(&watched, settle::QUIET, settle::SETTLE_LIMIT) => s,
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            },
+        };
+        reload(&source, &proxy, &admin_state, &metrics, trigger, settled).await;
     }
     tracing::info!(grace = ?args.drain_timeout, "draining");
     admin_state.set_draining(true);
@@ -353,14 +368,56 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// SIGHUP: the operator says the files are ready.
+    Signal,
+    /// Every change seen was a rename over a watched file (or a ConfigMap's `..data` swap).
+    Replaced,
+    /// A file changed in place (or appeared, or went away).
+    Written,
+}
+
+impl Trigger {
+    fn why(self) -> &'static str {
+        match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::Replaced => "file replaced",
+            Trigger::Written => "file changed",
+        }
+    }
+}
+
+/// One change the watcher saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Renamed into place: the content is complete.
+    Replaced,
+    /// Written, created or removed: the content may be incomplete.
+    Written,
+}
+
+/// Loads and applies the config whose content `settled` describes. Content that changed
+/// while it was loaded is not applied (the change that follows triggers another reload), and
+/// content that never settled is applied only if it drops nothing the proxy serves.
 async fn reload(
     source: &ConfigSource,
     proxy: &ProxyHandle,
     admin_state: &AdminState,
     metrics: &Metrics,
-    why: &str,
+    trigger: Trigger,
+    settled: settle::Settled,
 ) {
-    let config = match source.load() {
+    let why = trigger.why();
+    let loaded = source.load();
+    if settle::fingerprint(&source.watched()) != settled.fingerprint() {
+        tracing::info!(
+            "reload ({why}): the files changed while they were read; waiting for them to settle"
+        );
+        return;
+    }
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             metrics.config_reload(ReloadResult::Failure);
@@ -371,6 +428,19 @@ async fn reload(
     if *proxy.config() == config {
         tracing::debug!("reload ({why}): config unchanged");
         return;
+    }
+    if let settle::Settled::StillChanging(_) = settled {
+        let dropped = settle::dropped(&proxy.config(), &config);
+        if !dropped.is_empty() {
+            metrics.config_reload(ReloadResult::Failure);
+            tracing::error!(
+                "reload ({why}) rejected, still serving the previous config: the files have \
+                 been changing for {:?} and this content would drop {}",
+                settle::SETTLE_LIMIT,
+                dropped.join(", ")
+            );
+            return;
+        }
     }
     match proxy.update(config).await {
         Ok(()) => {
@@ -384,10 +454,10 @@ async fn reload(
 }
 
 /// Watches the directories of `files` (so replaced files and ConfigMap symlink swaps are seen)
-/// and sends a reload trigger when one of them changes.
+/// and reports each change of one of them: a rename into place, or anything else.
 fn watch(
     files: &[PathBuf],
-    tx: mpsc::Sender<&'static str>,
+    tx: mpsc::Sender<Change>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
     // A file is matched by name within its directory (so a replaced file or a ConfigMap's
@@ -408,17 +478,26 @@ fn watch(
             return;
         }
         let relevant = ev.paths.iter().any(|p| {
+            // In a watched directory, the files the loader reads (not, e.g., the temporary
+            // file of an atomic replace).
             let in_dir = p
-                .parent()
-                .and_then(|d| d.canonicalize().ok())
-                .is_some_and(|d| dirs.contains(&d));
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+                && p.parent()
+                    .and_then(|d| d.canonicalize().ok())
+                    .is_some_and(|d| dirs.contains(&d));
             in_dir
                 || p.file_name().is_some_and(|n| {
                     names.iter().any(|w| w == n) || n.to_string_lossy().starts_with("..")
                 })
         });
         if relevant {
-            let _ = tx.try_send("file changed");
+            let change = match ev.kind {
+                notify::EventKind::Modify(notify::event::ModifyKind::Name(_)) => Change::Replaced,
+                _ => Change::Written,
+            };
+            let _ = tx.try_send(change);
         }
     })?;
     for f in files {

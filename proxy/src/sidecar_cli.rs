@@ -14,10 +14,13 @@
 //!    listener ports; the sidecar puts its own `--inbound-port`/`--outbound-port` on its
 //!    inbound and outbound listeners.
 //!
-//! File sources are reloaded on SIGHUP and when a file's modification time changes (polled).
+//! File sources are reloaded on SIGHUP and when a file's modification time changes (polled
+//! every second); a file written in place is applied once it has stopped changing, one
+//! replaced by a rename at once (`crate::settle`).
 //! Control-plane snapshots are applied as they come (ACK) or rejected with the previous
 //! config kept (NACK); while the control plane is away the sidecar keeps serving.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +33,7 @@ use crate::admin::{self, AdminAddresses, AdminState};
 use crate::config::{ListenerKind, ProxyConfig, parse_duration};
 use crate::distribution::{ClientOptions, NodeIdentity};
 use crate::metrics::{Metrics, ReloadResult};
+use crate::settle::{self, Settled};
 use crate::subscription::{self, Signals, Subscriber};
 use crate::{Proxy, ProxyHandle, ProxyOptions};
 
@@ -206,33 +210,62 @@ impl SidecarArgs {
     }
 }
 
-fn mtimes(source: &SidecarSource) -> Vec<Option<SystemTime>> {
-    let paths: Vec<PathBuf> = match source {
+/// The paths a file source reads.
+fn source_paths(source: &SidecarSource) -> Vec<PathBuf> {
+    match source {
         SidecarSource::Native(p) => vec![p.clone()],
-        SidecarSource::Resources(ps) => ps
-            .iter()
-            .flat_map(|p| {
-                if p.is_dir() {
-                    let mut v: Vec<PathBuf> = std::fs::read_dir(p)
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                        .map(|e| e.path())
-                        .collect();
-                    v.sort();
-                    v.push(p.clone());
-                    v
-                } else {
-                    vec![p.clone()]
-                }
-            })
-            .collect(),
+        SidecarSource::Resources(ps) => ps.clone(),
         SidecarSource::ControlPlane(_) => Vec::new(),
-    };
-    paths
-        .iter()
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+    }
+}
+
+/// Modification time and inode of every file a file source reads (for a directory: its
+/// `*.yaml`, `*.yml` and `*.json` entries). A new inode means the file was replaced (renamed
+/// over), not written in place.
+fn stamps(source: &SidecarSource) -> BTreeMap<PathBuf, Option<(SystemTime, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut files = Vec::new();
+    for p in source_paths(source) {
+        if p.is_dir() {
+            files.extend(
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|f| {
+                        f.extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+                    }),
+            );
+        } else {
+            files.push(p);
+        }
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let stamp = std::fs::metadata(&f)
+                .and_then(|m| Ok((m.modified()?, m.ino())))
+                .ok();
+            (f, stamp)
+        })
         .collect()
+}
+
+/// Whether every change between two [`stamps`] is a file replaced by another (new inode).
+fn all_replaced(
+    before: &BTreeMap<PathBuf, Option<(SystemTime, u64)>>,
+    after: &BTreeMap<PathBuf, Option<(SystemTime, u64)>>,
+) -> bool {
+    let keys: std::collections::BTreeSet<&PathBuf> = before.keys().chain(after.keys()).collect();
+    keys.into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .all(|k| match (before.get(k), after.get(k)) {
+            (Some(Some((_, a))), Some(Some((_, b)))) => a != b,
+            _ => false,
+        })
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT, then drains for `--drain-duration`.
@@ -328,30 +361,65 @@ async fn serve_from_files(
     let proxy = Proxy::start(config, options).await?;
     crate::admin::publish(&proxy, admin_state).await;
 
-    let mut seen = mtimes(source);
+    let paths = source_paths(source);
+    let mut seen = stamps(source);
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let why = tokio::select! {
-            _ = signals.hup.recv() => "SIGHUP",
+        let (why, replaced) = tokio::select! {
+            _ = signals.hup.recv() => ("SIGHUP", true),
             _ = poll.tick() => {
-                if mtimes(source) == seen { continue; }
-                // Writers update in several steps.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                seen = mtimes(source);
-                "file changed"
+                let now = stamps(source);
+                if now == seen { continue; }
+                ("file changed", all_replaced(&seen, &now))
             }
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
         };
-        match args.load(source) {
+        // A file replaced whole is complete; one written in place may be caught half-written
+        // and is applied once it has stopped changing (crate::settle).
+        let settled = if replaced {
+            Settled::Quiet(settle::fingerprint(&paths))
+        } else {
+            tokio::select! {
+                s = settle::settle(&paths, settle::QUIET, settle::SETTLE_LIMIT) => s,
+                _ = signals.term.recv() => break,
+                _ = signals.int.recv() => break,
+            }
+        };
+        seen = stamps(source);
+        let loaded = args.load(source);
+        if settle::fingerprint(&paths) != settled.fingerprint() {
+            // Forget what was seen: the next poll counts it as a change and waits for it to
+            // settle.
+            seen.clear();
+            tracing::info!("reload ({why}): the files changed while they were read");
+            continue;
+        }
+        match loaded {
             Ok(c) if *proxy.config() == c => {}
-            Ok(c) => match proxy.update(c).await {
-                Ok(()) => {
-                    tracing::info!("reloaded ({why})");
-                    crate::admin::publish(&proxy, admin_state).await;
+            Ok(c) => {
+                let dropped = match settled {
+                    Settled::StillChanging(_) => settle::dropped(&proxy.config(), &c),
+                    Settled::Quiet(_) => Vec::new(),
+                };
+                if !dropped.is_empty() {
+                    metrics.config_reload(ReloadResult::Failure);
+                    tracing::error!(
+                        "reload ({why}) rejected, still serving the previous config: the files \
+                         have been changing for {:?} and this content would drop {}",
+                        settle::SETTLE_LIMIT,
+                        dropped.join(", ")
+                    );
+                    continue;
                 }
-                Err(e) => tracing::error!("reload ({why}) rejected: {e}"),
-            },
+                match proxy.update(c).await {
+                    Ok(()) => {
+                        tracing::info!("reloaded ({why})");
+                        crate::admin::publish(&proxy, admin_state).await;
+                    }
+                    Err(e) => tracing::error!("reload ({why}) rejected: {e}"),
+                }
+            }
             Err(e) => {
                 metrics.config_reload(ReloadResult::Failure);
                 tracing::error!(
