@@ -1,4 +1,5 @@
 use super::*;
+use crate::validate::valid_host_port;
 
 fn sample() -> ProxyConfig {
     serde_json::from_value(serde_json::json!({

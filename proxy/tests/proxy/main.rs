@@ -3,8 +3,8 @@
 mod bench;
 mod cli;
 mod common;
-mod hardening;
 mod fuzz;
+mod hardening;
 mod http_features;
 mod lifecycle;
 mod reload;
