@@ -1,4 +1,3 @@
-#![forbid(unsafe_code)]
 //! `mesh-proxy`: the meshctl data plane.
 
 pub use mesh_config as config;
@@ -21,7 +20,6 @@ pub mod redirect;
 pub mod routing;
 pub mod server;
 pub mod sidecar;
-pub mod sidecar_cli;
 pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
