@@ -1,5 +1,4 @@
 //! meshctl library: the injection core, the admission webhook and YAML helpers.
-#![forbid(unsafe_code)]
 
 pub mod controlplane;
 pub mod demo;

@@ -1,4 +1,3 @@
-#![forbid(unsafe_code)]
 //! `meshctl`: the command line. Each subcommand's handling lives in its own module.
 
 mod cli;

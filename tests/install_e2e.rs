@@ -1,4 +1,3 @@
-#![forbid(unsafe_code)]
 //! The installer on a real API server (mesh-testenv: kube-apiserver, etcd, controller-manager,
 //! scheduler, kwok). Its own test binary, so its cluster-wide objects (mesh-system, the
 //! webhook, CRDs) never meet the other e2e tests; the tests here share one environment and

@@ -24,7 +24,6 @@
 //!
 //! [`ProxyConfig::validate`] checks what serde cannot: references resolve, regexes compile,
 //! weights and durations are sane. A proxy applies a config only after it validates.
-#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,11 +49,16 @@ use crate::access_log::rfc3339;
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
 
 /// Default address of the admin server (loopback only).
-pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15000";
+pub const DEFAULT_ADMIN_ADDRESS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), mesh_wire::ports::ADMIN);
 /// Default address of the readiness server (the kubelet probes the pod IP).
-pub const DEFAULT_READINESS_ADDRESS: &str = "0.0.0.0:15021";
+pub const DEFAULT_READINESS_ADDRESS: SocketAddr = SocketAddr::new(
+    IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    mesh_wire::ports::READINESS,
+);
 /// Default address of the metrics server (Prometheus scrapes the pod IP).
-pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:15090";
+pub const DEFAULT_METRICS_ADDRESS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), mesh_wire::ports::METRICS);
 
 /// Time a client has to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -214,13 +219,13 @@ impl fmt::Display for ListenAddr {
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdminArgs {
     /// Admin server (`/ready`, `/stats/prometheus`, `/config_dump`, `/listeners`), or `off`.
-    #[arg(long, value_name = "IP:PORT|off", default_value = DEFAULT_ADMIN_ADDRESS)]
+    #[arg(long, value_name = "IP:PORT|off", default_value_t = ListenAddr(Some(DEFAULT_ADMIN_ADDRESS)))]
     pub admin_address: ListenAddr,
     /// Readiness server (`/ready` only, for the kubelet), or `off`.
-    #[arg(long, value_name = "IP:PORT|off", default_value = DEFAULT_READINESS_ADDRESS)]
+    #[arg(long, value_name = "IP:PORT|off", default_value_t = ListenAddr(Some(DEFAULT_READINESS_ADDRESS)))]
     pub readiness_address: ListenAddr,
     /// Metrics server (`/stats/prometheus` only, for Prometheus), or `off`.
-    #[arg(long, value_name = "IP:PORT|off", default_value = DEFAULT_METRICS_ADDRESS)]
+    #[arg(long, value_name = "IP:PORT|off", default_value_t = ListenAddr(Some(DEFAULT_METRICS_ADDRESS)))]
     pub metrics_address: ListenAddr,
 }
 
@@ -234,11 +239,10 @@ pub struct AdminAddresses {
 
 impl Default for AdminAddresses {
     fn default() -> Self {
-        let parse = |s: &str| s.parse().ok();
         AdminAddresses {
-            admin: parse(DEFAULT_ADMIN_ADDRESS),
-            readiness: parse(DEFAULT_READINESS_ADDRESS),
-            metrics: parse(DEFAULT_METRICS_ADDRESS),
+            admin: Some(DEFAULT_ADMIN_ADDRESS),
+            readiness: Some(DEFAULT_READINESS_ADDRESS),
+            metrics: Some(DEFAULT_METRICS_ADDRESS),
         }
     }
 }

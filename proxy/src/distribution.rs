@@ -1,16 +1,7 @@
-//! Config distribution: how a proxy gets its config from the control plane
-//! (`meshctl control-plane`, port 15012). The protocol is described in
-//! `docs/config-distribution.md`; in short:
-//!
-//! - TLS (the proxy verifies the control plane against a CA file), ALPN `h2`, one long-lived
-//!   HTTP/2 request per proxy: `POST /meshctl.distribution.v1/stream`.
-//! - Both bodies are streams of frames: a 4-byte big-endian length, then that many bytes of
-//!   JSON.
-//! - Request body (proxy → control plane): [`ProxyMessage::Hello`] first (who the proxy is),
-//!   then one [`ProxyMessage::Ack`] or [`ProxyMessage::Nack`] per snapshot received.
-//! - Response body (control plane → proxy): [`ControlPlaneMessage::Snapshot`]s, each a whole
-//!   [`ProxyConfig`] with a version, the first one as soon as the control plane has it and a
-//!   new one whenever what concerns this proxy changes.
+//! The config distribution client: how a proxy gets its config from the control plane
+//! (`meshctl control-plane`). The protocol's messages and framing are the contract both sides
+//! share, in `mesh-wire` ([`mesh_wire::distribution`]); the protocol is described in
+//! `docs/config-distribution.md`.
 //!
 //! [`run_client`] is the proxy side: it connects, keeps the stream open, hands every snapshot
 //! to the caller (who applies it and says whether it worked), and reconnects with exponential
@@ -22,160 +13,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_config::ProxyConfig;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// Default port of the config distribution server.
-pub const DEFAULT_PORT: u16 = 15012;
-/// The one request path.
-pub const STREAM_PATH: &str = "/meshctl.distribution.v1/stream";
-/// Largest frame either side accepts (a config with thousands of routes is a few MB).
-pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
-/// Environment variable for the control-plane address (`host:port`).
-pub const ENV_CONTROL_PLANE: &str = "MESH_CONTROL_PLANE";
-/// Environment variable for the CA file that verifies the control plane.
-pub const ENV_CA_ROOT_PATH: &str = "MESH_CA_ROOT_PATH";
-
-/// Who a proxy is; decides which config it gets.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "camelCase", deny_unknown_fields)]
-pub enum NodeIdentity {
-    /// A gateway proxy serving the Gateway `namespace/name`.
-    #[serde(rename_all = "camelCase")]
-    Gateway {
-        namespace: String,
-        name: String,
-        /// The pod it runs in (`POD_NAME`), for `proxy-status`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pod: Option<String>,
-    },
-    /// A sidecar proxy of a pod.
-    #[serde(rename_all = "camelCase")]
-    Sidecar {
-        namespace: String,
-        pod: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        service_account: Option<String>,
-        /// The pod's IP (`POD_IP`): which Services it backs (EndpointSlices) decides its
-        /// inbound policies.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        ip: Option<std::net::IpAddr>,
-    },
-}
-
-impl NodeIdentity {
-    /// `gateway demo/istio-gwapi (pod ...)` or `sidecar demo/pod`.
-    pub fn describe(&self) -> String {
-        match self {
-            NodeIdentity::Gateway {
-                namespace,
-                name,
-                pod,
-            } => match pod {
-                Some(p) => format!("gateway {namespace}/{name} (pod {p})"),
-                None => format!("gateway {namespace}/{name}"),
-            },
-            NodeIdentity::Sidecar { namespace, pod, .. } => format!("sidecar {namespace}/{pod}"),
-        }
-    }
-
-    /// The Gateway key `namespace/name` of a gateway proxy.
-    pub fn gateway_key(&self) -> Option<String> {
-        match self {
-            NodeIdentity::Gateway {
-                namespace, name, ..
-            } => Some(format!("{namespace}/{name}")),
-            NodeIdentity::Sidecar { .. } => None,
-        }
-    }
-}
-
-/// Proxy → control plane.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
-pub enum ProxyMessage {
-    /// First message of a stream.
-    #[serde(rename_all = "camelCase")]
-    Hello {
-        node: NodeIdentity,
-        /// The proxy's build version.
-        #[serde(default)]
-        proxy_version: String,
-    },
-    /// The snapshot `version` was applied and is being served.
-    Ack { version: String },
-    /// The snapshot `version` was rejected; the proxy keeps serving its previous config.
-    Nack { version: String, error: String },
-}
-
-/// Control plane → proxy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
-pub enum ControlPlaneMessage {
-    /// The whole config for this proxy (its `version` field equals `version`).
-    Snapshot {
-        version: String,
-        config: Box<ProxyConfig>,
-    },
-}
-
-/// Encodes one message as a frame (4-byte big-endian length, JSON).
-pub fn encode<T: Serialize>(message: &T) -> Bytes {
-    let json = serde_json::to_vec(message).expect("protocol messages serialize");
-    let mut out = BytesMut::with_capacity(4 + json.len());
-    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
-    out.extend_from_slice(&json);
-    out.freeze()
-}
-
-/// Splits a byte stream into frames and decodes them.
-#[derive(Debug, Default)]
-pub struct FrameDecoder {
-    buf: BytesMut,
-}
-
-/// A frame that cannot be read.
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    #[error("frame of {0} bytes is larger than the limit of {MAX_FRAME_BYTES}")]
-    TooLarge(usize),
-    #[error("invalid message: {0}")]
-    Json(#[from] serde_json::Error),
-}
-
-impl FrameDecoder {
-    pub fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    /// The next complete message, if one is buffered.
-    pub fn next_message<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
-        if self.buf.len() < 4 {
-            return Ok(None);
-        }
-        let len = u32::from_be_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
-        if len > MAX_FRAME_BYTES {
-            return Err(FrameError::TooLarge(len));
-        }
-        if self.buf.len() < 4 + len {
-            return Ok(None);
-        }
-        self.buf.advance(4);
-        let frame = self.buf.split_to(len);
-        Ok(Some(serde_json::from_slice(&frame)?))
-    }
-
-    /// Bytes of an incomplete frame still buffered.
-    pub fn pending(&self) -> usize {
-        self.buf.len()
-    }
-}
+/// Who the proxy says it is (part of [`ClientOptions`]).
+pub use mesh_wire::distribution::NodeIdentity;
+use mesh_wire::distribution::{
+    CONTENT_TYPE, ControlPlaneMessage, FrameDecoder, ProxyMessage, STREAM_PATH, encode,
+};
 
 /// Where and how a proxy connects.
 #[derive(Debug, Clone)]
@@ -383,7 +233,7 @@ async fn stream_once(
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     });
     let mut request = http::Request::post(format!("https://{}{STREAM_PATH}", options.server_name))
-        .header(http::header::CONTENT_TYPE, "application/x-meshctl-frames");
+        .header(http::header::CONTENT_TYPE, CONTENT_TYPE);
     if let Some(t) = &token {
         let value = http::HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
             ClientError::Connect("the token has characters a header cannot carry".into())
@@ -465,63 +315,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_round_trip_split_anywhere() {
-        let a = ProxyMessage::Hello {
-            node: NodeIdentity::Gateway {
-                namespace: "demo".into(),
-                name: "gw".into(),
-                pod: None,
-            },
-            proxy_version: "0.1.0".into(),
-        };
-        let b = ProxyMessage::Nack {
-            version: "7".into(),
-            error: "bad".into(),
-        };
-        let mut bytes = encode(&a).to_vec();
-        bytes.extend_from_slice(&encode(&b));
-        for split in 0..bytes.len() {
-            let mut d = FrameDecoder::default();
-            d.push(&bytes[..split]);
-            let mut got = Vec::new();
-            while let Some(m) = d.next_message::<ProxyMessage>().unwrap() {
-                got.push(m);
-            }
-            d.push(&bytes[split..]);
-            while let Some(m) = d.next_message::<ProxyMessage>().unwrap() {
-                got.push(m);
-            }
-            assert_eq!(got, vec![a.clone(), b.clone()], "split at {split}");
-            assert_eq!(d.pending(), 0);
-        }
-    }
-
-    #[test]
-    fn oversized_frames_are_refused() {
-        let mut d = FrameDecoder::default();
-        d.push(&((MAX_FRAME_BYTES as u32) + 1).to_be_bytes());
-        assert!(matches!(
-            d.next_message::<ProxyMessage>(),
-            Err(FrameError::TooLarge(_))
-        ));
-    }
-
-    #[test]
-    fn identities_serialize_as_documented() {
-        let id = NodeIdentity::Sidecar {
-            namespace: "demo".into(),
-            pod: "p-1".into(),
-            service_account: Some("default".into()),
-            ip: Some("10.244.0.7".parse().unwrap()),
-        };
-        assert_eq!(
-            serde_json::to_string(&id).unwrap(),
-            r#"{"kind":"sidecar","namespace":"demo","pod":"p-1","serviceAccount":"default","ip":"10.244.0.7"}"#
-        );
+    fn the_server_name_is_the_host_of_the_address() {
         assert_eq!(
             host_of("meshd.mesh-system.svc:15012"),
             "meshd.mesh-system.svc"
         );
         assert_eq!(host_of("[::1]:15012"), "::1");
+        assert_eq!(host_of("meshd"), "meshd");
     }
 }

@@ -1,4 +1,3 @@
-#![forbid(unsafe_code)]
 //! `mesh-proxy`: the meshctl data plane.
 
 pub use mesh_config as config;
@@ -22,7 +21,6 @@ pub mod routing;
 pub mod server;
 pub mod settle;
 pub mod sidecar;
-pub mod sidecar_cli;
 pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -1,4 +1,3 @@
-#![forbid(unsafe_code)]
 //! `mesh-proxy run --config FILE`: serve a native config, reload it on SIGHUP and when the file
 //! changes, drain on SIGTERM/SIGINT.
 
@@ -21,6 +20,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod bin_sidecar;
+
 #[derive(Parser)]
 #[command(name = "mesh-proxy", version, about = "The meshctl data plane")]
 struct Cli {
@@ -35,9 +36,9 @@ enum Command {
     /// Program the pod's traffic capture (nat rules); what the injected `mesh-init` runs.
     Redirect(mesh_proxy::redirect::RedirectArgs),
     /// Run as a pod's sidecar: capture-aware inbound and outbound listeners.
-    Sidecar(mesh_proxy::sidecar_cli::SidecarArgs),
+    Sidecar(bin_sidecar::SidecarArgs),
     /// Exit 0 once the local sidecar is ready (classic-mode postStart hook).
-    Wait(mesh_proxy::sidecar_cli::WaitArgs),
+    Wait(bin_sidecar::WaitArgs),
 }
 
 #[derive(clap::Args)]
@@ -55,13 +56,13 @@ struct RunArgs {
     /// Get the config from the control plane (`HOST:PORT`, TLS; see
     /// docs/config-distribution.md). With `--gateway NS/NAME` the proxy serves that Gateway;
     /// without, it identifies as the sidecar of pod `$POD_NAMESPACE/$POD_NAME`.
-    #[arg(long, value_name = "HOST:PORT", env = "MESH_CONTROL_PLANE")]
+    #[arg(long, value_name = "HOST:PORT", env = mesh_wire::names::ENV_CONTROL_PLANE)]
     control_plane: Option<String>,
     /// CA bundle (PEM) that verifies the control plane's certificate.
     #[arg(
         long,
         value_name = "FILE",
-        env = "MESH_CA_ROOT_PATH",
+        env = mesh_wire::names::ENV_CA_ROOT_PATH,
         default_value = "/var/run/meshctl/ca/root-cert.pem"
     )]
     ca_file: PathBuf,
@@ -71,7 +72,7 @@ struct RunArgs {
     control_plane_server_name: Option<String>,
     /// Service-account token presented to the control plane (a projected token with the
     /// mesh's audience; re-read on every connection).
-    #[arg(long, value_name = "FILE", env = "MESH_TOKEN_PATH")]
+    #[arg(long, value_name = "FILE", env = mesh_wire::names::ENV_TOKEN_PATH)]
     token_file: Option<PathBuf>,
     /// Namespace of `--resources` objects that have none (like `kubectl apply -n`).
     #[arg(long, short = 'n', value_name = "NAMESPACE", default_value = "default")]
@@ -246,8 +247,8 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Redirect(args) => mesh_proxy::redirect::run(&args),
-            Command::Sidecar(args) => mesh_proxy::sidecar_cli::run(args).await,
-            Command::Wait(args) => mesh_proxy::sidecar_cli::wait(args).await,
+            Command::Sidecar(args) => bin_sidecar::run(args).await,
+            Command::Wait(args) => bin_sidecar::wait(args).await,
         }
     });
     match result {

@@ -433,35 +433,3 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -
     }
     String::from_utf8_lossy(&out).into_owned()
 }
-
-/// The nat rules `mesh-proxy redirect` writes for the injector's defaults (proxy uid/gid 1337,
-/// inbound 15006, outbound 15001, admin/readiness/metrics ports excluded), in pieces, for the
-/// rule-text tests of both the redirect (here) and the injector (meshctl).
-pub mod redirect_rules {
-    /// The chains and the two REDIRECT targets.
-    pub const HEAD: &str = "* nat
-:MESH_INBOUND - [0:0]
-:MESH_IN_REDIRECT - [0:0]
-:MESH_OUTPUT - [0:0]
-:MESH_REDIRECT - [0:0]
--A MESH_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A MESH_REDIRECT -p tcp -j REDIRECT --to-ports 15001
-";
-    /// The proxy's own traffic and loopback.
-    pub const OWNER: &str = "-A OUTPUT -p tcp -j MESH_OUTPUT
--A MESH_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j MESH_IN_REDIRECT
--A MESH_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
--A MESH_OUTPUT -m owner --uid-owner 1337 -j RETURN
--A MESH_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --gid-owner 1337 -j MESH_IN_REDIRECT
--A MESH_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
--A MESH_OUTPUT -m owner --gid-owner 1337 -j RETURN
--A MESH_OUTPUT -d 127.0.0.1/32 -j RETURN
-";
-    /// Inbound capture of every port but the proxy's own.
-    pub const DEFAULT_INBOUND: &str = "-A PREROUTING -p tcp -j MESH_INBOUND
--A MESH_INBOUND -p tcp --dport 15000 -j RETURN
--A MESH_INBOUND -p tcp --dport 15021 -j RETURN
--A MESH_INBOUND -p tcp --dport 15090 -j RETURN
--A MESH_INBOUND -p tcp -j MESH_IN_REDIRECT
-";
-}

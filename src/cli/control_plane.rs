@@ -1,7 +1,7 @@
 //! `meshctl control-plane`: the sidecar-injection webhook, and (with cluster access) the
 //! Gateway API control plane: config distribution to proxies, gateway deployments, status.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use mesh_wire::ports;
 use meshctl::inject::InjectionConfig;
 use meshctl::net_limits::{self, ConnectionLimits};
 use meshctl::webhook::namespaces::KubeNamespaces;
@@ -20,7 +21,7 @@ use super::config_args::kube_client;
 #[derive(Args, Debug)]
 pub struct ControlPlaneArgs {
     /// Webhook HTTPS listen address (in a pod: 0.0.0.0:15017).
-    #[arg(long, default_value = "127.0.0.1:15017")]
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, ports::WEBHOOK)))]
     pub webhook_addr: SocketAddr,
     /// Serving certificate chain (PEM); reloaded when it changes.
     #[arg(long, default_value = "/etc/meshctl/webhook/tls.crt")]
@@ -91,7 +92,7 @@ impl ConnectionArgs {
 #[derive(Args, Debug)]
 pub struct DistributionArgs {
     /// Config distribution listen address (TLS, HTTP/2; in a pod: 0.0.0.0:15012).
-    #[arg(long, default_value = "127.0.0.1:15012")]
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, ports::DISTRIBUTION)))]
     pub distribution_addr: SocketAddr,
     /// Serving certificate chain for config distribution (PEM). Without it, a CA and a
     /// certificate are generated into --distribution-cert-dir (kept across restarts).
@@ -130,7 +131,7 @@ pub struct DistributionArgs {
     #[arg(long, default_value = "latest")]
     pub tag: String,
     /// Address gateway proxies dial.
-    #[arg(long, default_value = "meshd.mesh-system.svc:15012")]
+    #[arg(long, default_value_t = format!("meshd.mesh-system.svc:{}", ports::DISTRIBUTION))]
     pub proxy_control_plane_address: String,
     /// Service type of gateways without the `networking.istio.io/service-type` annotation.
     #[arg(long, default_value = "LoadBalancer")]

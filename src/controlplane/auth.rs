@@ -21,7 +21,7 @@ use http::StatusCode;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::Client;
 use kube::api::{Api, PostParams};
-use mesh_proxy::distribution::NodeIdentity;
+use mesh_wire::distribution::NodeIdentity;
 use tokio::time::Instant;
 
 use super::gateways::deployment_name;

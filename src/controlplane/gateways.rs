@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use mesh_translate::Resources;
+use mesh_wire::names::{ENV_CA_ROOT_PATH, ENV_TOKEN_PATH, PROXY_CONTAINER, PROXY_GID, PROXY_UID};
 use serde_json::{Value, json};
 
 use super::watch::GATEWAY_NAME_LABEL;
@@ -27,7 +28,7 @@ pub const CA_MOUNT_DIR: &str = "/var/run/meshctl/ca";
 pub const TOKEN_MOUNT_DIR: &str = "/var/run/secrets/tokens";
 pub const TOKEN_FILE: &str = "mesh-token";
 /// Readiness port of mesh-proxy.
-pub const STATUS_PORT: i32 = 15021;
+pub const STATUS_PORT: i32 = mesh_wire::ports::READINESS as i32;
 
 /// How gateway Deployments are made.
 #[derive(Debug, Clone)]
@@ -163,13 +164,13 @@ pub fn desired(
                         "spec": {
                             "serviceAccountName": obj_name,
                             "securityContext": {
-                                "runAsUser": 1337,
-                                "runAsGroup": 1337,
+                                "runAsUser": PROXY_UID,
+                                "runAsGroup": PROXY_GID,
                                 "runAsNonRoot": true,
                                 "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}],
                             },
                             "containers": [{
-                                "name": "mesh-proxy",
+                                "name": PROXY_CONTAINER,
                                 "image": options.image,
                                 "args": [
                                     "run",
@@ -180,8 +181,8 @@ pub fn desired(
                                 "env": [
                                     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                                     {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                                    {"name": "MESH_CA_ROOT_PATH", "value": format!("{CA_MOUNT_DIR}/{CA_CONFIGMAP_KEY}")},
-                                    {"name": "MESH_TOKEN_PATH", "value": format!("{TOKEN_MOUNT_DIR}/{TOKEN_FILE}")},
+                                    {"name": ENV_CA_ROOT_PATH, "value": format!("{CA_MOUNT_DIR}/{CA_CONFIGMAP_KEY}")},
+                                    {"name": ENV_TOKEN_PATH, "value": format!("{TOKEN_MOUNT_DIR}/{TOKEN_FILE}")},
                                 ],
                                 "ports": container_ports,
                                 "readinessProbe": {

@@ -15,11 +15,12 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh_proxy::config::ProxyConfig;
-use mesh_proxy::distribution::{
-    ControlPlaneMessage, FrameDecoder, NodeIdentity, ProxyMessage, STREAM_PATH, encode,
-};
+use mesh_config::ProxyConfig;
 use mesh_translate::TranslateOptions;
+use mesh_wire::distribution::{
+    CONTENT_TYPE, ControlPlaneMessage, FrameDecoder, NodeIdentity, ProxyMessage, STREAM_PATH,
+    encode,
+};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -375,7 +376,7 @@ impl Hub {
         let (tx, rx) = futures::channel::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
         tokio::spawn(self.clone().push(id, node, tx, gone));
         Response::builder()
-            .header(http::header::CONTENT_TYPE, "application/x-meshctl-frames")
+            .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
             .body(StreamBody::new(rx).boxed())
             .expect("valid response")
     }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::watch::Pending;
 
 /// Label that injection puts on every meshed pod.
-pub const MESHED_POD_LABEL: &str = "security.meshctl.io/tlsMode";
+pub use mesh_wire::names::MESHED_POD_LABEL;
 
 type Labels = BTreeMap<String, String>;
 

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use super::world::World;
 
 /// Label on the Deployments (and pods) of Gateways we deploy.
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+pub use mesh_wire::names::GATEWAY_NAME_LABEL;
 
 /// The reflector stores.
 #[derive(Clone)]

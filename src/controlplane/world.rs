@@ -4,9 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use mesh_proxy::config::ProxyConfig;
-use mesh_proxy::distribution::NodeIdentity;
+use mesh_config::ProxyConfig;
 use mesh_translate::{Resources, SidecarKey, SidecarOptions, TranslateOptions};
+use mesh_wire::distribution::NodeIdentity;
+use mesh_wire::ports;
 
 /// One consistent view of the watched objects. Published as a whole (`Arc`) on every
 /// (debounced) change; the configs derived from it are computed lazily and cached, so many
@@ -84,8 +85,10 @@ impl World {
                     .pod_labels
                     .get(&format!("{namespace}/{pod}"))
                     .map(|l| (**l).clone()),
-                inbound_port: SIDECAR_INBOUND_PORT,
-                outbound_port: SIDECAR_OUTBOUND_PORT,
+                // `mesh-proxy sidecar`'s defaults; a sidecar started with other ports puts
+                // its own on.
+                inbound_port: ports::SIDECAR_INBOUND,
+                outbound_port: ports::SIDECAR_OUTBOUND,
             }),
         };
         let gateway = (node.gateway_key().unwrap_or_default(), instances.max(1));
@@ -115,11 +118,6 @@ impl World {
         config
     }
 }
-
-/// The sidecar listener ports the control plane translates with (`mesh-proxy sidecar`'s
-/// defaults; a sidecar started with other ports puts its own on).
-pub const SIDECAR_INBOUND_PORT: u16 = 15006;
-pub const SIDECAR_OUTBOUND_PORT: u16 = 15001;
 
 #[cfg(test)]
 mod tests {

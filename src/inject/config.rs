@@ -48,6 +48,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use mesh_wire::names::{PROXY_GID, PROXY_UID};
+use mesh_wire::ports;
 use serde::{Deserialize, Serialize};
 
 /// Name of the ConfigMap the installer renders and the webhook reads.
@@ -178,7 +180,7 @@ impl Default for InjectionConfig {
             image_pull_secrets: Vec::new(),
             native_sidecar: true,
             hold_application_until_proxy_starts: false,
-            control_plane_address: s("meshd.mesh-system.svc:15012"),
+            control_plane_address: format!("meshd.mesh-system.svc:{}", ports::DISTRIBUTION),
             mesh_namespace: s("mesh-system"),
             skip_namespaces: vec![s("kube-system"), s("kube-public"), s("kube-node-lease")],
             namespace_labels: vec![s("mesh-injection"), s("istio-injection")],
@@ -198,8 +200,8 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             image: None,
-            uid: 1337,
-            gid: 1337,
+            uid: PROXY_UID,
+            gid: PROXY_GID,
             log_level: s("info"),
             drain_duration: s("5s"),
             ports: ProxyPorts::default(),
@@ -221,11 +223,11 @@ impl Default for ProxyConfig {
 impl Default for ProxyPorts {
     fn default() -> Self {
         Self {
-            outbound: 15001,
-            inbound: 15006,
-            admin: 15000,
-            readiness: 15021,
-            metrics: 15090,
+            outbound: ports::SIDECAR_OUTBOUND,
+            inbound: ports::SIDECAR_INBOUND,
+            admin: ports::ADMIN,
+            readiness: ports::READINESS,
+            metrics: ports::METRICS,
         }
     }
 }

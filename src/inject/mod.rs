@@ -18,7 +18,7 @@ pub use config::InjectionConfig;
 pub use decision::{Decision, Mode, NamespaceInfo, Reason, decide};
 
 /// Annotation recording what an injection added, so it can be undone exactly.
-pub const STATUS_ANNOTATION: &str = "sidecar.meshctl.io/status";
+pub use mesh_wire::names::STATUS_ANNOTATION;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InjectError {

@@ -1,11 +1,11 @@
 //! Traffic redirection: the `mesh-init` container's command line.
 //!
-//! The spec and the iptables rules generator live in `mesh-proxy` (`mesh_proxy::redirect`),
-//! next to the `mesh-proxy redirect` subcommand that parses these flags back and applies the
+//! The spec and the iptables rules generator are the contract with the proxy
+//! (`mesh_wire::redirect`): `mesh-proxy redirect` parses these flags back and applies the
 //! rules; the injector builds a [`RedirectSpec`] from config + pod annotations
 //! (`template::redirect_spec`) and writes [`RedirectSpec::args`] into the pod.
 
-pub use mesh_proxy::redirect::{Cidr, IpRanges, PortSet, RedirectSpec};
+pub use mesh_wire::redirect::{Cidr, IpRanges, PortSet, RedirectSpec};
 
 /// Durations (`5s`, `500ms`, `1m30s`): the one parser of the mesh, so what the injector
 /// accepts (e.g. `proxy.drainDuration`) is what `mesh-proxy` reads back from its flags.
@@ -26,7 +26,7 @@ mod tests {
         redirect_spec(&InjectionConfig::default(), &a).unwrap()
     }
 
-    use mesh_proxy::testing::redirect_rules::{DEFAULT_INBOUND, HEAD, OWNER};
+    use mesh_wire::redirect::testing::{DEFAULT_INBOUND, HEAD, OWNER};
 
     #[test]
     fn default_rules() {

@@ -12,13 +12,14 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use mesh_wire::names::{ENV_CA_ROOT_PATH, ENV_CONTROL_PLANE, ENV_TOKEN_PATH};
+
 use super::InjectError;
 use super::config::{InjectionConfig, ResourceValues};
 use super::decision::parse_flag;
 use super::redirect::{IpRanges, PortSet, RedirectSpec};
 
-pub const INIT_NAME: &str = "mesh-init";
-pub const PROXY_NAME: &str = "mesh-proxy";
+pub use mesh_wire::names::{INIT_CONTAINER as INIT_NAME, PROXY_CONTAINER as PROXY_NAME};
 pub const TOKEN_VOLUME: &str = "mesh-token";
 pub const CA_VOLUME: &str = "mesh-ca-root";
 pub const DATA_VOLUME: &str = "mesh-data";
@@ -27,7 +28,7 @@ pub const TOKEN_FILE: &str = "mesh-token";
 pub const CA_DIR: &str = "/var/run/secrets/meshctl/ca";
 pub const CA_FILE: &str = "root-cert.pem";
 pub const DATA_DIR: &str = "/var/lib/mesh-proxy";
-pub const TLS_MODE_LABEL: &str = "security.meshctl.io/tlsMode";
+pub use mesh_wire::names::MESHED_POD_LABEL as TLS_MODE_LABEL;
 pub const METRICS_PATH: &str = "/metrics";
 pub const READY_PATH: &str = "/ready";
 pub const TOKEN_EXPIRATION_SECONDS: i64 = 43200;
@@ -311,9 +312,9 @@ pub fn proxy_container(cfg: &InjectionConfig, o: &PodOptions) -> Container {
             field_env("POD_IP", "status.podIP"),
             field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
             field_env("NODE_NAME", "spec.nodeName"),
-            value_env("MESH_CONTROL_PLANE", cfg.control_plane_address.clone()),
-            value_env("MESH_TOKEN_PATH", format!("{TOKEN_DIR}/{TOKEN_FILE}")),
-            value_env("MESH_CA_ROOT_PATH", format!("{CA_DIR}/{CA_FILE}")),
+            value_env(ENV_CONTROL_PLANE, cfg.control_plane_address.clone()),
+            value_env(ENV_TOKEN_PATH, format!("{TOKEN_DIR}/{TOKEN_FILE}")),
+            value_env(ENV_CA_ROOT_PATH, format!("{CA_DIR}/{CA_FILE}")),
         ]),
         ports: Some(vec![
             ContainerPort {

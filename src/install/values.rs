@@ -334,7 +334,8 @@ impl MeshValues {
         base["tag"] = self.tag.clone().into();
         base["imagePullPolicy"] = self.image_pull_policy.clone().into();
         base["meshNamespace"] = NAMESPACE.into();
-        base["controlPlaneAddress"] = format!("meshd.{NAMESPACE}.svc:15012").into();
+        base["controlPlaneAddress"] =
+            format!("meshd.{NAMESPACE}.svc:{}", mesh_wire::ports::DISTRIBUTION).into();
         let mut prov = super::overlay::Provenance::default();
         super::overlay::merge(
             &mut base,

@@ -1,4 +1,3 @@
-#![forbid(unsafe_code)]
 //! `mesh-testenv`: a real Kubernetes control plane for meshctl's tests (our "envtest").
 //!
 //! It starts `etcd`, `kube-apiserver`, `kube-controller-manager`, `kube-scheduler` and `kwok`

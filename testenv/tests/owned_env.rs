@@ -1,4 +1,3 @@
-#![forbid(unsafe_code)]
 //! An environment owned by a test is torn down when that test panics: no process that
 //! mentions its work directory survives, and the directory is gone.
 

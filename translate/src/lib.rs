@@ -11,7 +11,6 @@
 //!    control plane writes back. Pure: no I/O.
 //!
 //! See `README.md` for what is supported, rejected or warned about.
-#![forbid(unsafe_code)]
 
 use std::fmt;
 

@@ -20,6 +20,7 @@ use mesh_config::{
     PathRewrite, ProxyConfig, QueryParamMatch, RateLimit, RateLimitMode, Redirect, Route,
     RouteAction, RouteMatch, StringMatch, Timeouts, UrlRewrite, VirtualHost, WeightedBackend,
 };
+use mesh_wire::names::GATEWAY_NAME_LABEL;
 
 use crate::istio::PatchContext;
 use crate::policy::{RateLimitPolicy, RateLimitPolicyMode};
@@ -41,8 +42,6 @@ pub(crate) fn slice_service(s: &EndpointSlice, default_ns: &str) -> Option<(Stri
     let (ns, _) = ns_name(&s.metadata, default_ns);
     Some((ns, svc.clone()))
 }
-const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
-
 /// What to translate and how.
 #[derive(Debug, Clone)]
 pub struct TranslateOptions {

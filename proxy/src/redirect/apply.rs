@@ -10,22 +10,24 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use super::{CHAINS, IpRanges, PortSet, RedirectSpec};
+use mesh_wire::names::{PROXY_GID, PROXY_UID};
+use mesh_wire::ports::{SIDECAR_INBOUND, SIDECAR_OUTBOUND};
+use mesh_wire::redirect::{CHAINS, IpRanges, PortSet, RedirectSpec};
 
 /// `mesh-proxy redirect`: the flags the injector writes (see `RedirectSpec::args`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedirectArgs {
     /// The proxy's uid: its own connections are never captured.
-    #[arg(long, value_name = "UID", default_value_t = 1337)]
+    #[arg(long, value_name = "UID", default_value_t = PROXY_UID)]
     pub proxy_uid: i64,
     /// The proxy's gid: its own connections are never captured.
-    #[arg(long, value_name = "GID", default_value_t = 1337)]
+    #[arg(long, value_name = "GID", default_value_t = PROXY_GID)]
     pub proxy_gid: i64,
     /// Port of the proxy's inbound listener (captured inbound connections go there).
-    #[arg(long, value_name = "PORT", default_value_t = 15006)]
+    #[arg(long, value_name = "PORT", default_value_t = SIDECAR_INBOUND)]
     pub inbound_port: u16,
     /// Port of the proxy's outbound listener (captured outbound connections go there).
-    #[arg(long, value_name = "PORT", default_value_t = 15001)]
+    #[arg(long, value_name = "PORT", default_value_t = SIDECAR_OUTBOUND)]
     pub outbound_port: u16,
     /// Inbound ports to capture: `*` or a comma-separated list; absent or empty: none.
     #[arg(long, value_name = "PORTS", value_parser = PortSet::parse)]

@@ -1,5 +1,7 @@
 use clap::Parser;
 
+use mesh_wire::redirect::RedirectSpec;
+
 use super::*;
 
 #[derive(Parser)]
@@ -18,7 +20,7 @@ const DEFAULT_LINE: &str = "--proxy-uid 1337 --proxy-gid 1337 --inbound-port 150
     --outbound-port 15001 --include-inbound-ports * --exclude-inbound-ports 15000,15021,15090 \
     --include-outbound-ip-ranges *";
 
-use crate::testing::redirect_rules::{DEFAULT_INBOUND, HEAD, OWNER};
+use mesh_wire::redirect::testing::{DEFAULT_INBOUND, HEAD, OWNER};
 
 #[test]
 fn the_injectors_default_line_round_trips() {

@@ -1,6 +1,7 @@
 //! `mesh-proxy sidecar` (the injected `mesh-proxy` container) and `mesh-proxy wait` (the
 //! classic-mode `postStart` hook). The command lines and environment are the injector's
-//! (`docs/injection.md`).
+//! (`docs/injection.md`). Part of the binary, not the library: it is the one place besides
+//! `run --resources` that uses the translator.
 //!
 //! Config sources, first that applies:
 //! 1. `--config FILE`: a native config (its listeners as written; normally one
@@ -16,7 +17,7 @@
 //!
 //! File sources are reloaded on SIGHUP and when a file's modification time changes (polled
 //! every second); a file written in place is applied once it has stopped changing, one
-//! replaced by a rename at once (`crate::settle`).
+//! replaced by a rename at once (`mesh_proxy::settle`).
 //! Control-plane snapshots are applied as they come (ACK) or rejected with the previous
 //! config kept (NACK); while the control plane is away the sidecar keeps serving.
 
@@ -29,31 +30,33 @@ use std::time::{Duration, SystemTime};
 use anyhow::bail;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminAddresses, AdminState};
-use crate::config::{ListenerKind, ProxyConfig, parse_duration};
-use crate::distribution::{ClientOptions, NodeIdentity};
-use crate::metrics::{Metrics, ReloadResult};
-use crate::settle::{self, Settled};
-use crate::subscription::{self, Signals, Subscriber};
-use crate::{Proxy, ProxyHandle, ProxyOptions};
+use mesh_proxy::admin::{self, AdminAddresses, AdminState};
+use mesh_proxy::config::{ListenerKind, ProxyConfig, parse_duration};
+use mesh_proxy::distribution::{ClientOptions, NodeIdentity};
+use mesh_proxy::metrics::{Metrics, ReloadResult};
+use mesh_proxy::settle::{self, Settled};
+use mesh_proxy::subscription::{self, Signals, Subscriber};
+use mesh_proxy::{Proxy, ProxyHandle, ProxyOptions};
+use mesh_wire::names::{ENV_CA_ROOT_PATH, ENV_CONTROL_PLANE, ENV_TOKEN_PATH};
+use mesh_wire::ports;
 
 /// `mesh-proxy sidecar`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SidecarArgs {
     /// Port of the inbound listener (`mesh-proxy redirect --inbound-port`).
-    #[arg(long, value_name = "PORT", default_value_t = 15006)]
+    #[arg(long, value_name = "PORT", default_value_t = ports::SIDECAR_INBOUND)]
     pub inbound_port: u16,
     /// Port of the outbound listener (`mesh-proxy redirect --outbound-port`).
-    #[arg(long, value_name = "PORT", default_value_t = 15001)]
+    #[arg(long, value_name = "PORT", default_value_t = ports::SIDECAR_OUTBOUND)]
     pub outbound_port: u16,
     /// Admin server port (127.0.0.1 only).
-    #[arg(long, value_name = "PORT", default_value_t = 15000)]
+    #[arg(long, value_name = "PORT", default_value_t = ports::ADMIN)]
     pub admin_port: u16,
     /// Readiness server port (`GET /ready`, all addresses).
-    #[arg(long, value_name = "PORT", default_value_t = 15021)]
+    #[arg(long, value_name = "PORT", default_value_t = ports::READINESS)]
     pub readiness_port: u16,
     /// Metrics server port (`GET /metrics`, all addresses).
-    #[arg(long, value_name = "PORT", default_value_t = 15090)]
+    #[arg(long, value_name = "PORT", default_value_t = ports::METRICS)]
     pub metrics_port: u16,
     /// `trace debug info warn error off` (`RUST_LOG` wins when set).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -84,11 +87,11 @@ pub struct SidecarArgs {
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_name: String,
     /// `host:port` of `meshctl control-plane`'s config distribution.
-    #[arg(long, env = "MESH_CONTROL_PLANE")]
+    #[arg(long, env = ENV_CONTROL_PLANE)]
     pub control_plane: Option<String>,
-    #[arg(long, env = "MESH_TOKEN_PATH")]
+    #[arg(long, env = ENV_TOKEN_PATH)]
     pub token_path: Option<PathBuf>,
-    #[arg(long, env = "MESH_CA_ROOT_PATH")]
+    #[arg(long, env = ENV_CA_ROOT_PATH)]
     pub ca_root_path: Option<PathBuf>,
     /// Worker threads serving traffic (default: the cores the pod may use, at most 2, like
     /// Istio's sidecar `concurrency`). 1 serves everything on the main thread.
@@ -96,9 +99,9 @@ pub struct SidecarArgs {
     pub workers: Option<u16>,
     /// The worker threads, started by `main` before the runtime.
     #[arg(skip)]
-    pub worker_pool: Option<std::sync::Arc<crate::workers::Workers>>,
+    pub worker_pool: Option<std::sync::Arc<mesh_proxy::workers::Workers>>,
     #[command(flatten)]
-    pub http: crate::connection::HttpArgs,
+    pub http: mesh_proxy::connection::HttpArgs,
 }
 
 /// Where the sidecar's config comes from.
@@ -143,7 +146,7 @@ impl SidecarArgs {
 
     fn load(&self, source: &SidecarSource) -> anyhow::Result<ProxyConfig> {
         match source {
-            SidecarSource::Native(path) => crate::config_file::load(path),
+            SidecarSource::Native(path) => mesh_proxy::config_file::load(path),
             SidecarSource::Resources(paths) => {
                 let load = mesh_translate::LoadOptions {
                     default_namespace: self.pod_namespace.clone(),
@@ -359,7 +362,7 @@ async fn serve_from_files(
         }
     };
     let proxy = Proxy::start(config, options).await?;
-    crate::admin::publish(&proxy, admin_state).await;
+    admin::publish(&proxy, admin_state).await;
 
     let paths = source_paths(source);
     let mut seen = stamps(source);
@@ -376,7 +379,7 @@ async fn serve_from_files(
             _ = signals.int.recv() => break,
         };
         // A file replaced whole is complete; one written in place may be caught half-written
-        // and is applied once it has stopped changing (crate::settle).
+        // and is applied once it has stopped changing (mesh_proxy::settle).
         let settled = if replaced {
             Settled::Quiet(settle::fingerprint(&paths))
         } else {
@@ -415,7 +418,7 @@ async fn serve_from_files(
                 match proxy.update(c).await {
                     Ok(()) => {
                         tracing::info!("reloaded ({why})");
-                        crate::admin::publish(&proxy, admin_state).await;
+                        admin::publish(&proxy, admin_state).await;
                     }
                     Err(e) => tracing::error!("reload ({why}) rejected: {e}"),
                 }
@@ -449,7 +452,7 @@ async fn serve_from_control_plane(
 /// `mesh-proxy wait`: exit 0 once `GET 127.0.0.1:<readiness-port>/ready` answers 200.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WaitArgs {
-    #[arg(long, value_name = "PORT", default_value_t = 15021)]
+    #[arg(long, value_name = "PORT", default_value_t = ports::READINESS)]
     pub readiness_port: u16,
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
