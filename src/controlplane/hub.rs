@@ -16,9 +16,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_proxy::config::ProxyConfig;
-use mesh_proxy::distribution::{
-    ControlPlaneMessage, FrameDecoder, NodeIdentity, ProxyMessage, STREAM_PATH, encode,
-};
+use mesh_proxy::distribution::{FrameDecoder, NodeIdentity, ProxyMessage, STREAM_PATH};
 use mesh_translate::TranslateOptions;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -26,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{ProxyAuth, authorize};
+use super::metrics::DistributionMetrics;
 use super::world::World;
 
 /// What the control plane knows about one connected proxy (`/debug/proxies`).
@@ -96,6 +95,7 @@ pub struct Hub {
     auth: ProxyAuth,
     proxies: Mutex<BTreeMap<u64, ProxyState>>,
     next_id: AtomicU64,
+    metrics: DistributionMetrics,
 }
 
 impl Hub {
@@ -110,7 +110,13 @@ impl Hub {
             auth,
             proxies: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
+            metrics: DistributionMetrics::default(),
         })
+    }
+
+    /// Translation and push counters (`/metrics`).
+    pub fn metrics(&self) -> &DistributionMetrics {
+        &self.metrics
     }
 
     pub fn report(&self) -> ProxiesReport {
@@ -412,36 +418,40 @@ impl Hub {
     ) {
         let mut world_rx = self.world.clone();
         let mut last: Option<Arc<ProxyConfig>> = None;
+        let labels = DistributionMetrics::labels(node.gateway_key().is_some());
         loop {
             let world = world_rx.borrow_and_update().clone();
             if let Some(world) = world {
                 let instances = self.instances(&node, &world);
                 let hub = self.clone();
                 let node2 = node.clone();
-                let world2 = world.clone();
-                // Translation can take a while with thousands of routes: off the async threads.
-                let config = tokio::task::spawn_blocking(move || {
-                    world2.config_for(&node2, instances, &hub.options)
+                let previous = last.clone();
+                // Translation (or waiting for the replica that translates the same config),
+                // comparison and encoding can take a while with thousands of routes: off the
+                // async threads.
+                let (lookup, frame) = tokio::task::spawn_blocking(move || {
+                    let lookup = world.lookup(&node2, instances, &hub.options);
+                    let changed = match &previous {
+                        None => true,
+                        Some(l) => !Arc::ptr_eq(l, &lookup.config) && **l != *lookup.config,
+                    };
+                    let frame = changed.then(|| lookup.frame());
+                    (lookup, frame)
                 })
                 .await
                 .expect("translation does not panic");
-                let changed = match &last {
-                    None => true,
-                    Some(l) => !Arc::ptr_eq(l, &config) && **l != *config,
-                };
-                if changed {
-                    let version = world.generation.to_string();
-                    let mut c = (*config).clone();
-                    c.version = version.clone();
-                    let bytes = encode(&ControlPlaneMessage::Snapshot {
-                        version: version.clone(),
-                        config: Box::new(c),
-                    });
+                self.metrics.config_requests.get_or_create(&labels).inc();
+                if lookup.translated {
+                    self.metrics.translations.get_or_create(&labels).inc();
+                }
+                if let Some(bytes) = frame {
+                    let version = lookup.version();
                     let len = bytes.len();
                     tokio::select! {
                         r = tx.send(Ok(Frame::data(bytes))) => if r.is_err() { break },
                         _ = gone.cancelled() => break,
                     }
+                    self.metrics.snapshots_sent.get_or_create(&labels).inc();
                     tracing::info!(id, node = %node.describe(), %version, bytes = len, "config sent");
                     self.update(id, |p| {
                         p.last_sent_version = Some(version);
@@ -450,7 +460,7 @@ impl Hub {
                         p.instances = instances;
                     });
                 }
-                last = Some(config);
+                last = Some(lookup.config);
             }
             tokio::select! {
                 r = world_rx.changed() => if r.is_err() { break },

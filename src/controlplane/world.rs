@@ -2,15 +2,17 @@
 //! from it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use bytes::Bytes;
 use mesh_proxy::config::ProxyConfig;
-use mesh_proxy::distribution::NodeIdentity;
+use mesh_proxy::distribution::{ControlPlaneMessage, NodeIdentity, encode};
 use mesh_translate::{Resources, SidecarKey, SidecarOptions, TranslateOptions};
 
 /// One consistent view of the watched objects. Published as a whole (`Arc`) on every
 /// (debounced) change; the configs derived from it are computed lazily and cached, so many
-/// proxies of one Gateway cost one translation.
+/// proxies of one Gateway, or the replicas of one workload, cost one translation per world
+/// however many of them ask at once.
 pub struct World {
     /// Increases with every published world; a proxy's config version is the generation at
     /// which its config last changed.
@@ -20,7 +22,7 @@ pub struct World {
     pub gateway_replicas: BTreeMap<String, u32>,
     /// Labels of meshed pods (`namespace/name`).
     pub pod_labels: HashMap<String, Arc<BTreeMap<String, String>>>,
-    cache: Mutex<HashMap<CacheKey, Arc<ProxyConfig>>>,
+    cache: Mutex<HashMap<CacheKey, Arc<Entry>>>,
 }
 
 /// What a proxy's config depends on besides the world.
@@ -30,6 +32,50 @@ enum CacheKey {
     Gateway(String, u32),
     /// A sidecar: what its config depends on (pods of one Deployment share it).
     Sidecar(SidecarKey),
+}
+
+/// One cached config of a world. The first proxy to ask translates; the others asking at
+/// the same time wait for that translation instead of running their own (single flight).
+#[derive(Default)]
+struct Entry {
+    config: OnceLock<Arc<ProxyConfig>>,
+    /// The snapshot message of this config at the world's generation, encoded once for
+    /// every proxy it is sent to.
+    frame: OnceLock<Bytes>,
+}
+
+/// A proxy's config in one world ([`World::lookup`]).
+pub struct Lookup {
+    pub config: Arc<ProxyConfig>,
+    /// This call ran the translation (false: it came from the cache, or from the caller
+    /// that was already translating it).
+    pub translated: bool,
+    generation: u64,
+    entry: Arc<Entry>,
+}
+
+impl Lookup {
+    /// The snapshot message carrying this config, versioned with the world's generation:
+    /// encoded by the first proxy it is sent to, shared by the others.
+    pub fn frame(&self) -> Bytes {
+        self.entry
+            .frame
+            .get_or_init(|| {
+                let version = self.generation.to_string();
+                let mut config = (*self.config).clone();
+                config.version = version.clone();
+                encode(&ControlPlaneMessage::Snapshot {
+                    version,
+                    config: Box::new(config),
+                })
+            })
+            .clone()
+    }
+
+    /// The version [`Lookup::frame`] carries.
+    pub fn version(&self) -> String {
+        self.generation.to_string()
+    }
 }
 
 impl World {
@@ -66,6 +112,12 @@ impl World {
         instances: u32,
         base: &TranslateOptions,
     ) -> Arc<ProxyConfig> {
+        self.lookup(node, instances, base).config
+    }
+
+    /// [`World::config_for`], saying whether this call translated. Blocks while another
+    /// thread translates the same key (call it off the async threads).
+    pub fn lookup(&self, node: &NodeIdentity, instances: u32, base: &TranslateOptions) -> Lookup {
         let sidecar = match node {
             NodeIdentity::Gateway { .. } => None,
             NodeIdentity::Sidecar {
@@ -93,26 +145,40 @@ impl World {
             None => CacheKey::Gateway(gateway.0.clone(), gateway.1),
             Some(o) => CacheKey::Sidecar(mesh_translate::sidecar_key(&self.resources, o)),
         };
-        if let Some(c) = self.cache.lock().expect("cache lock").get(&cache_key) {
-            return c.clone();
-        }
-        let translation = match &sidecar {
-            Some(o) => mesh_translate::translate_sidecar(&self.resources, o),
-            None => {
-                let options = TranslateOptions {
-                    gateways: vec![gateway.0],
-                    distributed_instances: gateway.1,
-                    ..base.clone()
-                };
-                mesh_translate::translate(&self.resources, &options)
-            }
-        };
-        let config = Arc::new(translation.config);
-        self.cache
+        // The map lock is held only to find the entry; the translation runs under the
+        // entry's own once-cell, so other keys are served meanwhile.
+        let entry = self
+            .cache
             .lock()
             .expect("cache lock")
-            .insert(cache_key, config.clone());
-        config
+            .entry(cache_key)
+            .or_default()
+            .clone();
+        let mut translated = false;
+        let config = entry
+            .config
+            .get_or_init(|| {
+                translated = true;
+                let translation = match &sidecar {
+                    Some(o) => mesh_translate::translate_sidecar(&self.resources, o),
+                    None => {
+                        let options = TranslateOptions {
+                            gateways: vec![gateway.0],
+                            distributed_instances: gateway.1,
+                            ..base.clone()
+                        };
+                        mesh_translate::translate(&self.resources, &options)
+                    }
+                };
+                Arc::new(translation.config)
+            })
+            .clone();
+        Lookup {
+            config,
+            translated,
+            generation: self.generation,
+            entry,
+        }
     }
 }
 
