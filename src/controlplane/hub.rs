@@ -425,25 +425,31 @@ impl Hub {
                 let instances = self.instances(&node, &world);
                 let hub = self.clone();
                 let node2 = node.clone();
-                let previous = last.clone();
-                // Translation (or waiting for the replica that translates the same config),
-                // comparison and encoding can take a while with thousands of routes: off the
-                // async threads.
-                let (lookup, frame) = tokio::task::spawn_blocking(move || {
-                    let lookup = world.lookup(&node2, instances, &hub.options);
-                    let changed = match &previous {
-                        None => true,
-                        Some(l) => !Arc::ptr_eq(l, &lookup.config) && **l != *lookup.config,
-                    };
-                    let frame = changed.then(|| lookup.frame());
-                    (lookup, frame)
+                // Finding the cache entry reads every EndpointSlice for a sidecar: off the
+                // async threads. The translation itself (once per entry, however many
+                // replicas ask at once) runs on the blocking pool too.
+                let pending = tokio::task::spawn_blocking(move || {
+                    world.prepare(&node2, instances, &hub.options)
                 })
                 .await
-                .expect("translation does not panic");
+                .expect("finding a config does not panic");
+                let lookup = tokio::select! {
+                    l = pending.resolve() => l,
+                    _ = gone.cancelled() => break,
+                };
                 self.metrics.config_requests.get_or_create(&labels).inc();
                 if lookup.translated {
                     self.metrics.translations.get_or_create(&labels).inc();
                 }
+                let changed = match &last {
+                    None => true,
+                    Some(l) => !Arc::ptr_eq(l, &lookup.config) && **l != *lookup.config,
+                };
+                let frame = if changed {
+                    Some(lookup.frame().await)
+                } else {
+                    None
+                };
                 if let Some(bytes) = frame {
                     let version = lookup.version();
                     let len = bytes.len();
