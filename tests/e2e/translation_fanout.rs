@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::inprocess::ControlPlane;
 
 const REPLICAS: usize = 50;
+const MESH_SERVICES: usize = 200;
 const TRANSLATIONS: &str = "meshctl_distribution_translations_total{proxy=\"sidecar\"}";
 const REQUESTS: &str = "meshctl_distribution_config_requests_total{proxy=\"sidecar\"}";
 
@@ -64,6 +65,15 @@ async fn replicas_of_one_workload_share_one_translation_per_world() {
          metadata: {{labels: {{app: server, security.meshctl.io/tlsMode: istio}}}}\n    \
          spec: {{containers: [{{name: app, image: app:1, ports: [{{containerPort: 8080}}]}}]}}\n"
     );
+    // A mesh of some size, so that one translation takes a while (as in a real cluster)
+    // and replicas asking at once really overlap.
+    let mut objects = objects;
+    for i in 0..MESH_SERVICES {
+        objects.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: mesh-{i}, namespace: {ns}}}\n\
+             spec:\n  ports: [{{name: http, port: 80}}, {{name: grpc, port: 9090}}]\n"
+        ));
+    }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("objects.yaml");
     std::fs::write(&file, objects).unwrap();
@@ -212,4 +222,15 @@ async fn replicas_of_one_workload_share_one_translation_per_world() {
         "{client_config:?}"
     );
     stop.cancel();
+    // The cluster is shared: other tests' sidecars need not carry this mesh.
+    env.kubectl_ok(&[
+        "-n",
+        &ns,
+        "delete",
+        "services,deployments",
+        "--all",
+        "--wait=false",
+    ])
+    .await
+    .unwrap();
 }
