@@ -5,17 +5,38 @@
 //! server-side apply (field manager `meshctl`). The CA that verifies the control plane is
 //! mounted from the ConfigMap `mesh-ca-root-cert` ([`super::ca_root`]), written here too so it
 //! exists before the gateway's first pod.
+//!
+//! The objects are reconciled by a kube-runtime [`Controller`] of Gateways that also watches
+//! what it creates (`owns`: Deployments, Services and ServiceAccounts, found through their
+//! owner reference to the Gateway) and the GatewayClasses. [`reconcile`] is a function of
+//! the Gateway and the cluster, not of what was applied before: a generated object deleted or
+//! edited by hand triggers a reconcile of its Gateway, which applies the whole desired state
+//! again, so the object is back within a second or so. Server-side apply with `force` makes
+//! our fields win and leaves fields others own alone (e.g. an autoscaler's replicas: we do
+//! not set `replicas`). Failures are retried with exponential backoff (1 s doubling to
+//! 5 min); every Gateway is also re-applied every 5 minutes, in case a watch event was lost.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use futures::StreamExt;
+use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, ResourceExt};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
 use mesh_translate::Resources;
 use mesh_wire::names::{ENV_CA_ROOT_PATH, ENV_TOKEN_PATH, PROXY_CONTAINER, PROXY_GID, PROXY_UID};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use super::watch::GATEWAY_NAME_LABEL;
 
@@ -235,68 +256,231 @@ pub fn desired(
     out
 }
 
-/// Applies what changed since the last call (a restart applies everything once).
-pub struct Reconciler {
-    client: Client,
-    options: GatewayDeploymentOptions,
-    applied: HashMap<String, Value>,
+/// Field manager of everything the control plane applies.
+pub const FIELD_MANAGER: &str = "meshctl";
+/// A Gateway whose objects were applied is applied again after this long even when nothing
+/// was seen to change (a lost watch event cannot leave drift for good).
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(300);
+/// First retry after a failed reconcile; doubles with each consecutive failure.
+pub const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between retries of a failing Gateway.
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Why a Gateway could not be reconciled (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("applying {kind} {namespace}/{name}: {source}")]
+    Apply {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the GatewayClass watch stopped")]
+    ClassesGone,
 }
 
-impl Reconciler {
-    pub fn new(client: Client, options: GatewayDeploymentOptions) -> Reconciler {
-        Reconciler {
+/// What [`reconcile`] needs besides the Gateway.
+pub struct Context {
+    client: Client,
+    options: GatewayDeploymentOptions,
+    controller_names: Vec<String>,
+    /// Every GatewayClass (a Gateway is ours when its class names one of our controllers).
+    classes: Store<GatewayClass>,
+    /// Consecutive failed reconciles per Gateway (`namespace/name`), for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        options: GatewayDeploymentOptions,
+        controller_names: Vec<String>,
+        classes: Store<GatewayClass>,
+    ) -> Context {
+        Context {
             client,
             options,
-            applied: HashMap::new(),
+            controller_names,
+            classes,
+            failures: Mutex::new(HashMap::new()),
         }
     }
 
-    pub async fn reconcile(&mut self, resources: &Resources, controller_names: &[String]) {
-        let params = PatchParams::apply("meshctl").force();
-        for g in our_gateways(resources, controller_names) {
-            for (kind, body) in desired(&g, &self.options) {
-                let ns = body["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let name = body["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let key = format!("{kind}/{ns}/{name}");
-                if self.applied.get(&key) == Some(&body) {
-                    continue;
+    /// The class of `gw` when one of our controllers owns it.
+    fn our_class(&self, gw: &Gateway) -> Option<String> {
+        let class = &gw.spec.gateway_class_name;
+        self.classes
+            .get(&ObjectRef::new(class))
+            .filter(|c| self.controller_names.contains(&c.spec.controller_name))
+            .map(|_| class.clone())
+    }
+}
+
+fn gateway_key(gw: &Gateway) -> String {
+    format!("{}/{}", gw.namespace().unwrap_or_default(), gw.name_any())
+}
+
+async fn apply<K>(client: &Client, ns: &str, name: &str, body: &Value) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map(drop)
+}
+
+/// Brings the objects of one Gateway to their desired state: the whole desired state is
+/// applied every time (server-side apply: what already matches is not written).
+pub async fn reconcile(gw: Arc<Gateway>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Owner references garbage-collect the objects of a deleted Gateway.
+    if gw.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    ctx.classes
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::ClassesGone)?;
+    let key = gateway_key(&gw);
+    let Some(class) = ctx.our_class(&gw) else {
+        // Not ours (or its class does not exist yet): a GatewayClass change reconciles
+        // every Gateway again.
+        ctx.failures.lock().expect("failures lock").remove(&key);
+        return Ok(Action::await_change());
+    };
+    let g = OurGateway {
+        gateway: &gw,
+        class,
+    };
+    for (kind, body) in desired(&g, &ctx.options) {
+        let ns = body["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = body["metadata"]["name"].as_str().unwrap_or_default();
+        let c = &ctx.client;
+        let result = match kind {
+            "ServiceAccount" => apply::<ServiceAccount>(c, ns, name, &body).await,
+            "Deployment" => apply::<Deployment>(c, ns, name, &body).await,
+            "Service" => apply::<Service>(c, ns, name, &body).await,
+            _ => apply::<ConfigMap>(c, ns, name, &body).await,
+        };
+        result.map_err(|source| Error::Apply {
+            kind,
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            source,
+        })?;
+        tracing::debug!(gateway = %key, "{kind} {ns}/{name} applied");
+    }
+    if ctx
+        .failures
+        .lock()
+        .expect("failures lock")
+        .remove(&key)
+        .is_some()
+    {
+        tracing::info!(gateway = %key, "gateway objects applied after earlier failures");
+    }
+    Ok(Action::requeue(RESYNC_INTERVAL))
+}
+
+/// Retry delay after the `n`th consecutive failure (1-based): [`RETRY_MIN`] doubling up to
+/// [`RETRY_MAX`].
+pub fn retry_delay(n: u32) -> Duration {
+    RETRY_MIN
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
+}
+
+/// Requeues a failed Gateway with exponential backoff.
+pub fn error_policy(gw: Arc<Gateway>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = gateway_key(&gw);
+    let n = {
+        let mut failures = ctx.failures.lock().expect("failures lock");
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = retry_delay(n);
+    tracing::warn!(gateway = %key, attempt = n, retry_in = ?delay, "gateway objects not applied: {error}");
+    Action::requeue(delay)
+}
+
+/// Runs the gateway controller until `shutdown`.
+pub async fn run(
+    client: Client,
+    options: GatewayDeploymentOptions,
+    controller_names: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    // GatewayClasses: a store for [`Context::our_class`], and any change reconciles every
+    // Gateway (a class created after its Gateways, or handed to our controller). The store
+    // is written before the change is seen, so the reconcile reads the new class.
+    let (classes, writer) = reflector::store();
+    let class_changes = watcher(Api::<GatewayClass>::all(client.clone()), Default::default())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
+        .filter_map(|r| futures::future::ready(r.ok().map(drop)));
+    // Only the objects we make carry the gateway-name label; watching just those keeps the
+    // controller's caches small.
+    let ours = || watcher::Config::default().labels(super::watch::GATEWAY_NAME_LABEL);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        options,
+        controller_names,
+        classes,
+    ));
+    let mut failing = false;
+    Controller::new(Api::<Gateway>::all(client.clone()), Default::default())
+        .owns(Api::<Deployment>::all(client.clone()), ours())
+        .owns(Api::<Service>::all(client.clone()), ours())
+        .owns(Api::<ServiceAccount>::all(client), ours())
+        .reconcile_all_on(class_changes)
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| {
+            match r {
+                Ok((gw, _)) => {
+                    if failing {
+                        tracing::info!("gateway controller: watches established");
+                        failing = false;
+                    }
+                    tracing::debug!(gateway = %gw, "gateway reconciled");
                 }
-                let c = self.client.clone();
-                let patch = Patch::Apply(&body);
-                let result = match kind {
-                    "ServiceAccount" => Api::<ServiceAccount>::namespaced(c, &ns)
-                        .patch(&name, &params, &patch)
-                        .await
-                        .map(drop),
-                    "Deployment" => Api::<Deployment>::namespaced(c, &ns)
-                        .patch(&name, &params, &patch)
-                        .await
-                        .map(drop),
-                    "Service" => Api::<Service>::namespaced(c, &ns)
-                        .patch(&name, &params, &patch)
-                        .await
-                        .map(drop),
-                    _ => Api::<ConfigMap>::namespaced(c, &ns)
-                        .patch(&name, &params, &patch)
-                        .await
-                        .map(drop),
-                };
-                match result {
-                    Ok(()) => {
-                        tracing::info!(%key, "applied");
-                        self.applied.insert(key, body);
+                // Logged by `error_policy`.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(kube::runtime::controller::Error::ObjectNotFound(_)) => {}
+                Err(e) => {
+                    // A missing Gateway API CRD fails every retry: say it once.
+                    if !failing {
+                        tracing::warn!("gateway controller (retrying with backoff; a missing Gateway API CRD is fine until it is installed): {e}");
+                    } else {
+                        tracing::debug!("gateway controller: {e}");
                     }
-                    Err(e) => {
-                        tracing::warn!(%key, "apply failed (retried on the next change): {e}")
-                    }
+                    failing = true;
                 }
             }
-        }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_one_second_to_five_minutes() {
+        let delays: Vec<u64> = (1..=11).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
     }
 }

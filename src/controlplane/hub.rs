@@ -18,8 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_config::ProxyConfig;
 use mesh_translate::TranslateOptions;
 use mesh_wire::distribution::{
-    CONTENT_TYPE, ControlPlaneMessage, FrameDecoder, NodeIdentity, ProxyMessage, STREAM_PATH,
-    encode,
+    CONTENT_TYPE, FrameDecoder, NodeIdentity, ProxyMessage, STREAM_PATH,
 };
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -27,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{ProxyAuth, authorize};
+use super::metrics::DistributionMetrics;
 use super::world::World;
 use crate::net_limits::{self, Accepted, ConnectionLimits};
 
@@ -98,6 +98,7 @@ pub struct Hub {
     auth: ProxyAuth,
     proxies: Mutex<BTreeMap<u64, ProxyState>>,
     next_id: AtomicU64,
+    metrics: DistributionMetrics,
 }
 
 impl Hub {
@@ -112,7 +113,13 @@ impl Hub {
             auth,
             proxies: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
+            metrics: DistributionMetrics::default(),
         })
+    }
+
+    /// Translation and push counters (`/metrics`).
+    pub fn metrics(&self) -> &DistributionMetrics {
+        &self.metrics
     }
 
     pub fn report(&self) -> ProxiesReport {
@@ -415,36 +422,46 @@ impl Hub {
     ) {
         let mut world_rx = self.world.clone();
         let mut last: Option<Arc<ProxyConfig>> = None;
+        let labels = DistributionMetrics::labels(node.gateway_key().is_some());
         loop {
             let world = world_rx.borrow_and_update().clone();
             if let Some(world) = world {
                 let instances = self.instances(&node, &world);
                 let hub = self.clone();
                 let node2 = node.clone();
-                let world2 = world.clone();
-                // Translation can take a while with thousands of routes: off the async threads.
-                let config = tokio::task::spawn_blocking(move || {
-                    world2.config_for(&node2, instances, &hub.options)
+                // Finding the cache entry reads every EndpointSlice for a sidecar: off the
+                // async threads. The translation itself (once per entry, however many
+                // replicas ask at once) runs on the blocking pool too.
+                let pending = tokio::task::spawn_blocking(move || {
+                    world.prepare(&node2, instances, &hub.options)
                 })
                 .await
-                .expect("translation does not panic");
+                .expect("finding a config does not panic");
+                let lookup = tokio::select! {
+                    l = pending.resolve() => l,
+                    _ = gone.cancelled() => break,
+                };
+                self.metrics.config_requests.get_or_create(&labels).inc();
+                if lookup.translated {
+                    self.metrics.translations.get_or_create(&labels).inc();
+                }
                 let changed = match &last {
                     None => true,
-                    Some(l) => !Arc::ptr_eq(l, &config) && **l != *config,
+                    Some(l) => !Arc::ptr_eq(l, &lookup.config) && **l != *lookup.config,
                 };
-                if changed {
-                    let version = world.generation.to_string();
-                    let mut c = (*config).clone();
-                    c.version = version.clone();
-                    let bytes = encode(&ControlPlaneMessage::Snapshot {
-                        version: version.clone(),
-                        config: Box::new(c),
-                    });
+                let frame = if changed {
+                    Some(lookup.frame().await)
+                } else {
+                    None
+                };
+                if let Some(bytes) = frame {
+                    let version = lookup.version();
                     let len = bytes.len();
                     tokio::select! {
                         r = tx.send(Ok(Frame::data(bytes))) => if r.is_err() { break },
                         _ = gone.cancelled() => break,
                     }
+                    self.metrics.snapshots_sent.get_or_create(&labels).inc();
                     tracing::info!(id, node = %node.describe(), %version, bytes = len, "config sent");
                     self.update(id, |p| {
                         p.last_sent_version = Some(version);
@@ -453,7 +470,7 @@ impl Hub {
                         p.instances = instances;
                     });
                 }
-                last = Some(config);
+                last = Some(lookup.config);
             }
             tokio::select! {
                 r = world_rx.changed() => if r.is_err() { break },

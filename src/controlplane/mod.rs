@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! reflectors ──(debounce)──► World ──► Hub (one stream per proxy: snapshot on change, ACK/NACK)
-//!                              └────► Reconciler (gateway Deployment/Service) + StatusWriter
+//!                              └────► StatusWriter
+//! Gateway controller (kube-runtime: Gateways + the Deployments/Services it owns) ──► SSA
 //! ```
 
 pub mod admin;
@@ -13,6 +14,7 @@ pub mod ca_root;
 pub mod certs;
 pub mod gateways;
 pub mod hub;
+pub mod metrics;
 pub mod pods;
 pub mod status;
 pub mod watch;
@@ -90,15 +92,22 @@ pub async fn run(
         tokio::spawn(admin::serve(l, hub.clone(), shutdown.clone()));
     }
 
-    // Gateway Deployments and status follow every world; a periodic pass retries failures.
+    // Gateway Deployments: a controller of their own, driven by the Gateways and by what it
+    // owns, so drift of a generated object is repaired at once.
+    if let Some(mut g) = config.gateway_deployments.clone() {
+        g.ca_pem = Some(tls.ca_pem.clone());
+        tokio::spawn(gateways::run(
+            client.clone(),
+            g,
+            config.translate.controller_names.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // Status and the CA ConfigMaps follow every world; a periodic pass retries failures.
     {
         let mut world_rx = world_rx;
         let client = client.clone();
         let options = config.translate.clone();
-        let mut reconciler = config.gateway_deployments.clone().map(|mut g| {
-            g.ca_pem = Some(tls.ca_pem.clone());
-            gateways::Reconciler::new(client.clone(), g)
-        });
         let mut status = config.write_status.then(status::StatusWriter::default);
         let mut ca_root = ca_root::CaPublisher::new(client.clone(), tls.ca_pem.clone());
         let shutdown = shutdown.clone();
@@ -114,10 +123,6 @@ pub async fn run(
                 let Some(world) = world_rx.borrow_and_update().clone() else {
                     continue;
                 };
-                if let Some(r) = reconciler.as_mut() {
-                    r.reconcile(&world.resources, &options.controller_names)
-                        .await;
-                }
                 if let Some(s) = status.as_mut() {
                     s.write(&client, &world.resources, &options).await;
                 }

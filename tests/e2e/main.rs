@@ -4,9 +4,12 @@
 
 mod control_plane;
 mod gateway_controlplane;
+mod gateway_drift;
 mod injection_webhook;
+mod inprocess;
 mod proxy_auth;
 mod ssa;
+mod translation_fanout;
 mod url_webhook;
 mod walkthrough;
 

@@ -84,7 +84,22 @@ pub struct SidecarKey {
 pub fn sidecar_key(res: &Resources, o: &SidecarOptions) -> SidecarKey {
     SidecarKey {
         namespace: o.pod_namespace.clone(),
-        labels: o.pod_labels.clone(),
+        // The labels matter only through the EnvoyFilter workloadSelectors
+        // ([`inbound_envoy_filters`]): the others (`pod-template-hash`, a StatefulSet's
+        // `statefulset.kubernetes.io/pod-name`) would make replicas differ for nothing.
+        labels: o.pod_labels.as_ref().map(|labels| {
+            let selected: BTreeSet<&String> = res
+                .envoy_filters
+                .iter()
+                .filter_map(|f| f.spec.workload_selector.as_ref())
+                .flat_map(|s| s.labels.keys())
+                .collect();
+            labels
+                .iter()
+                .filter(|(k, _)| selected.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        }),
         backed: backed_services(res, &o.base.default_namespace, o),
         ports: (o.inbound_port, o.outbound_port),
     }

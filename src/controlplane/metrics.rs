@@ -1,0 +1,78 @@
+//! The control plane's Prometheus metrics (`GET /metrics` on the admin endpoint): how much
+//! translation and encoding work config distribution does for its proxies.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyKindLabels {
+    /// `gateway` or `sidecar`.
+    pub proxy: &'static str,
+}
+
+/// Counters of config distribution.
+pub struct DistributionMetrics {
+    registry: Registry,
+    /// Translations run. With the per-world cache, one per Gateway (and instance count) or
+    /// per workload (sidecars with the same [`mesh_translate::SidecarKey`]) and world,
+    /// however many of its proxies ask.
+    pub translations: Family<ProxyKindLabels, Counter>,
+    /// Configs asked for (one per connected proxy and world).
+    pub config_requests: Family<ProxyKindLabels, Counter>,
+    /// Snapshots sent (a config that differs from the one the proxy has).
+    pub snapshots_sent: Family<ProxyKindLabels, Counter>,
+}
+
+impl Default for DistributionMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("meshctl_distribution");
+        let translations = Family::<ProxyKindLabels, Counter>::default();
+        let config_requests = Family::<ProxyKindLabels, Counter>::default();
+        let snapshots_sent = Family::<ProxyKindLabels, Counter>::default();
+        registry.register(
+            "translations",
+            "Translations run for proxies' configs (the others came from the per-world cache)",
+            translations.clone(),
+        );
+        registry.register(
+            "config_requests",
+            "Proxy configs looked up (one per connected proxy and world)",
+            config_requests.clone(),
+        );
+        registry.register(
+            "snapshots_sent",
+            "Config snapshots sent to proxies",
+            snapshots_sent.clone(),
+        );
+        Self {
+            registry,
+            translations,
+            config_requests,
+            snapshots_sent,
+        }
+    }
+}
+
+impl DistributionMetrics {
+    pub fn labels(gateway: bool) -> ProxyKindLabels {
+        ProxyKindLabels {
+            proxy: if gateway { "gateway" } else { "sidecar" },
+        }
+    }
+
+    /// Translations run so far for proxies of one kind.
+    pub fn translations(&self, gateway: bool) -> u64 {
+        self.translations
+            .get_or_create(&Self::labels(gateway))
+            .get()
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
