@@ -125,6 +125,11 @@ pub struct DistributionArgs {
         default_values = ["meshctl.io/gateway-controller", "istio.io/gateway-controller"]
     )]
     pub controller_names: Vec<String>,
+    /// Request path normalization of every proxy (Istio's
+    /// `meshConfig.pathNormalization.normalization`: NONE, BASE, MERGE_SLASHES,
+    /// DECODE_AND_MERGE_SLASHES); default: the proxies' own (BASE).
+    #[arg(long, value_name = "MODE")]
+    pub path_normalization: Option<mesh_config::PathNormalization>,
     /// Image registry of the gateway proxy image `<hub>/mesh-proxy:<tag>`.
     #[arg(long, default_value = "ghcr.io/meshctl")]
     pub hub: String,
@@ -188,6 +193,10 @@ impl DistributionArgs {
         };
         let translate = mesh_translate::TranslateOptions {
             controller_names: self.controller_names.clone(),
+            http: mesh_config::HttpOptions {
+                path_normalization: self.path_normalization,
+                ..Default::default()
+            },
             ..mesh_translate::TranslateOptions::default()
         };
         let gateway_deployments =

@@ -208,6 +208,11 @@ pub fn from_istio_operator(mut io: Map<String, Value>) -> (Map<String, Value>, V
             id,
         ),
         (
+            &["meshConfig", "pathNormalization", "normalization"],
+            &["meshConfig", "pathNormalization", "normalization"],
+            id,
+        ),
+        (
             &["meshConfig", "enableTracing"],
             &["meshConfig", "enableTracing"],
             boolish,

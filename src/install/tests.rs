@@ -228,3 +228,29 @@ fn readiness_reasons() {
     );
     assert_eq!(not_ready_reason("ConfigMap", &json!({})), None);
 }
+
+#[test]
+fn mesh_config_path_normalization_reaches_the_control_plane() {
+    let io = "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {name: p}\nspec:\n  meshConfig:\n    pathNormalization: {normalization: MERGE_SLASHES}\n";
+    let r = resolve(&[input("p.yaml", io)], &[]).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let objects = super::render::render(&r, None).unwrap();
+    let values: Vec<&serde_json::Value> = objects.iter().map(|o| &o.value).collect();
+    let meshd = serde_json::to_string(&values).unwrap();
+    assert!(
+        meshd.contains("--path-normalization=MERGE_SLASHES"),
+        "{meshd}"
+    );
+    // Without it the flag is left out (the proxies' BASE applies).
+    let r = resolve(&[], &[]).unwrap();
+    let objects = super::render::render(&r, None).unwrap();
+    let values: Vec<&serde_json::Value> = objects.iter().map(|o| &o.value).collect();
+    let text = serde_json::to_string(&values).unwrap();
+    assert!(!text.contains("--path-normalization"));
+    // A value Istio does not know names the field.
+    let bad = io.replace("MERGE_SLASHES", "SQUASH");
+    let e = resolve(&[input("p.yaml", &bad)], &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pathNormalization"), "{e}");
+}

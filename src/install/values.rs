@@ -117,6 +117,17 @@ pub struct MeshConfigValues {
     pub access_log_file: String,
     pub access_log_encoding: AccessLogEncoding,
     pub enable_tracing: bool,
+    /// Istio's `meshConfig.pathNormalization`; unset: the proxies' default (`BASE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_normalization: Option<PathNormalizationValues>,
+}
+
+/// `meshConfig.pathNormalization` (`{normalization: BASE}`), passed to the control plane's
+/// `--path-normalization`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathNormalizationValues {
+    pub normalization: mesh_config::PathNormalization,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

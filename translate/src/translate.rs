@@ -62,6 +62,9 @@ pub struct TranslateOptions {
     /// EnvoyFilters in these namespaces apply to every namespace (Istio's root namespace).
     /// Default `istio-system`, `mesh-system`.
     pub root_namespaces: Vec<String>,
+    /// The mesh's HTTP options (the control plane's `--path-normalization`, from the
+    /// profile's `meshConfig`); an install profile among the resources wins.
+    pub http: HttpOptions,
 }
 
 impl Default for TranslateOptions {
@@ -76,6 +79,7 @@ impl Default for TranslateOptions {
             distributed_instances: 1,
             gateway_labels: BTreeMap::from([("istio".into(), "ingressgateway".into())]),
             root_namespaces: vec!["istio-system".into(), "mesh-system".into()],
+            http: HttpOptions::default(),
         }
     }
 }
@@ -1680,6 +1684,7 @@ fn http_options(cx: &mut Ctx<'_>) -> HttpOptions {
         path_normalization: chosen.map(|(n, _)| n),
         ..HttpOptions::default()
     }
+    .or(&cx.opts.http)
 }
 
 pub(crate) fn access_log(cx: &mut Ctx<'_>) -> AccessLog {
