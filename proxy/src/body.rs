@@ -120,48 +120,6 @@ where
     }
 }
 
-/// A request body that raises a flag whenever data goes through (the stream idle timeout
-/// must not fire while the client is still uploading).
-pub struct ActivityBody {
-    inner: ProxyBody,
-    active: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl ActivityBody {
-    pub fn wrap(inner: ProxyBody) -> (ProxyBody, Arc<std::sync::atomic::AtomicBool>) {
-        let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let b = ActivityBody {
-            inner,
-            active: active.clone(),
-        };
-        (b.boxed(), active)
-    }
-}
-
-impl Body for ActivityBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = &polled {
-            self.active.store(true, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// A response body that holds its connection's in-flight mark until it is sent or dropped
 /// (the connection's idle timeout counts only while nothing is in flight).
 pub struct InFlightBody {

@@ -656,9 +656,9 @@ async fn forward<'a>(
     // The stream idle timeout runs from the last request body data the client sent.
     let uploading = if !http_body::Body::is_end_stream(&body) && http.stream_idle_timeout.is_some()
     {
-        let (b, active) = body::ActivityBody::wrap(body);
-        body = b;
-        Some(active)
+        let sent = Arc::new(AtomicU64::new(0));
+        body = CountingBody::wrap(body, sent.clone());
+        Some(sent)
     } else {
         None
     };
@@ -716,7 +716,7 @@ async fn await_response(
     sent: impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>>,
     deadline: Option<Instant>,
     stream_idle: Option<Duration>,
-    uploading: Option<Arc<std::sync::atomic::AtomicBool>>,
+    uploading: Option<Arc<AtomicU64>>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let Some(idle) = stream_idle else {
         return match deadline {
@@ -727,6 +727,12 @@ async fn await_response(
         };
     };
     tokio::pin!(sent);
+    let uploaded = || {
+        uploading
+            .as_ref()
+            .map_or(0, |u| u.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let mut seen = uploaded();
     let mut idle_at = Instant::now() + idle;
     loop {
         let wake = deadline.map_or(idle_at, |d| d.min(idle_at));
@@ -737,10 +743,9 @@ async fn await_response(
             return Err(ProxyError::Timeout);
         }
         // Body data went up since the last check: the stream is not idle.
-        if uploading
-            .as_ref()
-            .is_some_and(|a| a.swap(false, std::sync::atomic::Ordering::Relaxed))
-        {
+        let now_seen = uploaded();
+        if now_seen != seen {
+            seen = now_seen;
             idle_at = Instant::now() + idle;
             continue;
         }

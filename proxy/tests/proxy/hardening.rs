@@ -580,3 +580,25 @@ async fn a_response_with_both_content_length_and_chunked_is_not_truncated() {
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "hello world");
 }
+
+#[tokio::test]
+async fn a_slow_upload_is_not_a_stalled_stream() {
+    let echo = EchoServer::start("b").await;
+    let env = proxy_with(&echo, json!({"streamIdleTimeout": "400ms"})).await;
+    let mut s = TcpStream::connect(env.addr).await.unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // Eight bytes over ~1.6 s: four times the stream idle timeout, never silent for long.
+    for b in b"abcdefgh" {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.write_all(&[*b]).await.unwrap();
+    }
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(status_of(&out), 200, "{out}");
+    assert_eq!(&echo.requests()[0].body[..], b"abcdefgh");
+}
