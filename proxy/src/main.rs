@@ -127,7 +127,7 @@ enum ConfigSource {
     Resources {
         paths: Vec<PathBuf>,
         load: mesh_translate::LoadOptions,
-        translate: mesh_translate::TranslateOptions,
+        translate: Box<mesh_translate::TranslateOptions>,
     },
 }
 
@@ -293,11 +293,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             load: mesh_translate::LoadOptions {
                 default_namespace: args.namespace.clone(),
             },
-            translate: mesh_translate::TranslateOptions {
+            translate: Box::new(mesh_translate::TranslateOptions {
                 default_namespace: args.namespace.clone(),
                 gateways: args.gateways.clone(),
                 ..mesh_translate::TranslateOptions::default()
-            },
+            }),
         },
     };
     // Watch before the first load, so a change made right after it is not missed.

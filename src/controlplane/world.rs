@@ -50,7 +50,7 @@ struct Entry {
 /// What to translate for one cache entry.
 #[derive(Clone)]
 enum Job {
-    Gateway(TranslateOptions),
+    Gateway(Box<TranslateOptions>),
     Sidecar(Box<SidecarOptions>),
 }
 
@@ -191,7 +191,10 @@ impl World {
                     distributed_instances: instances,
                     ..base.clone()
                 };
-                (CacheKey::Gateway(gateway, instances), Job::Gateway(options))
+                (
+                    CacheKey::Gateway(gateway, instances),
+                    Job::Gateway(Box::new(options)),
+                )
             }
             NodeIdentity::Sidecar {
                 namespace, pod, ip, ..
