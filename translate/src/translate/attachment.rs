@@ -1,7 +1,7 @@
 //! Attaching HTTPRoutes to the listeners of served Gateways: parentRef resolution, the
 //! route's status per parent, and one [`Entry`] per route match and port.
 
-use gateway_api::apis::standard::httproutes::HttpRoute;
+use gateway_api::apis::standard::httproutes::{HttpRoute, HttpRouteParentRefs};
 
 use super::gateways::{Gw, namespace_allowed};
 use super::routes::build_routes;
@@ -128,64 +128,15 @@ pub(super) fn attach_routes(
                 );
                 continue;
             }
-            let cond = {
-                let candidates: Vec<usize> = (0..g.listeners.len())
-                    .filter(|&i| {
-                        let l = &g.gw.spec.listeners[i];
-                        pr.section_name.as_ref().is_none_or(|s| *s == l.name)
-                            && pr.port.is_none_or(|p| p == l.port)
-                    })
-                    .collect();
-                if candidates.is_empty() {
-                    Condition::new(
-                        Ct::Accepted,
-                        false,
-                        Reason::NoMatchingParent,
-                        "no listener matches the parentRef's sectionName/port",
-                        generation,
-                    )
-                } else {
-                    let allowed: Vec<usize> = candidates
-                        .into_iter()
-                        .filter(|&i| {
-                            g.listeners[i].usable
-                                && namespace_allowed(cx, &g.ns, &g.gw.spec.listeners[i], &ns)
-                        })
-                        .collect();
-                    if allowed.is_empty() {
-                        Condition::new(
-                            Ct::Accepted,
-                            false,
-                            Reason::NotAllowedByListeners,
-                            format!("no listener allows HTTPRoutes from namespace {ns}"),
-                            generation,
-                        )
-                    } else {
-                        let mut any = false;
-                        for i in allowed {
-                            let l = &mut g.listeners[i];
-                            if let Some(hosts) =
-                                hostname::intersect(l.hostname.as_deref(), &route_hosts)
-                            {
-                                any = true;
-                                l.attached.insert((ns.clone(), name.clone()));
-                                attachments.push((l.port, hosts));
-                            }
-                        }
-                        if any {
-                            Condition::new(Ct::Accepted, true, Reason::Accepted, "", generation)
-                        } else {
-                            Condition::new(
-                                Ct::Accepted,
-                                false,
-                                Reason::NoMatchingListenerHostname,
-                                "no listener hostname intersects the route's hostnames",
-                                generation,
-                            )
-                        }
-                    }
-                }
-            };
+            let cond = attach_to_listeners(
+                cx,
+                g,
+                pr,
+                (&ns, &name),
+                &route_hosts,
+                generation,
+                &mut attachments,
+            );
             if !cond.status {
                 cx.warn(
                     &ctx,
@@ -197,41 +148,120 @@ pub(super) fn attach_routes(
             }
             status(&g.controller, vec![cond]);
         }
-        let resolved = if attachments.is_empty() {
-            Condition::new(Ct::ResolvedRefs, true, Reason::ResolvedRefs, "", generation)
-        } else {
-            let (built, ref_problems) = build_routes(cx, r, &ns, &name);
-            for (port, hosts) in &attachments {
-                for (key, route, rule_name) in &built {
-                    entries.push(Entry {
-                        port: *port,
-                        hostnames: hosts.clone(),
-                        key: key.clone(),
-                        route: route.clone(),
-                        source: (ns.clone(), name.clone()),
-                        rule_name: rule_name.clone(),
-                    });
-                }
-            }
-            match ref_problems.first() {
-                None => {
-                    Condition::new(Ct::ResolvedRefs, true, Reason::ResolvedRefs, "", generation)
-                }
-                Some((reason, _)) => {
-                    let m = ref_problems
-                        .iter()
-                        .map(|(_, m)| m.as_str())
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    for (_, m) in &ref_problems {
-                        cx.warn(&ctx, m.clone());
-                    }
-                    Condition::new(Ct::ResolvedRefs, false, *reason, m, generation)
-                }
-            }
-        };
+        let resolved = build_entries(cx, r, (&ns, &name), &ctx, generation, &attachments, entries);
         for s in &mut route_status[first_status..] {
             s.conditions.push(resolved.clone());
+        }
+    }
+}
+
+/// Attaches the route to the listeners of `g` its parentRef `pr` selects (by sectionName and
+/// port), that allow routes from its namespace and whose hostname intersects the route's; each
+/// attachment is recorded in `attachments` as (port, hostnames). Returns the parent's
+/// `Accepted` condition.
+fn attach_to_listeners(
+    cx: &Ctx<'_>,
+    g: &mut Gw<'_>,
+    pr: &HttpRouteParentRefs,
+    (ns, name): (&str, &str),
+    route_hosts: &[String],
+    generation: Option<i64>,
+    attachments: &mut Vec<(u16, Vec<String>)>,
+) -> Condition {
+    let candidates: Vec<usize> = (0..g.listeners.len())
+        .filter(|&i| {
+            let l = &g.gw.spec.listeners[i];
+            pr.section_name.as_ref().is_none_or(|s| *s == l.name)
+                && pr.port.is_none_or(|p| p == l.port)
+        })
+        .collect();
+    if candidates.is_empty() {
+        Condition::new(
+            Ct::Accepted,
+            false,
+            Reason::NoMatchingParent,
+            "no listener matches the parentRef's sectionName/port",
+            generation,
+        )
+    } else {
+        let allowed: Vec<usize> = candidates
+            .into_iter()
+            .filter(|&i| {
+                g.listeners[i].usable && namespace_allowed(cx, &g.ns, &g.gw.spec.listeners[i], ns)
+            })
+            .collect();
+        if allowed.is_empty() {
+            Condition::new(
+                Ct::Accepted,
+                false,
+                Reason::NotAllowedByListeners,
+                format!("no listener allows HTTPRoutes from namespace {ns}"),
+                generation,
+            )
+        } else {
+            let mut any = false;
+            for i in allowed {
+                let l = &mut g.listeners[i];
+                if let Some(hosts) = hostname::intersect(l.hostname.as_deref(), route_hosts) {
+                    any = true;
+                    l.attached.insert((ns.to_string(), name.to_string()));
+                    attachments.push((l.port, hosts));
+                }
+            }
+            if any {
+                Condition::new(Ct::Accepted, true, Reason::Accepted, "", generation)
+            } else {
+                Condition::new(
+                    Ct::Accepted,
+                    false,
+                    Reason::NoMatchingListenerHostname,
+                    "no listener hostname intersects the route's hostnames",
+                    generation,
+                )
+            }
+        }
+    }
+}
+
+/// The route's entries, one per route match and attachment (port, hostnames), pushed to
+/// `entries`; the route's `ResolvedRefs` condition, with a warning per unresolved reference.
+fn build_entries(
+    cx: &mut Ctx<'_>,
+    r: &HttpRoute,
+    (ns, name): (&str, &str),
+    ctx: &str,
+    generation: Option<i64>,
+    attachments: &[(u16, Vec<String>)],
+    entries: &mut Vec<Entry>,
+) -> Condition {
+    if attachments.is_empty() {
+        return Condition::new(Ct::ResolvedRefs, true, Reason::ResolvedRefs, "", generation);
+    }
+    let (built, ref_problems) = build_routes(cx, r, ns, name);
+    for (port, hosts) in attachments {
+        for (key, route, rule_name) in &built {
+            entries.push(Entry {
+                port: *port,
+                hostnames: hosts.clone(),
+                key: key.clone(),
+                route: route.clone(),
+                source: (ns.to_string(), name.to_string()),
+                rule_name: rule_name.clone(),
+            });
+        }
+    }
+    match ref_problems.first() {
+        None => Condition::new(Ct::ResolvedRefs, true, Reason::ResolvedRefs, "", generation),
+        Some((reason, _)) => {
+            let m = ref_problems
+                .iter()
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            for (_, m) in &ref_problems {
+                cx.warn(ctx, m.clone());
+            }
+            Condition::new(Ct::ResolvedRefs, false, *reason, m, generation)
         }
     }
 }
