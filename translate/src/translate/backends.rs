@@ -1,0 +1,153 @@
+//! backendRefs → the proxy's backends: kind and ReferenceGrant checks, the Service port,
+//! and its ready endpoints from EndpointSlices.
+
+use std::collections::HashSet;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use mesh_config::Backend;
+
+use super::{BackendEntry, Ctx, GATEWAY_GROUP};
+use crate::status::Reason;
+
+fn ref_permitted(cx: &Ctx<'_>, from_ns: &str, to_ns: &str, to_name: &str) -> bool {
+    cx.res.reference_grants.iter().any(|g| {
+        g.metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(&cx.opts.default_namespace)
+            == to_ns
+            && g.spec.from.iter().any(|f| {
+                f.group == GATEWAY_GROUP && f.kind == "HTTPRoute" && f.namespace == from_ns
+            })
+            && g.spec.to.iter().any(|t| {
+                (t.group.is_empty() || t.group == "core")
+                    && t.kind == "Service"
+                    && t.name.as_deref().is_none_or(|n| n == to_name)
+            })
+    })
+}
+
+/// Resolves a backendRef to a backend name (creating the backend), or says why not.
+pub(crate) fn resolve_backend(
+    cx: &mut Ctx<'_>,
+    route_ns: &str,
+    group: Option<&str>,
+    kind: Option<&str>,
+    name: &str,
+    namespace: Option<&str>,
+    port: Option<i32>,
+) -> Result<String, (Reason, String)> {
+    let group = group.unwrap_or("");
+    let kind = kind.unwrap_or("Service");
+    if !(group.is_empty() || group == "core") || kind != "Service" {
+        return Err((
+            Reason::InvalidKind,
+            format!("backend {kind} (group {group:?}) {name}: only Services are supported"),
+        ));
+    }
+    let ns = namespace.unwrap_or(route_ns);
+    if ns != route_ns && !ref_permitted(cx, route_ns, ns, name) {
+        return Err((
+            Reason::RefNotPermitted,
+            format!(
+                "Service {ns}/{name}: no ReferenceGrant in {ns} allows HTTPRoutes from {route_ns}"
+            ),
+        ));
+    }
+    let Some(port) = port else {
+        return Err((
+            Reason::UnsupportedValue,
+            format!("Service {ns}/{name}: port is required"),
+        ));
+    };
+    let Some(svc) = cx.service(ns, name) else {
+        return Err((
+            Reason::BackendNotFound,
+            format!("Service {ns}/{name} not found"),
+        ));
+    };
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or(&[]);
+    let Some(sp) = ports.iter().find(|p| p.port == port) else {
+        return Err((
+            Reason::BackendNotFound,
+            format!("Service {ns}/{name} has no port {port}"),
+        ));
+    };
+    let backend_name = format!("{ns}/{name}:{port}");
+    if !cx.backends.contains_key(&backend_name) {
+        let endpoints = endpoints(cx, svc, ns, name, sp, ports.len());
+        cx.backends.insert(
+            backend_name.clone(),
+            BackendEntry {
+                backend: Backend {
+                    name: backend_name.clone(),
+                    endpoints,
+                    load_balancer: Default::default(),
+                    protocol: upstream_protocol(sp),
+                    connect_timeout: Backend::default_connect_timeout(),
+                    rate_limit: None,
+                },
+                service: (ns.to_string(), name.to_string()),
+                port_name: sp.name.clone(),
+                service_port: port as u16,
+            },
+        );
+    }
+    Ok(backend_name)
+}
+
+fn upstream_protocol(sp: &ServicePort) -> mesh_config::UpstreamProtocol {
+    match sp.app_protocol.as_deref() {
+        Some("kubernetes.io/h2c" | "h2c" | "grpc") => mesh_config::UpstreamProtocol::Http2,
+        _ => mesh_config::UpstreamProtocol::Http1,
+    }
+}
+
+fn endpoints(
+    cx: &Ctx<'_>,
+    svc: &Service,
+    ns: &str,
+    name: &str,
+    sp: &ServicePort,
+    service_ports: usize,
+) -> Vec<String> {
+    let spec = svc.spec.as_ref();
+    if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName")
+        && let Some(host) = spec.and_then(|s| s.external_name.as_deref())
+    {
+        return vec![format!("{host}:{}", sp.port)];
+    }
+    let want = sp.name.as_deref().unwrap_or("");
+    let mut out: Vec<String> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    for s in cx.slices_of(ns, name) {
+        let ports = s.ports.as_deref().unwrap_or(&[]);
+        let port = ports
+            .iter()
+            .find(|p| p.name.as_deref().unwrap_or("") == want)
+            .or_else(|| (ports.len() == 1 && service_ports == 1).then(|| &ports[0]))
+            .and_then(|p| p.port);
+        let Some(port) = port else { continue };
+        for ep in s.endpoints.iter().flatten() {
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let Some(addr) = ep.addresses.first() else {
+                continue;
+            };
+            let e = if addr.contains(':') {
+                format!("[{addr}]:{port}")
+            } else {
+                format!("{addr}:{port}")
+            };
+            if seen.insert(e.clone()) {
+                out.push(e);
+            }
+        }
+    }
+    out
+}
