@@ -19,6 +19,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Value, json};
 
+#[path = "support/edits.rs"]
+mod edits;
+use edits::{Edit, TextEdit, apply_edit, apply_text_edit};
+
 fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
@@ -152,71 +156,6 @@ fn json_value() -> impl Strategy<Value = Value> {
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
-}
-
-/// One change at a path of a JSON value: replace, remove, or add a key.
-#[derive(Debug, Clone)]
-enum Edit {
-    Replace(Vec<prop::sample::Index>, Value),
-    Remove(Vec<prop::sample::Index>),
-    Insert(Vec<prop::sample::Index>, String, Value),
-}
-
-fn edit() -> impl Strategy<Value = Edit> {
-    let path = prop::collection::vec(any::<prop::sample::Index>(), 0..8);
-    prop_oneof![
-        3 => (path.clone(), json_value()).prop_map(|(p, v)| Edit::Replace(p, v)),
-        2 => path.clone().prop_map(Edit::Remove),
-        2 => (path, key(), json_value()).prop_map(|(p, k, v)| Edit::Insert(p, k, v)),
-    ]
-}
-
-/// Walks `path` (each step picks a child of a map or list) as far as it goes.
-fn walk<'a>(mut v: &'a mut Value, path: &[prop::sample::Index]) -> &'a mut Value {
-    for i in path {
-        let len = match &*v {
-            Value::Object(m) if !m.is_empty() => m.len(),
-            Value::Array(a) if !a.is_empty() => a.len(),
-            _ => break,
-        };
-        let at = i.index(len);
-        v = match v {
-            Value::Object(m) => m.values_mut().nth(at).expect("in range"),
-            Value::Array(a) => &mut a[at],
-            _ => unreachable!("checked above"),
-        };
-    }
-    v
-}
-
-fn apply_edit(root: &mut Value, e: &Edit) {
-    match e {
-        Edit::Replace(p, new) => *walk(root, p) = new.clone(),
-        Edit::Remove(p) => {
-            let Some((last, parent)) = p.split_last() else {
-                return;
-            };
-            match walk(root, parent) {
-                Value::Object(m) if !m.is_empty() => {
-                    let k = m
-                        .keys()
-                        .nth(last.index(m.len()))
-                        .cloned()
-                        .expect("in range");
-                    m.remove(&k);
-                }
-                Value::Array(a) if !a.is_empty() => {
-                    a.remove(last.index(a.len()));
-                }
-                _ => {}
-            }
-        }
-        Edit::Insert(p, k, new) => {
-            if let Value::Object(m) = walk(root, p) {
-                m.insert(k.clone(), new.clone());
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -498,7 +437,7 @@ fn mutated_real_admission_reviews_get_a_valid_answer() {
     check(
         "mutated seed review",
         256,
-        prop::collection::vec(edit(), 1..5),
+        prop::collection::vec(edits::edit(key(), json_value()), 1..5),
         |edits| {
             let mut v = seed.clone();
             for e in &edits {
@@ -703,90 +642,6 @@ fn real_inputs() -> Vec<(String, String)> {
 }
 
 /// An edit of YAML text, line by line or byte by byte.
-#[derive(Debug, Clone)]
-enum TextEdit {
-    DeleteLine(prop::sample::Index),
-    DuplicateLine(prop::sample::Index),
-    ReplaceLine(prop::sample::Index, String),
-    Indent(prop::sample::Index, usize),
-    Insert(prop::sample::Index, String),
-    Truncate(prop::sample::Index),
-}
-
-fn text_edit() -> impl Strategy<Value = TextEdit> {
-    let junk = prop_oneof![
-        "[ -~]{0,20}",
-        "\\PC{0,10}",
-        prop::sample::select(vec![
-            "- ",
-            ": ",
-            "&a ",
-            "*a",
-            "!!binary",
-            "---",
-            "...",
-            "[",
-            "{",
-            "'",
-            "\"",
-            "\t",
-            "? ",
-            "|",
-            ">",
-            "%YAML 1.2",
-            "<<: *a",
-        ])
-        .prop_map(String::from),
-        (value_key(), set_value()).prop_map(|(k, v)| format!("{k}: {v}")),
-    ];
-    let i = any::<prop::sample::Index>();
-    prop_oneof![
-        i.clone().prop_map(TextEdit::DeleteLine),
-        i.clone().prop_map(TextEdit::DuplicateLine),
-        (i.clone(), junk.clone()).prop_map(|(i, j)| TextEdit::ReplaceLine(i, j)),
-        (i.clone(), 0usize..8).prop_map(|(i, n)| TextEdit::Indent(i, n)),
-        (i.clone(), junk).prop_map(|(i, j)| TextEdit::Insert(i, j)),
-        i.prop_map(TextEdit::Truncate),
-    ]
-}
-
-fn apply_text_edit(text: &str, e: &TextEdit) -> String {
-    let mut lines: Vec<String> = text.lines().map(String::from).collect();
-    if lines.is_empty() {
-        lines.push(String::new());
-    }
-    let n = lines.len();
-    match e {
-        TextEdit::DeleteLine(i) => {
-            lines.remove(i.index(n));
-        }
-        TextEdit::DuplicateLine(i) => {
-            let at = i.index(n);
-            lines.insert(at, lines[at].clone());
-        }
-        TextEdit::ReplaceLine(i, j) => lines[i.index(n)] = j.clone(),
-        TextEdit::Indent(i, k) => {
-            let at = i.index(n);
-            lines[at] = format!("{}{}", " ".repeat(*k), lines[at].trim_start());
-        }
-        TextEdit::Insert(i, j) => {
-            let mut at = i.index(text.len() + 1);
-            while !text.is_char_boundary(at) {
-                at -= 1;
-            }
-            return format!("{}{j}{}", &text[..at], &text[at..]);
-        }
-        TextEdit::Truncate(i) => {
-            let mut at = i.index(text.len() + 1);
-            while !text.is_char_boundary(at) {
-                at -= 1;
-            }
-            return text[..at].to_string();
-        }
-    }
-    lines.join("\n")
-}
-
 /// A generated install file: a real one edited as text or as a tree, or a generated spec.
 #[derive(Debug, Clone)]
 enum InstallFile {
@@ -799,12 +654,15 @@ fn install_file() -> impl Strategy<Value = InstallFile> {
     prop_oneof![
         (
             any::<prop::sample::Index>(),
-            prop::collection::vec(text_edit(), 1..4)
+            prop::collection::vec(
+                edits::text_edit((value_key(), set_value()).prop_map(|(k, v)| format!("{k}: {v}"))),
+                1..4
+            )
         )
             .prop_map(|(i, e)| InstallFile::Text(i, e)),
         (
             any::<prop::sample::Index>(),
-            prop::collection::vec(edit(), 1..4)
+            prop::collection::vec(edits::edit(key(), json_value()), 1..4)
         )
             .prop_map(|(i, e)| InstallFile::Tree(i, e)),
         (

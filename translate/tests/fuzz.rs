@@ -15,6 +15,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Value, json};
 
+#[path = "../../tests/support/edits.rs"]
+mod edits;
+use edits::{Edit, TextEdit, apply_edit, apply_text_edit};
+
 const DEFAULT_CASES: u32 = 128;
 
 fn cases() -> u32 {
@@ -204,156 +208,6 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
-#[derive(Debug, Clone)]
-enum Edit {
-    Replace(Vec<prop::sample::Index>, Value),
-    Remove(Vec<prop::sample::Index>),
-    Insert(Vec<prop::sample::Index>, String, Value),
-}
-
-fn edit() -> impl Strategy<Value = Edit> {
-    let path = prop::collection::vec(any::<prop::sample::Index>(), 0..8);
-    prop_oneof![
-        3 => (path.clone(), json_value()).prop_map(|(p, v)| Edit::Replace(p, v)),
-        2 => path.clone().prop_map(Edit::Remove),
-        2 => (path, key(), json_value()).prop_map(|(p, k, v)| Edit::Insert(p, k, v)),
-    ]
-}
-
-fn walk<'a>(mut v: &'a mut Value, path: &[prop::sample::Index]) -> &'a mut Value {
-    for i in path {
-        let len = match &*v {
-            Value::Object(m) if !m.is_empty() => m.len(),
-            Value::Array(a) if !a.is_empty() => a.len(),
-            _ => break,
-        };
-        let at = i.index(len);
-        v = match v {
-            Value::Object(m) => m.values_mut().nth(at).expect("in range"),
-            Value::Array(a) => &mut a[at],
-            _ => unreachable!("checked above"),
-        };
-    }
-    v
-}
-
-fn apply_edit(root: &mut Value, e: &Edit) {
-    match e {
-        Edit::Replace(p, new) => *walk(root, p) = new.clone(),
-        Edit::Remove(p) => {
-            let Some((last, parent)) = p.split_last() else {
-                return;
-            };
-            match walk(root, parent) {
-                Value::Object(m) if !m.is_empty() => {
-                    let k = m
-                        .keys()
-                        .nth(last.index(m.len()))
-                        .cloned()
-                        .expect("in range");
-                    m.remove(&k);
-                }
-                Value::Array(a) if !a.is_empty() => {
-                    a.remove(last.index(a.len()));
-                }
-                _ => {}
-            }
-        }
-        Edit::Insert(p, k, new) => {
-            if let Value::Object(m) = walk(root, p) {
-                m.insert(k.clone(), new.clone());
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-enum TextEdit {
-    DeleteLine(prop::sample::Index),
-    DuplicateLine(prop::sample::Index),
-    ReplaceLine(prop::sample::Index, String),
-    Indent(prop::sample::Index, usize),
-    Insert(prop::sample::Index, String),
-    Truncate(prop::sample::Index),
-}
-
-fn text_edit() -> impl Strategy<Value = TextEdit> {
-    let junk = prop_oneof![
-        "[ -~]{0,20}",
-        "\\PC{0,10}",
-        prop::sample::select(vec![
-            "- ",
-            ": ",
-            "&a ",
-            "*a",
-            "!!binary",
-            "---",
-            "...",
-            "[",
-            "{",
-            "'",
-            "\"",
-            "\t",
-            "? ",
-            "|",
-            ">",
-            "%YAML 1.2",
-            "<<: *a",
-            "- name: x",
-            "  port: 99999",
-        ])
-        .prop_map(String::from),
-        (key(), string()).prop_map(|(k, v)| format!("{k}: {v}")),
-    ];
-    let i = any::<prop::sample::Index>();
-    prop_oneof![
-        i.clone().prop_map(TextEdit::DeleteLine),
-        i.clone().prop_map(TextEdit::DuplicateLine),
-        (i.clone(), junk.clone()).prop_map(|(i, j)| TextEdit::ReplaceLine(i, j)),
-        (i.clone(), 0usize..8).prop_map(|(i, n)| TextEdit::Indent(i, n)),
-        (i.clone(), junk).prop_map(|(i, j)| TextEdit::Insert(i, j)),
-        i.prop_map(TextEdit::Truncate),
-    ]
-}
-
-fn char_floor(text: &str, mut at: usize) -> usize {
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    at
-}
-
-fn apply_text_edit(text: &str, e: &TextEdit) -> String {
-    let mut lines: Vec<String> = text.lines().map(String::from).collect();
-    if lines.is_empty() {
-        lines.push(String::new());
-    }
-    let n = lines.len();
-    match e {
-        TextEdit::DeleteLine(i) => {
-            lines.remove(i.index(n));
-        }
-        TextEdit::DuplicateLine(i) => {
-            let at = i.index(n);
-            lines.insert(at, lines[at].clone());
-        }
-        TextEdit::ReplaceLine(i, j) => lines[i.index(n)] = j.clone(),
-        TextEdit::Indent(i, k) => {
-            let at = i.index(n);
-            lines[at] = format!("{}{}", " ".repeat(*k), lines[at].trim_start());
-        }
-        TextEdit::Insert(i, j) => {
-            let at = char_floor(text, i.index(text.len() + 1));
-            return format!("{}{j}{}", &text[..at], &text[at..]);
-        }
-        TextEdit::Truncate(i) => {
-            let at = char_floor(text, i.index(text.len() + 1));
-            return text[..at].to_string();
-        }
-    }
-    lines.join("\n")
-}
-
 /// The kinds the loader reads (and one it ignores).
 const KINDS: &[(&str, &str)] = &[
     ("gateway.networking.k8s.io/v1", "GatewayClass"),
@@ -386,9 +240,19 @@ enum Resources {
 fn resources() -> impl Strategy<Value = Resources> {
     let kind = any::<prop::sample::Index>();
     prop_oneof![
-        prop::collection::vec(text_edit(), 1..4).prop_map(Resources::Text),
+        prop::collection::vec(
+            edits::text_edit((key(), string()).prop_map(|(k, v)| format!("{k}: {v}"))),
+            1..4,
+        )
+        .prop_map(Resources::Text),
         (
-            prop::collection::vec((any::<prop::sample::Index>(), edit()), 1..4),
+            prop::collection::vec(
+                (
+                    any::<prop::sample::Index>(),
+                    edits::edit(key(), json_value())
+                ),
+                1..4
+            ),
             any::<bool>()
         )
             .prop_map(|(e, json)| Resources::Tree(e, json)),
