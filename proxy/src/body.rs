@@ -62,10 +62,6 @@ impl<B> StallGuard<B> {
             armed: false,
         }
     }
-
-    pub fn get_ref(&self) -> &B {
-        &self.inner
-    }
 }
 
 impl<B> Body for StallGuard<B>

@@ -182,11 +182,6 @@ impl ProxyError {
         self.class().upstream
     }
 
-    /// Whether this is an upstream failure (counted as an upstream error for the backend).
-    pub fn is_upstream(&self) -> bool {
-        self.upstream_error_kind().is_some()
-    }
-
     /// The short text body sent downstream.
     pub fn body(&self) -> &'static str {
         self.class().body
