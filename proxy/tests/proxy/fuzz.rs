@@ -653,13 +653,13 @@ fn parse_responses(mut data: &[u8], head: bool) -> Result<Vec<Answer>, String> {
             Ok(httparse::Status::Partial) => {
                 return Err(format!(
                     "response head cut short: {:?}",
-                    data.escape_ascii()
+                    data.escape_ascii().to_string()
                 ));
             }
             Err(e) => {
                 return Err(format!(
                     "malformed response ({e}): {:?}",
-                    data.escape_ascii()
+                    data.escape_ascii().to_string()
                 ));
             }
         };
