@@ -42,7 +42,7 @@ enum Command {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    mesh_tls::install_default();
     let cli = Cli::parse();
     // The demo prints a report on stdout; its servers' info logs would only interleave.
     let default_level = match cli.command {

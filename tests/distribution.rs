@@ -63,7 +63,7 @@ struct Server {
 
 impl Server {
     async fn start(dir: &std::path::Path, port: u16) -> Server {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        mesh_tls::install_default();
         let tls = certs::load(&CertSource::Generated {
             dir: dir.to_path_buf(),
             sans: vec!["meshd.mesh-system.svc".into()],

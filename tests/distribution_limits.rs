@@ -57,7 +57,7 @@ struct Server {
 
 impl Server {
     async fn start(limits: ConnectionLimits) -> Server {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        mesh_tls::install_default();
         let dir = tempfile::tempdir().unwrap();
         let tls = certs::load(&CertSource::Generated {
             dir: dir.path().to_path_buf(),
@@ -123,7 +123,7 @@ impl Server {
         for cert in rustls_pemfile::certs(&mut self.ca_pem.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = mesh_tls::provider();
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()

@@ -148,6 +148,7 @@ fn print_json(r: &load::LoadResult) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    mesh_tls::install_default();
     match Cli::parse().command {
         Cmd::Run(a) => {
             let q = a.quick;

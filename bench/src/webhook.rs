@@ -71,7 +71,7 @@ pub fn client_config(ca_pem: &[u8]) -> anyhow::Result<Arc<rustls::ClientConfig>>
     for d in ders {
         roots.add(d)?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = mesh_tls::provider();
     Ok(Arc::new(
         rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?

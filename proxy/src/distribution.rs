@@ -163,7 +163,7 @@ fn tls_config(ca_file: &PathBuf) -> Result<Arc<rustls::ClientConfig>, String> {
     if roots.is_empty() {
         return Err(format!("{}: no CERTIFICATE block", ca_file.display()));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = mesh_tls::provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

@@ -190,6 +190,7 @@ fn load_resources(
 // The system allocator on purpose: mimalloc (which meshctl uses) saved ~3% of instructions
 // per request here but added ~7 MB of RSS per proxy, and a sidecar runs in every pod.
 fn main() -> std::process::ExitCode {
+    mesh_tls::install_default();
     let mut cli = Cli::parse();
     // Use the open-file limit the system allows (the connection cap is sized from it).
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {

@@ -55,7 +55,7 @@ pub fn load(source: &CertSource) -> Result<DistributionTls> {
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
     let ck = certified_key(&read(&cert)?, &read(&key)?, &cert, &key)?;
     let ca_pem = String::from_utf8(read(&ca)?).with_context(|| format!("{}", ca.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = mesh_tls::provider();
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()

@@ -49,7 +49,7 @@ pub fn certified_key(
             path: key_path.into(),
             message: "no PRIVATE KEY block".into(),
         })?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)?;
+    let signer = mesh_tls::signing_key(&key)?;
     let ck = CertifiedKey::new(certs, signer);
     ck.keys_match().map_err(|e| TlsError::Pem {
         path: key_path.into(),
@@ -113,7 +113,7 @@ impl CertStore {
 
     /// A rustls server config resolving to whatever key is current.
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = mesh_tls::provider();
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()

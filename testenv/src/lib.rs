@@ -328,7 +328,7 @@ impl Drop for TestEnv {
 
 /// Installs rustls' ring provider as the process default (ignored if one is installed).
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    mesh_tls::install_default();
 }
 
 /// Polls `f` every 200 ms until it returns `Ok(Some(_))`; fails after `timeout` with the

@@ -87,7 +87,7 @@ pub async fn start(cfg: InjectionConfig, ns: Arc<dyn NamespaceLookup>, limits: L
 pub fn client_config(ca_der: &[u8]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca_der.to_vec().into()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = mesh_tls::provider();
     Arc::new(
         rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -52,7 +52,7 @@ async fn proxies_get_config_only_with_a_token_that_proves_who_they_say_they_are(
     .unwrap();
 
     // The control plane's distribution server, its world holding Gateway `ns/gw` (class istio).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    mesh_tls::install_default();
     let tls = certs::load(&CertSource::Generated {
         dir: dir.path().join("pki"),
         sans: vec!["meshd.mesh-system.svc".into()],

@@ -1,0 +1,42 @@
+//! Every TLS and crypto decision of the mesh, owned in one place: which crypto provider
+//! (aws-lc-rs, for the hybrid post-quantum key exchange X25519MLKEM768, preferred over
+//! X25519), and the helpers every binary uses to build rustls configs from it.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+pub use rustls;
+
+/// The one crypto provider of the workspace. Its key exchange groups, in order of
+/// preference: X25519MLKEM768 (hybrid post-quantum), X25519, P-256, P-384.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Installs [`provider`] as the process default (for libraries that build their own configs,
+/// such as the Kubernetes client). Every `main` calls it first; calling it again is harmless.
+pub fn install_default() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Signing key for a PEM private key, with the workspace's provider.
+pub fn signing_key(
+    key: &rustls::pki_types::PrivateKeyDer<'_>,
+) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+    provider().key_provider.load_private_key(key.clone_key())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefers_the_hybrid_post_quantum_group() {
+        let names: Vec<_> = super::provider()
+            .kx_groups
+            .iter()
+            .map(|g| g.name())
+            .collect();
+        assert_eq!(names[0], rustls::NamedGroup::X25519MLKEM768, "{names:?}");
+        assert!(names.contains(&rustls::NamedGroup::X25519), "{names:?}");
+    }
+}
