@@ -59,6 +59,7 @@ pub fn mesh(s: Scenario, port: u16, backends: [u16; 2]) -> c::ProxyConfig {
         filters: vec![],
     };
     let backend = |name: &str, port: u16| c::Backend {
+        mtls_identities: Default::default(),
         name: name.into(),
         endpoints: vec![format!("127.0.0.1:{port}")],
         load_balancer: c::LoadBalancer::RoundRobin,
@@ -100,8 +101,10 @@ pub fn mesh(s: Scenario, port: u16, backends: [u16; 2]) -> c::ProxyConfig {
         vec![]
     };
     c::ProxyConfig {
+        mesh_identity: Default::default(),
         version: "bench".into(),
         listeners: vec![c::Listener {
+            mtls: Default::default(),
             name: "bench/http".into(),
             address: Some("127.0.0.1".into()),
             port,

@@ -31,9 +31,11 @@ use serde::{Deserialize, Serialize};
 
 mod duration;
 mod http;
+mod mtls;
 mod validate;
 pub use duration::{format_duration, parse_duration};
 pub use http::{HttpOptions, PathNormalization};
+pub use mtls::{InboundMtls, MeshIdentity, MtlsMode, is_spiffe_id};
 pub use validate::ValidationError;
 
 /// Everything one proxy instance needs to serve traffic.
@@ -56,6 +58,10 @@ pub struct ProxyConfig {
     /// every listener. Unset fields take the proxy's command-line values, then the defaults.
     #[serde(default, skip_serializing_if = "HttpOptions::is_unset")]
     pub http: HttpOptions,
+    /// The mesh's trust bundle (control plane only). Without it a proxy has no workload
+    /// certificate and speaks plaintext to every peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_identity: Option<MeshIdentity>,
 }
 
 /// One port the proxy listens on.
@@ -89,6 +95,10 @@ pub struct Listener {
     /// forwarded, without a port limit).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inbound_ports: Vec<InboundPort>,
+    /// `sidecarInbound` only: whether connections must, may or must not be mutual TLS
+    /// (PeerAuthentication), per app port.
+    #[serde(default, skip_serializing_if = "InboundMtls::is_default")]
+    pub mtls: InboundMtls,
 }
 
 /// One port of a mesh Service as a sidecar's outbound side sees it (Gateway API mesh routing,
@@ -339,6 +349,10 @@ pub struct Backend {
     /// A rate limit applied to requests sent to this backend (backend Service scope).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
+    /// Endpoints that are meshed workloads, reached over mutual TLS: endpoint (as in
+    /// [`Backend::endpoints`]) → the SPIFFE ID it must present. Other endpoints get plaintext.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub mtls_identities: std::collections::BTreeMap<String, String>,
 }
 
 impl Backend {

@@ -62,6 +62,29 @@ impl ProxyConfig {
                     );
                 }
             }
+            for (e, id) in &b.mtls_identities {
+                let ep = format!("{p}.mtlsIdentities[{e:?}]");
+                if !b.endpoints.contains(e) {
+                    err(
+                        ep.clone(),
+                        format!("{e:?} is not one of the backend's endpoints"),
+                    );
+                }
+                if !crate::is_spiffe_id(id) {
+                    err(
+                        ep,
+                        format!("{id:?} is not spiffe://<trust domain>/ns/<namespace>/sa/<name>"),
+                    );
+                }
+            }
+        }
+        if let Some(mi) = &self.mesh_identity
+            && !mi.trust_bundle_pem.contains("-----BEGIN CERTIFICATE-----")
+        {
+            err(
+                "meshIdentity.trustBundlePem".into(),
+                "holds no PEM CERTIFICATE block".into(),
+            );
         }
         let mut limit_names = BTreeMap::new();
         for (i, r) in self.rate_limits.iter().enumerate() {
@@ -181,6 +204,12 @@ impl ProxyConfig {
                     );
                 }
                 check_limit(&mut err, format!("{pp}.rateLimit"), &ip.rate_limit);
+            }
+            if !l.mtls.is_default() && l.kind != ListenerKind::SidecarInbound {
+                err(
+                    format!("{lp}.mtls"),
+                    "only a sidecarInbound listener accepts mutual TLS settings".into(),
+                );
             }
             {
                 for (rp, r) in routes {

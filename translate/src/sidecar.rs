@@ -140,6 +140,7 @@ pub fn translate_sidecar(res: &Resources, o: &SidecarOptions) -> Translation {
     let access_log = access_log(&mut cx);
 
     let outbound = Listener {
+        mtls: Default::default(),
         name: OUTBOUND_LISTENER.into(),
         address: None,
         port: o.outbound_port,
@@ -152,6 +153,7 @@ pub fn translate_sidecar(res: &Resources, o: &SidecarOptions) -> Translation {
         inbound_ports: Vec::new(),
     };
     let inbound = Listener {
+        mtls: Default::default(),
         name: INBOUND_LISTENER.into(),
         address: None,
         port: o.inbound_port,

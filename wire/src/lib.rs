@@ -1,6 +1,7 @@
 //! The contract between the control plane (`meshctl`) and the proxy (`mesh-proxy`): what both
 //! sides must agree on, in one place, so neither has to depend on the other to speak to it.
 //!
+//! - [`certificate`]: workload certificate issuance (CSR in, chain and trust bundle out).
 //! - [`distribution`]: the config distribution protocol's messages and framing (the proxy's
 //!   client lives in `mesh-proxy`, the server in `meshctl`'s control plane).
 //! - [`redirect`]: the nat rules spec the injector writes into a pod's `mesh-init` command line
@@ -10,6 +11,7 @@
 //!
 //! Pure data and functions: no I/O, no runtime, no Kubernetes types.
 
+pub mod certificate;
 pub mod distribution;
 pub mod names;
 pub mod ports;

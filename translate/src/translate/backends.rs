@@ -84,6 +84,7 @@ pub(crate) fn resolve_backend(
             backend_name.clone(),
             BackendEntry {
                 backend: Backend {
+                    mtls_identities: Default::default(),
                     name: backend_name.clone(),
                     endpoints,
                     load_balancer: Default::default(),

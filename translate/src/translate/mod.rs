@@ -136,6 +136,7 @@ impl<'a> Ctx<'a> {
     ) -> (ProxyConfig, Vec<Warning>) {
         let http = http_options(&mut self);
         let mut config = ProxyConfig {
+            mesh_identity: Default::default(),
             version: String::new(),
             listeners,
             backends: self.backends.into_values().map(|b| b.backend).collect(),
