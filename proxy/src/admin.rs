@@ -14,7 +14,8 @@
 //! - `/healthz`: 200 `ok` while the process serves (liveness).
 //! - `/stats/prometheus`: every metric of [`Metrics`] in the OpenMetrics text format.
 //! - `/config_dump`: `{"version": ..., "loadedAt": RFC 3339, "config": ProxyConfig}` (all
-//!   `null` before the first config).
+//!   `null` before the first config), and with a workload certificate `"certificate":
+//!   {identity, expiresAt, certChainPem, rootSha256, trustBundleSha256}` (never the key).
 //! - `/listeners`: `{"<listener name>": "<bound ip:port>", ...}`.
 //!
 //! Only `GET` and `HEAD` are accepted (405 otherwise); unknown paths get 404.
@@ -30,7 +31,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
@@ -80,6 +81,9 @@ pub struct AdminState {
     listeners: ArcSwap<BTreeMap<String, SocketAddr>>,
     listeners_bound: AtomicBool,
     draining: AtomicBool,
+    /// The workload certificate, shown (chain, identity, expiry; never the key) in
+    /// `/config_dump`.
+    identity: ArcSwapOption<mesh_tls::WorkloadCertificates>,
 }
 
 /// Why `/ready` says 503.
@@ -108,7 +112,28 @@ impl AdminState {
             listeners: ArcSwap::from_pointee(BTreeMap::new()),
             listeners_bound: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            identity: ArcSwapOption::empty(),
         }
+    }
+
+    /// The workload certificate to show in `/config_dump`.
+    pub fn set_identity(&self, certs: Arc<mesh_tls::WorkloadCertificates>) {
+        self.identity.store(Some(certs));
+    }
+
+    /// The workload certificate in use: identity, chain, expiry, trust bundle fingerprints.
+    pub fn certificate(&self) -> Option<serde_json::Value> {
+        let certs = self.identity.load_full()?;
+        Some(match certs.info() {
+            None => serde_json::json!({"identity": null, "state": "waiting for the mesh CA"}),
+            Some(i) => serde_json::json!({
+                "identity": i.identity,
+                "expiresAt": rfc3339(UNIX_EPOCH + Duration::from_secs(i.expires_at_unix)),
+                "certChainPem": i.chain_pem,
+                "rootSha256": i.root_sha256,
+                "trustBundleSha256": i.trust_bundle_sha256,
+            }),
+        })
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -459,6 +484,10 @@ pub fn handle<B>(
                     "config": null,
                 }),
             };
+            let mut value = value;
+            if let Some(c) = state.certificate() {
+                value["certificate"] = c;
+            }
             json(&value)
         }
         "/listeners" if admin => {

@@ -76,6 +76,10 @@ pub struct SidecarArgs {
     /// misdetects HTTP from a client that is slow to write on a busy node).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub protocol_detection_timeout: Duration,
+    /// Lifetime of the workload certificate to ask the control plane's CA for (its default,
+    /// 24h, when unset). Renewed at about half of it.
+    #[arg(long, value_name = "DURATION", env = "MESH_WORKLOAD_CERT_TTL", value_parser = parse_duration)]
+    pub workload_cert_ttl: Option<Duration>,
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub pod_name: String,
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
@@ -445,6 +449,11 @@ async fn serve_from_control_plane(
     signals: &mut Signals,
 ) -> anyhow::Result<Option<ProxyHandle>> {
     let client_options = args.client_options(address)?;
+    let mut options = options;
+    options.identity = Some(subscription::start_identity(
+        &client_options,
+        args.workload_cert_ttl,
+    ));
     let subscriber = Subscriber::new(options, metrics.clone(), admin_state.clone());
     Ok(subscription::serve(client_options, subscriber, signals, |c| args.localize(c)).await)
 }

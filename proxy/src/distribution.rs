@@ -177,11 +177,30 @@ type RequestBody =
     StreamBody<futures::channel::mpsc::UnboundedReceiver<Result<Frame<Bytes>, Infallible>>>;
 
 /// One connection: Ok(()) when the control plane ended the stream cleanly.
-async fn stream_once(
-    options: &ClientOptions,
-    updates: &mpsc::Sender<Update>,
-    got_snapshot: &mut bool,
-) -> Result<(), ClientError> {
+/// An HTTP/2 connection to the control plane over TLS, and the token to present on it.
+struct Connection {
+    sender: hyper::client::conn::http2::SendRequest<RequestBody>,
+    token: Option<String>,
+    _driver: AbortOnDrop,
+}
+
+impl Connection {
+    /// `request` with the token as `authorization: Bearer`.
+    fn authorize(
+        &self,
+        mut request: http::request::Builder,
+    ) -> Result<http::request::Builder, ClientError> {
+        if let Some(t) = &self.token {
+            let value = http::HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+                ClientError::Connect("the token has characters a header cannot carry".into())
+            })?;
+            request = request.header(http::header::AUTHORIZATION, value);
+        }
+        Ok(request)
+    }
+}
+
+async fn connect(options: &ClientOptions) -> Result<Connection, ClientError> {
     let tls = tls_config(&options.ca_file).map_err(ClientError::Connect)?;
     let token = match &options.token_file {
         None => None,
@@ -208,7 +227,7 @@ async fn stream_once(
     .await
     .map_err(|_| ClientError::Connect("TLS handshake timed out".into()))?
     .map_err(|e| ClientError::Connect(format!("TLS: {e}")))?;
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(options.keepalive)
         .keep_alive_timeout(options.keepalive)
@@ -222,8 +241,102 @@ async fn stream_once(
             tracing::debug!("config distribution connection: {e}");
         }
     });
-    let _abort = AbortOnDrop(conn_task);
+    Ok(Connection {
+        sender,
+        token,
+        _driver: AbortOnDrop(conn_task),
+    })
+}
 
+/// The status and short text reason of a refusal.
+async fn refusal(response: http::Response<hyper::body::Incoming>) -> ClientError {
+    let status = response.status();
+    // The control plane says why in a short text body.
+    let why = tokio::time::timeout(Duration::from_secs(2), response.into_body().collect())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+        .unwrap_or_default();
+    ClientError::Status(status, why)
+}
+
+/// Obtains workload certificates from the control plane's CA (`mesh_wire::certificate`), on
+/// a connection of its own each time (a proxy renews about twice a day), with the same
+/// address, CA and token as the config stream.
+pub struct CertificateIssuer {
+    options: ClientOptions,
+}
+
+impl CertificateIssuer {
+    pub fn new(options: ClientOptions) -> CertificateIssuer {
+        CertificateIssuer { options }
+    }
+
+    async fn issue_once(
+        &self,
+        request: mesh_wire::certificate::CertificateRequest,
+    ) -> Result<mesh_wire::certificate::IssuedCertificate, ClientError> {
+        use mesh_wire::certificate::CERTIFICATE_PATH;
+        let mut conn = connect(&self.options).await?;
+        let body = serde_json::to_vec(&request).expect("a request serializes");
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let _ = tx.unbounded_send(Ok(Frame::data(Bytes::from(body))));
+        drop(tx);
+        let request = conn
+            .authorize(
+                http::Request::post(format!(
+                    "https://{}{CERTIFICATE_PATH}",
+                    self.options.server_name
+                ))
+                .header(http::header::CONTENT_TYPE, "application/json"),
+            )?
+            .body(StreamBody::new(rx))
+            .expect("valid request");
+        let response =
+            tokio::time::timeout(Duration::from_secs(30), conn.sender.send_request(request))
+                .await
+                .map_err(|_| ClientError::Stream("no answer within 30s".into()))?
+                .map_err(|e| ClientError::Stream(e.to_string()))?;
+        if response.status() != http::StatusCode::OK {
+            return Err(refusal(response).await);
+        }
+        let body = tokio::time::timeout(Duration::from_secs(30), response.into_body().collect())
+            .await
+            .map_err(|_| ClientError::Stream("the answer did not finish within 30s".into()))?
+            .map_err(|e| ClientError::Stream(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Stream(format!("the answer does not parse: {e}")))
+    }
+}
+
+impl mesh_tls::Issuer for CertificateIssuer {
+    fn issue(
+        &self,
+        request: mesh_wire::certificate::CertificateRequest,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<mesh_wire::certificate::IssuedCertificate, String>,
+                > + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            self.issue_once(request)
+                .await
+                .map_err(|e| format!("{} (control plane {})", e, self.options.address))
+        })
+    }
+}
+
+async fn stream_once(
+    options: &ClientOptions,
+    updates: &mpsc::Sender<Update>,
+    got_snapshot: &mut bool,
+) -> Result<(), ClientError> {
+    let mut conn = connect(options).await?;
     let (tx, rx) = futures::channel::mpsc::unbounded();
     let send = |m: &ProxyMessage| {
         let _ = tx.unbounded_send(Ok(Frame::data(encode(m))));
@@ -232,29 +345,20 @@ async fn stream_once(
         node: options.node.clone(),
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     });
-    let mut request = http::Request::post(format!("https://{}{STREAM_PATH}", options.server_name))
-        .header(http::header::CONTENT_TYPE, CONTENT_TYPE);
-    if let Some(t) = &token {
-        let value = http::HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
-            ClientError::Connect("the token has characters a header cannot carry".into())
-        })?;
-        request = request.header(http::header::AUTHORIZATION, value);
-    }
-    let request = request.body(StreamBody::new(rx)).expect("valid request");
-    let response = sender
+    let request = conn
+        .authorize(
+            http::Request::post(format!("https://{}{STREAM_PATH}", options.server_name))
+                .header(http::header::CONTENT_TYPE, CONTENT_TYPE),
+        )?
+        .body(StreamBody::new(rx))
+        .expect("valid request");
+    let response = conn
+        .sender
         .send_request(request)
         .await
         .map_err(|e| ClientError::Stream(e.to_string()))?;
     if response.status() != http::StatusCode::OK {
-        let status = response.status();
-        // The control plane says why in a short text body.
-        let why = tokio::time::timeout(Duration::from_secs(2), response.into_body().collect())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
-            .unwrap_or_default();
-        return Err(ClientError::Status(status, why));
+        return Err(refusal(response).await);
     }
     tracing::info!(control_plane = %options.address, node = %options.node.describe(), "connected to the control plane");
     let mut body = response.into_body();

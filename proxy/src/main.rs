@@ -74,6 +74,10 @@ struct RunArgs {
     /// mesh's audience; re-read on every connection).
     #[arg(long, value_name = "FILE", env = mesh_wire::names::ENV_TOKEN_PATH)]
     token_file: Option<PathBuf>,
+    /// With `--control-plane`: lifetime of the workload certificate to ask the control plane's
+    /// CA for (its default, 24h, when unset). Renewed at about half of it.
+    #[arg(long, value_name = "DURATION", env = "MESH_WORKLOAD_CERT_TTL", value_parser = parse_duration, requires = "control_plane")]
+    workload_cert_ttl: Option<Duration>,
     /// Namespace of `--resources` objects that have none (like `kubectl apply -n`).
     #[arg(long, short = 'n', value_name = "NAMESPACE", default_value = "default")]
     namespace: String,
@@ -581,7 +585,11 @@ async fn run_with_control_plane(
         admin_shutdown.clone(),
     )
     .await?;
-    let options = args.proxy_options(&metrics);
+    let mut options = args.proxy_options(&metrics);
+    options.identity = Some(mesh_proxy::subscription::start_identity(
+        &client_options,
+        args.workload_cert_ttl,
+    ));
     let subscriber =
         mesh_proxy::subscription::Subscriber::new(options, metrics.clone(), admin_state.clone());
     let proxy =

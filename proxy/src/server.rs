@@ -52,6 +52,9 @@ pub struct ProxyOptions {
     /// HTTP timeouts, connection cap, path normalization and upgrades from the command line:
     /// the defaults for whatever a config's `http` section leaves unset.
     pub http: HttpOptions,
+    /// The proxy's workload certificate and trust bundle (when a control plane issues them):
+    /// mutual TLS to meshed endpoints and from meshed peers. `None`: plaintext everywhere.
+    pub identity: Option<Arc<mesh_tls::WorkloadCertificates>>,
 }
 
 impl Default for ProxyOptions {
@@ -66,6 +69,7 @@ impl Default for ProxyOptions {
             protocol_detection_timeout: Duration::from_secs(1),
             workers: None,
             http: HttpOptions::default(),
+            identity: None,
         }
     }
 }

@@ -25,6 +25,9 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn new(options: ProxyOptions, metrics: Arc<Metrics>, admin: Arc<AdminState>) -> Self {
+        if let Some(certs) = &options.identity {
+            admin.set_identity(certs.clone());
+        }
         Subscriber {
             proxy: None,
             options,
@@ -45,7 +48,10 @@ impl Subscriber {
                 let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
                 Err(format!("invalid config:\n{}", lines.join("\n")))
             }
-            Ok(()) => self.serve(config).await,
+            Ok(()) => match self.trust(&config) {
+                Ok(()) => self.serve(config).await,
+                Err(e) => Err(e),
+            },
         };
         match &result {
             Ok(()) => {
@@ -61,6 +67,17 @@ impl Subscriber {
             }
         }
         let _ = reply.send(result);
+    }
+
+    /// The trust bundle that comes with every config: peers are verified against it from now
+    /// on (a root rotation reaches every proxy this way).
+    fn trust(&self, config: &ProxyConfig) -> Result<(), String> {
+        match (&config.mesh_identity, &self.options.identity) {
+            (Some(mi), Some(certs)) => certs
+                .set_trust_bundle(&mi.trust_bundle_pem, &mi.signing_root_sha256)
+                .map_err(|e| format!("meshIdentity.trustBundlePem: {e}")),
+            _ => Ok(()),
+        }
     }
 
     /// Starts the proxy on the first config, then replaces its config.
@@ -83,6 +100,21 @@ impl Subscriber {
     pub fn into_proxy(self) -> Option<ProxyHandle> {
         self.proxy
     }
+}
+
+/// Starts obtaining and renewing the proxy's workload certificate from the control plane's
+/// CA (same address, CA file and token as the config stream). `ttl`: the lifetime to ask for
+/// (the control plane's default when `None`).
+pub fn start_identity(
+    client_options: &ClientOptions,
+    ttl: Option<std::time::Duration>,
+) -> Arc<mesh_tls::WorkloadCertificates> {
+    let certs = mesh_tls::WorkloadCertificates::new(ttl);
+    let issuer = Arc::new(crate::distribution::CertificateIssuer::new(
+        client_options.clone(),
+    ));
+    tokio::spawn(certs.clone().run(issuer));
+    certs
 }
 
 /// The signals a proxy process acts on: SIGHUP (reload, where there is a file to reload),
