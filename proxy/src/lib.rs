@@ -13,6 +13,7 @@ mod fasthash;
 mod handler;
 pub mod headers;
 pub mod metrics;
+pub mod mtls;
 pub mod normalize;
 mod observe;
 pub mod ratelimit;

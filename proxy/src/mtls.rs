@@ -1,0 +1,240 @@
+//! Mutual TLS between proxies on the data path: terminating it on a sidecar's inbound side and
+//! opening it to meshed endpoints. The certificates, verifiers and configs are `mesh-tls`'s;
+//! this module only moves bytes and tells the request path who the peer is.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::HeaderValue;
+use mesh_tls::{ClientHelloKind, SpiffeId, WorkloadCertificates, classify_client_hello};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Largest ClientHello the inbound side waits for before it decides (post-quantum key shares
+/// make hellos of ~1.3 KB; a hello of more than 16 KB is not one of ours).
+const MAX_HELLO_PEEK: usize = 16 * 1024;
+
+/// Who is on the other end of a mutual TLS connection, worked out once per connection.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity {
+    pub id: SpiffeId,
+    /// The element this proxy appends to `X-Forwarded-Client-Cert` (Envoy's format).
+    pub xfcc: HeaderValue,
+}
+
+/// Peeks at a connection's first bytes until they say whether it is mutual TLS from another
+/// proxy, someone else's TLS, or not TLS; gives up (as not TLS) after `timeout`.
+pub async fn peek_client_hello(stream: &TcpStream, timeout: Duration) -> ClientHelloKind {
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 5];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return ClientHelloKind::NotTls,
+        };
+        if n == 0 {
+            return ClientHelloKind::NotTls;
+        }
+        match classify_client_hello(&buf[..n]) {
+            ClientHelloKind::Incomplete => {}
+            decided => return decided,
+        }
+        if n == buf.len() {
+            if buf.len() >= MAX_HELLO_PEEK {
+                return ClientHelloKind::OtherTls;
+            }
+            // The record header says how long the hello is; peek that much next time.
+            let want = if n >= 5 {
+                5 + u16::from_be_bytes([buf[3], buf[4]]) as usize
+            } else {
+                buf.len() * 2
+            };
+            buf.resize(want.clamp(buf.len() + 1, MAX_HELLO_PEEK), 0);
+            continue;
+        }
+        if Instant::now() >= deadline {
+            return ClientHelloKind::NotTls;
+        }
+        // Part of the hello is here, the rest is on its way.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Terminates mutual TLS from another proxy: the peer must present a certificate of the mesh.
+pub async fn accept(
+    stream: TcpStream,
+    certs: &WorkloadCertificates,
+    timeout: Duration,
+) -> io::Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity)> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config());
+    let tls = tokio::time::timeout(timeout, acceptor.accept(stream))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    let peer_cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::PermissionDenied, "no client certificate"))?;
+    let id = mesh_tls::identity::identity_of(&peer_cert)
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
+    let by = certs
+        .identity()
+        .ok_or_else(|| io::Error::other("no workload certificate"))?;
+    let xfcc = HeaderValue::from_str(&mesh_tls::identity::xfcc_element(&by, &peer_cert, &id))
+        .map_err(io::Error::other)?;
+    Ok((tls, PeerIdentity { id, xfcc }))
+}
+
+/// Opens mutual TLS on a connected socket to an endpoint that must prove `expected`.
+pub async fn connect(
+    tcp: TcpStream,
+    certs: &WorkloadCertificates,
+    expected: &SpiffeId,
+    timeout: Duration,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let peer = tcp.peer_addr()?;
+    let connector = tokio_rustls::TlsConnector::from(certs.client_config(expected));
+    tokio::time::timeout(
+        timeout,
+        connector.connect(
+            rustls::pki_types::ServerName::IpAddress(peer.ip().into()),
+            tcp,
+        ),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+}
+
+/// A stream whose first bytes were already read (to detect its protocol): they are read
+/// again first, then the stream itself.
+pub struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Bytes, inner: S) -> Prefixed<S> {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads the first bytes of a decrypted stream until the protocol is known (the same rules
+/// as for plaintext), and hands them back to be read again.
+pub async fn detect_in<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+) -> (crate::sidecar::Protocol, Bytes) {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + timeout;
+    let mut buf = Vec::with_capacity(16);
+    loop {
+        let mut chunk = [0u8; 16];
+        let want = 16 - buf.len().min(16);
+        let n =
+            match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want.max(1)])).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) | Err(_) => return (crate::sidecar::Protocol::Opaque, buf.into()),
+            };
+        if n == 0 {
+            return (crate::sidecar::Protocol::Opaque, buf.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = crate::sidecar::classify(&buf) {
+            return (p, buf.into());
+        }
+        if buf.len() >= 16 {
+            return (crate::sidecar::Protocol::Opaque, buf.into());
+        }
+    }
+}
+
+/// The workload certificates, when the proxy has them and can speak mutual TLS now.
+pub fn ready(certs: &Option<Arc<WorkloadCertificates>>) -> Option<&Arc<WorkloadCertificates>> {
+    certs.as_ref().filter(|c| c.is_ready())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_prefixed_stream_reads_its_prefix_first() {
+        let inner: &[u8] = b" world";
+        let mut s = Prefixed::new(Bytes::from_static(b"hello"), inner);
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+
+    #[tokio::test]
+    async fn detection_inside_tls_matches_plaintext_rules() {
+        let mut h1: &[u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        let (p, first) = detect_in(&mut h1, Duration::from_secs(1)).await;
+        assert_eq!(p, crate::sidecar::Protocol::Http1);
+        assert!(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n".starts_with(&first));
+        let mut h2: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert_eq!(
+            detect_in(&mut h2, Duration::from_secs(1)).await.0,
+            crate::sidecar::Protocol::Http2
+        );
+        let mut other: &[u8] = b"\x00\x01binary";
+        assert_eq!(
+            detect_in(&mut other, Duration::from_secs(1)).await.0,
+            crate::sidecar::Protocol::Opaque
+        );
+    }
+}
