@@ -95,10 +95,12 @@ pub struct Listener {
     /// forwarded, without a port limit).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inbound_ports: Vec<InboundPort>,
-    /// `sidecarInbound` only: whether connections must, may or must not be mutual TLS
-    /// (PeerAuthentication), per app port.
-    #[serde(default, skip_serializing_if = "InboundMtls::is_default")]
-    pub mtls: InboundMtls,
+    /// Whether connections must, may or must not be mutual TLS from other proxies of the
+    /// mesh (PeerAuthentication), per port. `sidecarInbound`: unset is PERMISSIVE. `gateway`:
+    /// unset terminates no mutual TLS; set, the listener takes mesh mTLS as a sidecar's
+    /// inbound does (a workload's explicit inbound port, no capture needed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<InboundMtls>,
 }
 
 /// One port of a mesh Service as a sidecar's outbound side sees it (Gateway API mesh routing,

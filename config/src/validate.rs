@@ -205,10 +205,10 @@ impl ProxyConfig {
                 }
                 check_limit(&mut err, format!("{pp}.rateLimit"), &ip.rate_limit);
             }
-            if !l.mtls.is_default() && l.kind != ListenerKind::SidecarInbound {
+            if l.mtls.is_some() && l.kind == ListenerKind::SidecarOutbound {
                 err(
                     format!("{lp}.mtls"),
-                    "only a sidecarInbound listener accepts mutual TLS settings".into(),
+                    "a sidecarOutbound listener takes no inbound mutual TLS settings".into(),
                 );
             }
             {
