@@ -448,12 +448,11 @@ async fn serve_from_control_plane(
     admin_state: &Arc<AdminState>,
     signals: &mut Signals,
 ) -> anyhow::Result<Option<ProxyHandle>> {
-    let client_options = args.client_options(address)?;
+    let mut client_options = args.client_options(address)?;
     let mut options = options;
-    options.identity = Some(subscription::start_identity(
-        &client_options,
-        args.workload_cert_ttl,
-    ));
+    let certs = subscription::start_identity(&client_options, args.workload_cert_ttl);
+    client_options.identity = Some(certs.clone());
+    options.identity = Some(certs);
     let subscriber = Subscriber::new(options, metrics.clone(), admin_state.clone());
     Ok(subscription::serve(client_options, subscriber, signals, |c| args.localize(c)).await)
 }

@@ -46,6 +46,8 @@ pub struct ClientOptions {
     /// Sends HTTP/2 pings this often; a control plane that does not answer within the same
     /// time is considered gone.
     pub keepalive: Duration,
+    /// The proxy's workload certificate, reported (identity and expiry) on the stream.
+    pub identity: Option<Arc<mesh_tls::WorkloadCertificates>>,
 }
 
 impl ClientOptions {
@@ -61,6 +63,7 @@ impl ClientOptions {
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             keepalive: Duration::from_secs(15),
+            identity: None,
         }
     }
 }
@@ -363,8 +366,35 @@ async fn stream_once(
     tracing::info!(control_plane = %options.address, node = %options.node.describe(), "connected to the control plane");
     let mut body = response.into_body();
     let mut decoder = FrameDecoder::default();
+    let mut installed = options.identity.as_ref().map(|c| c.watch());
+    let report_certificate = |send: &dyn Fn(&ProxyMessage)| {
+        if let Some(info) = options.identity.as_ref().and_then(|c| c.info()) {
+            send(&ProxyMessage::Certificate {
+                identity: info.identity,
+                expires_at_unix: info.expires_at_unix,
+            });
+        }
+    };
+    report_certificate(&send);
     loop {
-        let frame = match body.frame().await {
+        let next = async {
+            match installed.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            alive = next => {
+                if alive {
+                    report_certificate(&send);
+                } else {
+                    installed = None;
+                }
+                continue;
+            }
+        };
+        let frame = match frame {
             None => return Err(ClientError::Closed),
             Some(Err(e)) => return Err(ClientError::Stream(e.to_string())),
             Some(Ok(f)) => f,

@@ -586,10 +586,9 @@ async fn run_with_control_plane(
     )
     .await?;
     let mut options = args.proxy_options(&metrics);
-    options.identity = Some(mesh_proxy::subscription::start_identity(
-        &client_options,
-        args.workload_cert_ttl,
-    ));
+    let certs = mesh_proxy::subscription::start_identity(&client_options, args.workload_cert_ttl);
+    client_options.identity = Some(certs.clone());
+    options.identity = Some(certs);
     let subscriber =
         mesh_proxy::subscription::Subscriber::new(options, metrics.clone(), admin_state.clone());
     let proxy =

@@ -1,5 +1,6 @@
-//! `meshctl proxy-status`: every proxy connected to the control plane, the config version it
-//! was sent and the one it ACKed (or NACKed, with the error). Reads the control plane's
+//! `meshctl proxy-status`: every proxy connected to the control plane, its identity and the
+//! expiry of its workload certificate, the config version it was sent and the one it ACKed
+//! (or NACKed, with the error). Reads the control plane's
 //! admin endpoint `GET /debug/proxies` (127.0.0.1:15014 in the meshd pod: reach it with
 //! `kubectl -n mesh-system port-forward deploy/meshd 15014`, or run next to it).
 
@@ -56,12 +57,27 @@ async fn fetch(base: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// `in 23h59m`, `in 4m10s`, or `expired`.
+fn in_time(secs: u64, expired: bool) -> String {
+    if expired {
+        return "expired".into();
+    }
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    if h > 0 {
+        format!("in {h}h{m:02}m")
+    } else {
+        format!("in {m}m{s:02}s")
+    }
+}
+
 /// The table `proxy-status` prints.
 pub fn table(report: &serde_json::Value) -> String {
     let now = meshctl::controlplane::hub::now_ms();
     let mut rows = vec![[
         "PROXY".to_string(),
         "IDENTITY".into(),
+        "SPIFFE ID".into(),
+        "CERT EXPIRES".into(),
         "PEER".into(),
         "CONNECTED".into(),
         "SENT".into(),
@@ -114,9 +130,18 @@ pub fn table(report: &serde_json::Value) -> String {
                 )
             })
             .unwrap_or_default();
+        // The service account its token proved, and the workload certificate it serves with.
+        let cert = &p["certificate"];
+        let spiffe = cert["identity"].as_str().unwrap_or("-").to_string();
+        let expires = cert["expiresAtMs"]
+            .as_u64()
+            .map(|t| in_time(t.saturating_sub(now) / 1000, t <= now))
+            .unwrap_or_else(|| "-".into());
         rows.push([
             name,
             p["identity"].as_str().unwrap_or("-").to_string(),
+            spiffe,
+            expires,
             p["peer"].as_str().unwrap_or("").to_string(),
             age,
             sent,
@@ -125,7 +150,7 @@ pub fn table(report: &serde_json::Value) -> String {
             error,
         ]);
     }
-    let widths: Vec<usize> = (0..8)
+    let widths: Vec<usize> = (0..10)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

@@ -50,6 +50,18 @@ pub struct ProxyState {
     pub last_nack: Option<Nack>,
     /// Instances counted for this proxy's distributed rate limits.
     pub instances: u32,
+    /// The workload certificate the proxy reports serving with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateState>,
+}
+
+/// A proxy's workload certificate, as it reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateState {
+    pub identity: String,
+    /// `notAfter`, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -311,6 +323,7 @@ impl Hub {
                 last_ack_ms: None,
                 last_nack: None,
                 instances: 1,
+                certificate: None,
             },
         );
         let gone = shutdown.child_token();
@@ -407,6 +420,18 @@ impl Hub {
                         version,
                         error,
                         at_ms: now_ms(),
+                    });
+                });
+            }
+            ProxyMessage::Certificate {
+                identity,
+                expires_at_unix,
+            } => {
+                tracing::debug!(id, %identity, expires_at_unix, "workload certificate");
+                self.update(id, |p| {
+                    p.certificate = Some(CertificateState {
+                        identity,
+                        expires_at_ms: expires_at_unix.saturating_mul(1000),
                     });
                 });
             }

@@ -129,6 +129,8 @@ pub struct WorkloadCertificates {
     ttl: Option<Duration>,
     server: Arc<ServerConfig>,
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    /// Counts installed certificates, for whoever reports them.
+    installed: tokio::sync::watch::Sender<u64>,
 }
 
 impl fmt::Debug for WorkloadCertificates {
@@ -165,6 +167,7 @@ impl WorkloadCertificates {
                 ttl,
                 server: Arc::new(server),
                 clients: Mutex::new(HashMap::new()),
+                installed: tokio::sync::watch::Sender::new(0),
             })
         }
     }
@@ -176,6 +179,11 @@ impl WorkloadCertificates {
 
     pub fn identity(&self) -> Option<SpiffeId> {
         self.current.load().as_ref().map(|c| c.identity.clone())
+    }
+
+    /// Changes each time a new certificate is put in use.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.installed.subscribe()
     }
 
     pub fn info(&self) -> Option<CertificateInfo> {
@@ -296,6 +304,7 @@ impl WorkloadCertificates {
             expires_at_unix,
             root_sha256: root,
         })));
+        self.installed.send_modify(|n| *n += 1);
         Ok(())
     }
 

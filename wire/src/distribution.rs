@@ -95,6 +95,14 @@ pub enum ProxyMessage {
     Ack { version: String },
     /// The snapshot `version` was rejected; the proxy keeps serving its previous config.
     Nack { version: String, error: String },
+    /// The workload certificate the proxy serves with now (after the hello, and after each
+    /// renewal), for `meshctl proxy-status`.
+    #[serde(rename_all = "camelCase")]
+    Certificate {
+        identity: String,
+        /// `notAfter`, seconds since the Unix epoch.
+        expires_at_unix: u64,
+    },
 }
 
 /// Control plane → proxy.
