@@ -78,6 +78,11 @@ struct RunArgs {
     /// CA for (its default, 24h, when unset). Renewed at about half of it.
     #[arg(long, value_name = "DURATION", env = "MESH_WORKLOAD_CERT_TTL", value_parser = parse_duration, requires = "control_plane")]
     workload_cert_ttl: Option<Duration>,
+    /// Without a control plane: a directory with a workload certificate (`cert-chain.pem`,
+    /// `key.pem`, `root-cert.pem`, Istio's file-mounted layout) for mutual TLS with other
+    /// proxies (backends with `mtlsIdentities`, listeners with `mtls`). Read once at start.
+    #[arg(long, value_name = "DIR", conflicts_with = "control_plane")]
+    workload_certs: Option<PathBuf>,
     /// Namespace of `--resources` objects that have none (like `kubectl apply -n`).
     #[arg(long, short = 'n', value_name = "NAMESPACE", default_value = "default")]
     namespace: String,
@@ -316,9 +321,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    let options = args.proxy_options(&metrics);
-    let proxy = Proxy::start(config, options).await?;
+    let mut options = args.proxy_options(&metrics);
     let admin_state = Arc::new(AdminState::new(metrics.clone()));
+    if let Some(dir) = &args.workload_certs {
+        let certs = mesh_tls::WorkloadCertificates::new(None);
+        certs.install_dir(dir).map_err(anyhow::Error::msg)?;
+        admin_state.set_identity(certs.clone());
+        options.identity = Some(certs);
+    }
+    let proxy = Proxy::start(config, options).await?;
     admin::publish(&proxy, &admin_state).await;
     let admin_shutdown = CancellationToken::new();
     let admin_servers = admin::start(

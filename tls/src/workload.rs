@@ -31,6 +31,11 @@ use crate::verify::{PeerClientVerifier, PeerServerVerifier, TrustBundle};
 /// proxy terminates TLS only when the client offers it, so an app's own TLS passes through.
 pub const MESH_ALPN: &[u8] = b"meshctl-mtls/1";
 
+/// File names of file-mounted workload certificates (Istio's `/etc/certs` layout).
+pub const FILE_CERT_CHAIN: &str = "cert-chain.pem";
+pub const FILE_KEY: &str = "key.pem";
+pub const FILE_ROOT_CERT: &str = "root-cert.pem";
+
 /// Renewal retries back off from this...
 const RETRY_MIN: Duration = Duration::from_secs(1);
 /// ...up to this.
@@ -306,6 +311,57 @@ impl WorkloadCertificates {
         })));
         self.installed.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Puts a certificate from files in use (Istio's file-mounted certificates:
+    /// `cert-chain.pem`, `key.pem`, `root-cert.pem`), for proxies that run without a control
+    /// plane. Nothing renews it; reload by calling this again.
+    pub fn install_files(
+        &self,
+        chain_pem: &str,
+        key_pem: &str,
+        bundle_pem: &str,
+    ) -> Result<(), WorkloadError> {
+        let key = rcgen::KeyPair::from_pem(key_pem)?;
+        let identity = {
+            let leaf = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+                .next()
+                .ok_or(WorkloadError::EmptyChain)?
+                .map_err(|e| WorkloadError::Pem(e.to_string()))?;
+            crate::identity::identity_of(&leaf)?
+        };
+        let pending = PendingKey {
+            key,
+            request: CertificateRequest {
+                csr_pem: String::new(),
+                ttl_seconds: None,
+            },
+        };
+        self.trust
+            .store(Arc::new(TrustBundle::from_pem(bundle_pem)?));
+        self.install(
+            pending,
+            &IssuedCertificate {
+                identity: identity.to_string(),
+                cert_chain_pem: chain_pem.to_string(),
+                trust_bundle_pem: bundle_pem.to_string(),
+                expires_at_unix: 0,
+            },
+        )
+    }
+
+    /// Reads [`WorkloadCertificates::install_files`]' three files from `dir`.
+    pub fn install_dir(&self, dir: &std::path::Path) -> Result<(), String> {
+        let read = |name: &str| {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))
+        };
+        self.install_files(
+            &read(FILE_CERT_CHAIN)?,
+            &read(FILE_KEY)?,
+            &read(FILE_ROOT_CERT)?,
+        )
+        .map_err(|e| format!("{}: {e}", dir.display()))
     }
 
     /// When to renew: at half of the remaining lifetime (Istio renews at about half), and

@@ -466,3 +466,45 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
             .supported_schemes()
     }
 }
+
+#[tokio::test]
+async fn file_mounted_certificates_serve_like_issued_ones() {
+    let root = Arc::new(TestRoot::new("mesh root"));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let chain = root.sign(&csr, &id("api"), Duration::from_secs(3600));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cert-chain.pem"), &chain).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("root-cert.pem"), &root.pem).unwrap();
+    let server = WorkloadCertificates::new(None);
+    server.install_dir(dir.path()).unwrap();
+    assert_eq!(server.identity(), Some(id("api")));
+    let client = workload(&TestIssuer::new(
+        id("web"),
+        root.clone(),
+        Duration::from_secs(3600),
+    ))
+    .await;
+    let addr = serve(server).await;
+    let (_, line) = connect(&client, addr, &id("api")).await.unwrap();
+    assert!(
+        line.starts_with("spiffe://cluster.local/ns/demo/sa/web "),
+        "{line}"
+    );
+
+    // A key that is not the certificate's is refused, naming the directory.
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(dir.path().join("key.pem"), other.serialize_pem()).unwrap();
+    let err = WorkloadCertificates::new(None)
+        .install_dir(dir.path())
+        .unwrap_err();
+    assert!(
+        err.contains(&dir.path().display().to_string()) && err.contains("key"),
+        "{err}"
+    );
+}
