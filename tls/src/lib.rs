@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 pub use rustls;
 
+pub mod ca;
+
 /// The one crypto provider of the workspace. Its key exchange groups, in order of
 /// preference: X25519MLKEM768 (hybrid post-quantum), X25519, P-256, P-384.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
