@@ -52,6 +52,7 @@ impl ControlPlane {
             debounce: Duration::from_millis(100),
             proxy_token_audience: None,
             distribution_limits: Default::default(),
+            mesh_ca: None,
         };
         let cp = ControlPlane {
             distribution: config.distribution_addr,
