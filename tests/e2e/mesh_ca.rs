@@ -196,7 +196,7 @@ async fn a_token_gets_the_certificate_of_its_own_service_account_and_nothing_els
     assert_eq!(issued.identity, id_a);
     assert_eq!(
         verify_workload_chain(&issued.cert_chain_pem, &issued.trust_bundle_pem).unwrap(),
-        [id_a.clone()],
+        std::slice::from_ref(&id_a),
         "verifies against the trust bundle, as a peer checks it"
     );
     let leaf = pem_certs(&issued.cert_chain_pem).remove(0);
@@ -389,7 +389,7 @@ async fn the_root_lives_in_mesh_ca_secret_and_reaches_proxies_and_every_namespac
     assert_eq!(again.trust_bundle_pem, root);
     assert_eq!(
         verify_workload_chain(&again.cert_chain_pem, &first.trust_bundle_pem).unwrap(),
-        [id_a.clone()],
+        std::slice::from_ref(&id_a),
         "the new certificate verifies against the bundle workloads got before the restart"
     );
     assert_eq!(
