@@ -877,6 +877,9 @@ fn sidecars_in_network_namespaces() {
             .arg(format!("--distribution-addr={CONTROL_PLANE_IP}:15012"))
             .arg("--distribution-cert-dir")
             .arg(dir.path().join("control-plane-certs"))
+            // No mesh installed here (no mesh-system namespace for the CA's Secret).
+            .arg("--mesh-ca-dir")
+            .arg(dir.path().join("mesh-ca"))
             .arg(format!("--admin-addr=127.0.0.1:{admin_port}"))
             .env(
                 "RUST_LOG",

@@ -358,7 +358,7 @@ async fn certificate_and_config_files_are_reloaded() {
     std::fs::write(&s.cert_path, &new.cert_pem).unwrap();
     let mut ok = false;
     for _ in 0..100 {
-        if s.certs.current_leaf().as_deref() == Some(&new.der[..]) {
+        if s.certs.current_leaf().as_deref() == Some(&new.leaf_der[..]) {
             ok = true;
             break;
         }

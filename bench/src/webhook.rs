@@ -56,12 +56,20 @@ pub fn review_for(pod: &Value, namespace: &str, uid: &str) -> Value {
     })
 }
 
-/// Writes a self-signed serving certificate for `localhost`; returns its DER.
-pub fn write_cert(cert: &Path, key: &Path) -> anyhow::Result<Vec<u8>> {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
-    std::fs::write(cert, ck.cert.pem())?;
-    std::fs::write(key, ck.signing_key.serialize_pem())?;
-    Ok(ck.cert.der().to_vec())
+/// Writes a serving certificate for `localhost` and the CA that signed it (what the load
+/// client trusts).
+pub fn write_cert(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<()> {
+    let tls = mesh_tls::ca::serving_certificate(&mesh_tls::ca::ServingSpec {
+        ca_name: "mesh-bench webhook CA",
+        ca_path_len: Some(0),
+        common_name: "localhost",
+        sans: &["localhost".to_string()],
+        validity: None,
+    })?;
+    std::fs::write(cert, tls.cert_pem)?;
+    std::fs::write(key, tls.key_pem)?;
+    std::fs::write(ca, tls.ca_pem)?;
+    Ok(())
 }
 
 /// A client config trusting exactly `ca_pem`.

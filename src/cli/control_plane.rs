@@ -161,6 +161,64 @@ pub struct DistributionArgs {
     /// accepted until one closes.
     #[arg(long, default_value_t = net_limits::DEFAULT_DISTRIBUTION_MAX_CONNECTIONS, value_parser = positive)]
     pub distribution_max_connections: usize,
+    #[command(flatten)]
+    pub mesh_ca: MeshCaArgs,
+}
+
+/// The mesh CA: workload certificates (SPIFFE identities) for proxies.
+#[derive(Args, Debug)]
+pub struct MeshCaArgs {
+    /// Trust domain of workload identities, spiffe://<trust domain>/ns/<ns>/sa/<sa>
+    /// (the profile's meshConfig.trustDomain).
+    #[arg(long, default_value = meshctl::controlplane::mesh_ca::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Lifetime of a workload certificate when the proxy asks for none (at least 1m).
+    #[arg(long, default_value = "24h", value_parser = cert_ttl)]
+    pub workload_cert_ttl: Duration,
+    /// The longest lifetime issued, whatever a proxy asks for (at least 1m).
+    #[arg(long, default_value = "48h", value_parser = cert_ttl)]
+    pub max_workload_cert_ttl: Duration,
+    /// Namespace of the CA's Secrets: `cacerts` (a CA you plug in, Istio's layout) wins over
+    /// `mesh-ca-secret` (the root meshd makes when neither exists).
+    #[arg(long, env = "POD_NAMESPACE", default_value = meshctl::controlplane::mesh_ca::DEFAULT_NAMESPACE)]
+    pub mesh_ca_namespace: String,
+    /// Keep the CA in this directory instead of Secrets (Istio's plug-in files; a new root
+    /// is written there when it holds none). For running without a mesh installed.
+    #[arg(long, value_name = "DIR")]
+    pub mesh_ca_dir: Option<PathBuf>,
+    /// For tests, with --no-proxy-auth only: issue whatever identity a CSR names. Without it,
+    /// certificates are refused while proxies are not authenticated (no identity is proven).
+    #[arg(long, requires = "no_proxy_auth")]
+    pub insecure_issue_requested_identity: bool,
+}
+
+impl MeshCaArgs {
+    fn options(&self) -> meshctl::controlplane::mesh_ca::MeshCaOptions {
+        use meshctl::controlplane::mesh_ca::{CaSource, MeshCaOptions};
+        let source = match &self.mesh_ca_dir {
+            Some(dir) => CaSource::Dir(dir.clone()),
+            None => CaSource::Kubernetes {
+                namespace: self.mesh_ca_namespace.clone(),
+            },
+        };
+        MeshCaOptions {
+            source,
+            trust_domain: self.trust_domain.clone(),
+            workload_cert_ttl: self.workload_cert_ttl,
+            max_workload_cert_ttl: self.max_workload_cert_ttl,
+            insecure_issue_requested_identity: self.insecure_issue_requested_identity,
+        }
+    }
+}
+
+/// A workload certificate lifetime: at least a minute (a proxy renews at half of it).
+fn cert_ttl(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d < meshctl::controlplane::mesh_ca::MIN_WORKLOAD_CERT_TTL => {
+            Err(format!("{s:?}: must be at least 1m"))
+        }
+        d => Ok(d),
+    }
 }
 
 impl DistributionArgs {
@@ -208,6 +266,8 @@ impl DistributionArgs {
                 token_audience: self.proxy_token_audience.clone(),
                 ca_pem: None,
             });
+        let mesh_ca = self.mesh_ca.options();
+        mesh_ca.validate()?;
         Ok(ControlPlaneConfig {
             distribution_addr: self.distribution_addr,
             distribution_limits: connections.limits(self.distribution_max_connections),
@@ -218,6 +278,7 @@ impl DistributionArgs {
             write_status: !self.no_status,
             debounce: self.debounce,
             proxy_token_audience: (!self.no_proxy_auth).then(|| self.proxy_token_audience.clone()),
+            mesh_ca: Some(mesh_ca),
         })
     }
 }

@@ -1,4 +1,5 @@
-//! The CA that verifies the control plane, published as the ConfigMap `mesh-ca-root-cert`
+//! The CA that verifies the control plane, followed by the mesh CA's roots (the trust bundle
+//! of workload certificates), published as the ConfigMap `mesh-ca-root-cert`
 //! (key `root-cert.pem`) in every namespace, as Istio does with `istio-ca-root-cert`: injected
 //! sidecars mount it (`MESH_CA_ROOT_PATH`, the injection config's `caRootConfigMap`), gateway
 //! Deployments too. Written with server-side apply; a namespace created later gets it on the

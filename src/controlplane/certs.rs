@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use mesh_tls::ca::{ServingSpec, serving_certificate};
 
 use crate::webhook::tls::certified_key;
 
@@ -82,33 +79,14 @@ impl rustls::server::ResolvesServerCert for Fixed {
 
 fn generate(dir: &Path, sans: &[String]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::new())?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "meshctl config distribution CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::from_params(&ca_params, ca_key);
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(sans.to_vec())
-        .with_context(|| format!("subject alternative names {sans:?}"))?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, sans.first().map_or("meshd", |s| s));
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, &issuer)?;
+    let generated = serving_certificate(&ServingSpec {
+        ca_name: "meshctl config distribution CA",
+        ca_path_len: None,
+        common_name: sans.first().map_or("meshd", |s| s),
+        sans,
+        validity: None,
+    })
+    .with_context(|| format!("subject alternative names {sans:?}"))?;
     let write = |name: &str, text: &str| {
         let p = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));
@@ -117,8 +95,8 @@ fn generate(dir: &Path, sans: &[String]) -> Result<()> {
             .with_context(|| format!("writing {}", p.display()))
     };
     // The CA last: its presence means the set is complete.
-    write(KEY_FILE, &key.serialize_pem())?;
-    write(CERT_FILE, &cert.pem())?;
-    write(CA_FILE, &ca_cert.pem())?;
+    write(KEY_FILE, &generated.key_pem)?;
+    write(CERT_FILE, &generated.cert_pem)?;
+    write(CA_FILE, &generated.ca_pem)?;
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! The config distribution server (port 15012): accepts proxy streams, sends each proxy its
-//! snapshot and a new one on change, records ACK/NACK per proxy.
+//! snapshot (with the mesh's trust bundle) and a new one on change, records ACK/NACK per
+//! proxy; and issues workload certificates (`POST` [`CERTIFICATE_PATH`], see
+//! `mesh_wire::certificate`) to the identity a proxy's token proves.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -15,8 +17,9 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh_config::ProxyConfig;
+use mesh_config::{MeshIdentity, ProxyConfig};
 use mesh_translate::TranslateOptions;
+use mesh_wire::certificate::{CERTIFICATE_PATH, CertificateRequest, MAX_REQUEST_BYTES};
 use mesh_wire::distribution::{
     CONTENT_TYPE, FrameDecoder, NodeIdentity, ProxyMessage, STREAM_PATH,
 };
@@ -26,7 +29,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{ProxyAuth, authorize};
-use super::metrics::DistributionMetrics;
+use super::mesh_ca::{MeshCa, Refused};
+use super::metrics::{DistributionMetrics, RefusalLabels};
 use super::world::World;
 use crate::net_limits::{self, Accepted, ConnectionLimits};
 
@@ -111,14 +115,44 @@ pub struct Hub {
     proxies: Mutex<BTreeMap<u64, ProxyState>>,
     next_id: AtomicU64,
     metrics: DistributionMetrics,
+    /// Issues workload certificates; `None`: this server issues none.
+    mesh_ca: Option<Arc<MeshCa>>,
+    /// The trust bundle every snapshot carries.
+    mesh_identity: Option<Arc<MeshIdentity>>,
+}
+
+/// How long a certificate request's body may take to arrive.
+const CERTIFICATE_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn plain(status: StatusCode, text: String) -> Response<BoxBody<Bytes, Infallible>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain")
+        .body(Full::new(Bytes::from(text)).boxed())
+        .expect("valid response")
 }
 
 impl Hub {
+    /// A server without a mesh CA (no certificates, no trust bundle in snapshots).
     pub fn new(
         world: watch::Receiver<Option<Arc<World>>>,
         options: TranslateOptions,
         auth: ProxyAuth,
     ) -> Arc<Hub> {
+        Hub::with_mesh_ca(world, options, auth, None)
+    }
+
+    /// A server that issues workload certificates from `mesh_ca` and puts its trust bundle in
+    /// every snapshot.
+    pub fn with_mesh_ca(
+        world: watch::Receiver<Option<Arc<World>>>,
+        options: TranslateOptions,
+        auth: ProxyAuth,
+        mesh_ca: Option<Arc<MeshCa>>,
+    ) -> Arc<Hub> {
+        let mesh_identity = mesh_ca
+            .as_ref()
+            .map(|ca| Arc::new(ca.mesh_identity().clone()));
         Arc::new(Hub {
             world,
             options,
@@ -126,6 +160,8 @@ impl Hub {
             proxies: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             metrics: DistributionMetrics::default(),
+            mesh_ca,
+            mesh_identity,
         })
     }
 
@@ -239,13 +275,9 @@ impl Hub {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) -> Response<BoxBody<Bytes, Infallible>> {
-        let plain = |status: StatusCode, text: String| {
-            Response::builder()
-                .status(status)
-                .header(http::header::CONTENT_TYPE, "text/plain")
-                .body(Full::new(Bytes::from(text)).boxed())
-                .expect("valid response")
-        };
+        if req.uri().path() == CERTIFICATE_PATH {
+            return self.issue_certificate(req, peer).await;
+        }
         if req.uri().path() != STREAM_PATH {
             return plain(StatusCode::NOT_FOUND, format!("use POST {STREAM_PATH}\n"));
         }
@@ -401,6 +433,120 @@ impl Hub {
             .expect("valid response")
     }
 
+    /// `POST` [`CERTIFICATE_PATH`]: the certificate of the identity the bearer token proves.
+    /// Every refusal is logged with its reason (never the token) and counted.
+    async fn issue_certificate(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<BoxBody<Bytes, Infallible>> {
+        let refuse = |status: StatusCode, reason: String| {
+            let label = match status {
+                StatusCode::UNAUTHORIZED => "unauthenticated",
+                StatusCode::FORBIDDEN => "forbidden",
+                StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::NOT_FOUND
+                | StatusCode::INTERNAL_SERVER_ERROR => "unavailable",
+                _ => "bad_request",
+            };
+            self.metrics
+                .certificates_refused
+                .get_or_create(&RefusalLabels { reason: label })
+                .inc();
+            tracing::info!(%peer, status = %status.as_u16(), "certificate refused: {reason}");
+            plain(status, format!("{reason}\n"))
+        };
+        if req.method() != http::Method::POST {
+            return refuse(StatusCode::METHOD_NOT_ALLOWED, "use POST".into());
+        }
+        let Some(ca) = self.mesh_ca.clone() else {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                "this control plane runs without a mesh CA".into(),
+            );
+        };
+        // Who is asking, before reading what they send.
+        let caller = match self
+            .auth
+            .authenticate(req.headers().get(http::header::AUTHORIZATION))
+            .await
+        {
+            Ok(c) => c,
+            Err(r) => return refuse(r.status, r.reason),
+        };
+        let too_large = || {
+            format!(
+                "the request body is larger than {MAX_REQUEST_BYTES} bytes (a CSR is about 500)"
+            )
+        };
+        if req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > MAX_REQUEST_BYTES as u64)
+        {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, too_large());
+        }
+        let body = http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BYTES);
+        let bytes = match tokio::time::timeout(CERTIFICATE_BODY_TIMEOUT, body.collect()).await {
+            Err(_) => {
+                return refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {}s",
+                        CERTIFICATE_BODY_TIMEOUT.as_secs()
+                    ),
+                );
+            }
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return refuse(StatusCode::PAYLOAD_TOO_LARGE, too_large());
+            }
+            Ok(Err(e)) => {
+                return refuse(StatusCode::BAD_REQUEST, format!("reading the body: {e}"));
+            }
+            Ok(Ok(b)) => b.to_bytes(),
+        };
+        let request: CertificateRequest = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "the body is not a certificate request (JSON {{\"csrPem\": ...}}): {e}"
+                    ),
+                );
+            }
+        };
+        let identity = match &caller {
+            Some(c) => match ca.identity_of(&c.namespace, &c.service_account) {
+                Ok(id) => Some(id),
+                Err(e) => return refuse(StatusCode::FORBIDDEN, e.to_string()),
+            },
+            None => None,
+        };
+        match ca.issue(&request, identity.as_deref()) {
+            Ok(issued) => {
+                self.metrics.certificates_issued.inc();
+                tracing::info!(%peer, identity = %issued.identity, expires_at_unix = issued.expires_at_unix, "certificate issued");
+                let body = serde_json::to_vec(&issued).expect("an issued certificate serializes");
+                Response::builder()
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from(body)).boxed())
+                    .expect("valid response")
+            }
+            Err((kind, reason)) => {
+                let status = match kind {
+                    Refused::Unauthenticated => StatusCode::UNAUTHORIZED,
+                    Refused::BadRequest => StatusCode::BAD_REQUEST,
+                    Refused::Forbidden => StatusCode::FORBIDDEN,
+                    Refused::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                refuse(status, reason)
+            }
+        }
+    }
+
     fn on_message(&self, id: u64, message: ProxyMessage) {
         match message {
             ProxyMessage::Hello { .. } => {
@@ -458,7 +604,9 @@ impl Hub {
                 // async threads. The translation itself (once per entry, however many
                 // replicas ask at once) runs on the blocking pool too.
                 let pending = tokio::task::spawn_blocking(move || {
-                    world.prepare(&node2, instances, &hub.options)
+                    world
+                        .prepare(&node2, instances, &hub.options)
+                        .with_mesh_identity(hub.mesh_identity.clone())
                 })
                 .await
                 .expect("finding a config does not panic");

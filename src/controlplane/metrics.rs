@@ -1,5 +1,6 @@
 //! The control plane's Prometheus metrics (`GET /metrics` on the admin endpoint): how much
-//! translation and encoding work config distribution does for its proxies.
+//! translation and encoding work config distribution does for its proxies, and the workload
+//! certificates the mesh CA issued and refused.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -10,6 +11,13 @@ use prometheus_client::registry::Registry;
 pub struct ProxyKindLabels {
     /// `gateway` or `sidecar`.
     pub proxy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `unauthenticated` (401), `forbidden` (403), `bad_request` (400, 405, 408, 413),
+    /// `unavailable` (404 without a CA, 503).
+    pub reason: &'static str,
 }
 
 /// Counters of config distribution.
@@ -23,6 +31,10 @@ pub struct DistributionMetrics {
     pub config_requests: Family<ProxyKindLabels, Counter>,
     /// Snapshots sent (a config that differs from the one the proxy has).
     pub snapshots_sent: Family<ProxyKindLabels, Counter>,
+    /// Workload certificates issued.
+    pub certificates_issued: Counter,
+    /// Certificate requests refused, by reason.
+    pub certificates_refused: Family<RefusalLabels, Counter>,
 }
 
 impl Default for DistributionMetrics {
@@ -46,11 +58,25 @@ impl Default for DistributionMetrics {
             "Config snapshots sent to proxies",
             snapshots_sent.clone(),
         );
+        let certificates_issued = Counter::default();
+        let certificates_refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "certificates_issued",
+            "Workload certificates issued by the mesh CA",
+            certificates_issued.clone(),
+        );
+        registry.register(
+            "certificates_refused",
+            "Workload certificate requests refused, by reason",
+            certificates_refused.clone(),
+        );
         Self {
             registry,
             translations,
             config_requests,
             snapshots_sent,
+            certificates_issued,
+            certificates_refused,
         }
     }
 }

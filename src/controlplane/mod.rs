@@ -1,6 +1,7 @@
 //! The control plane (`meshctl control-plane`): watches the cluster, translates Gateway API
 //! objects with `mesh-translate`, pushes each proxy its config over the config distribution
-//! protocol (`docs/config-distribution.md`), deploys Gateways, writes Gateway API status.
+//! protocol (`docs/config-distribution.md`), deploys Gateways, writes Gateway API status,
+//! and runs the mesh CA that issues workload certificates (`mesh_ca`).
 //!
 //! ```text
 //! reflectors ──(debounce)──► World ──► Hub (one stream per proxy: snapshot on change, ACK/NACK)
@@ -14,6 +15,7 @@ pub mod ca_root;
 pub mod certs;
 pub mod gateways;
 pub mod hub;
+pub mod mesh_ca;
 pub mod metrics;
 pub mod pods;
 pub mod status;
@@ -50,6 +52,8 @@ pub struct ControlPlaneConfig {
     pub debounce: Duration,
     /// The audience proxies' tokens must have (`None`: proxies are not authenticated).
     pub proxy_token_audience: Option<String>,
+    /// The mesh CA (`None`: no workload certificates, no trust bundle in snapshots).
+    pub mesh_ca: Option<mesh_ca::MeshCaOptions>,
 }
 
 /// Runs until `shutdown`.
@@ -59,6 +63,26 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let tls = certs::load(&config.cert).context("config distribution certificate")?;
+    let mesh_ca = match config.mesh_ca.clone() {
+        Some(options) => Some(std::sync::Arc::new(
+            mesh_ca::MeshCa::load(Some(&client), options)
+                .await
+                .context("the mesh CA")?,
+        )),
+        None => None,
+    };
+    // What proxies trust, published in every namespace: the CA that verifies the control
+    // plane first (proxies that read only the first certificate keep working), then the
+    // mesh's roots, for workloads that verify their peers.
+    let root_cert_pem = match &mesh_ca {
+        Some(ca) => format!(
+            "{}{}{}",
+            tls.ca_pem,
+            if tls.ca_pem.ends_with('\n') { "" } else { "\n" },
+            ca.mesh_identity().trust_bundle_pem
+        ),
+        None => tls.ca_pem.clone(),
+    };
     let listener = tokio::net::TcpListener::bind(config.distribution_addr)
         .await
         .with_context(|| format!("binding {}", config.distribution_addr))?;
@@ -83,7 +107,7 @@ pub async fn run(
             auth::ProxyAuth::Disabled
         }
     };
-    let hub = Hub::new(world_rx.clone(), config.translate.clone(), auth);
+    let hub = Hub::with_mesh_ca(world_rx.clone(), config.translate.clone(), auth, mesh_ca);
     if let Some(addr) = config.admin_addr {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -95,7 +119,7 @@ pub async fn run(
     // Gateway Deployments: a controller of their own, driven by the Gateways and by what it
     // owns, so drift of a generated object is repaired at once.
     if let Some(mut g) = config.gateway_deployments.clone() {
-        g.ca_pem = Some(tls.ca_pem.clone());
+        g.ca_pem = Some(root_cert_pem.clone());
         tokio::spawn(gateways::run(
             client.clone(),
             g,
@@ -109,7 +133,7 @@ pub async fn run(
         let client = client.clone();
         let options = config.translate.clone();
         let mut status = config.write_status.then(status::StatusWriter::default);
-        let mut ca_root = ca_root::CaPublisher::new(client.clone(), tls.ca_pem.clone());
+        let mut ca_root = ca_root::CaPublisher::new(client.clone(), root_cert_pem);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));

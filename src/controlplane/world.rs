@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use mesh_config::ProxyConfig;
+use mesh_config::{MeshIdentity, ProxyConfig};
 use mesh_translate::{Resources, SidecarKey, SidecarOptions, TranslateOptions};
 use mesh_wire::distribution::{ControlPlaneMessage, NodeIdentity, encode};
 use mesh_wire::ports;
@@ -69,6 +69,7 @@ pub struct Pending {
     job: Job,
     resources: Arc<Resources>,
     generation: u64,
+    mesh_identity: Option<Arc<MeshIdentity>>,
 }
 
 /// A proxy's config in one world.
@@ -82,6 +83,13 @@ pub struct Lookup {
 }
 
 impl Pending {
+    /// Puts the mesh's trust bundle into the config (when this call translates it). It is
+    /// the same for every proxy of a control plane, so it is not part of the cache key.
+    pub fn with_mesh_identity(mut self, identity: Option<Arc<MeshIdentity>>) -> Pending {
+        self.mesh_identity = identity;
+        self
+    }
+
     /// The config: cached, or being translated by another caller (waited for), or
     /// translated here (on the blocking pool: thousands of routes take a while).
     pub async fn resolve(self) -> Lookup {
@@ -92,10 +100,15 @@ impl Pending {
             .get_or_init(|| {
                 translated = true;
                 let (job, resources) = (self.job.clone(), self.resources.clone());
+                let mesh_identity = self.mesh_identity.clone();
                 async move {
-                    let config = tokio::task::spawn_blocking(move || job.run(&resources))
-                        .await
-                        .expect("translation does not panic");
+                    let config = tokio::task::spawn_blocking(move || {
+                        let mut config = job.run(&resources);
+                        config.mesh_identity = mesh_identity.map(|m| (*m).clone());
+                        config
+                    })
+                    .await
+                    .expect("translation does not panic");
                     Arc::new(config)
                 }
             })
@@ -234,6 +247,7 @@ impl World {
             job,
             resources: self.resources.clone(),
             generation: self.generation,
+            mesh_identity: None,
         }
     }
 }

@@ -1,16 +1,14 @@
-//! The webhook's serving certificate: a CA and a serving certificate made with rcgen at
+//! The webhook's serving certificate: a CA and a serving certificate made by `mesh_tls::ca` at
 //! install time, stored in the Secret `meshd-webhook-tls` (`ca.crt`, `tls.crt`, `tls.key`).
 //! An existing Secret is kept while it is complete, names the same hosts and has more than
 //! 30 days left, so a second install changes nothing.
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use mesh_tls::ca::{CaError, ServingSpec, Validity, serving_certificate};
+use rcgen::KeyPair;
 
 use super::values::{MeshValues, NAMESPACE, WebhookMode, url_host};
 
@@ -85,46 +83,26 @@ fn parse_date(s: &str) -> Option<i64> {
     Some(days_from_civil(y, m, dd))
 }
 
-/// A fresh CA and serving certificate for `names`.
-pub fn generate(names: &[String]) -> Result<WebhookTls, rcgen::Error> {
-    let (y, m, d) = civil_from_days(today() - 1);
-    let not_before = rcgen::date_time_ymd(y as i32, m as u8, d as u8);
-    let (ay, am, ad) = civil_from_days(today() + YEARS * 365);
-    let not_after = rcgen::date_time_ymd(ay as i32, am as u8, ad as u8);
-
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "meshctl webhook CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.not_before = not_before;
-    ca.not_after = not_after;
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::from_params(&ca, ca_key);
-
-    let key = KeyPair::generate()?;
-    let mut leaf = CertificateParams::new(names.to_vec())?;
-    leaf.distinguished_name
-        .push(DnType::CommonName, format!("meshd.{NAMESPACE}.svc"));
-    leaf.is_ca = IsCa::ExplicitNoCa;
-    leaf.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.use_authority_key_identifier_extension = true;
-    leaf.not_before = not_before;
-    leaf.not_after = not_after;
-    let cert = leaf.signed_by(&key, &issuer)?;
+/// A fresh CA and serving certificate for `names`, valid from yesterday's midnight (UTC)
+/// for five years, to the day.
+pub fn generate(names: &[String]) -> Result<WebhookTls, CaError> {
+    let midnight = |days: i64| UNIX_EPOCH + Duration::from_secs((days.max(0) * 86_400) as u64);
+    let end = today() + YEARS * 365;
+    let (ay, am, ad) = civil_from_days(end);
+    let tls = serving_certificate(&ServingSpec {
+        ca_name: "meshctl webhook CA",
+        ca_path_len: Some(0),
+        common_name: &format!("meshd.{NAMESPACE}.svc"),
+        sans: names,
+        validity: Some(Validity {
+            not_before: midnight(today() - 1),
+            not_after: midnight(end),
+        }),
+    })?;
     Ok(WebhookTls {
-        ca_pem: ca_cert.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
+        ca_pem: tls.ca_pem,
+        cert_pem: tls.cert_pem,
+        key_pem: tls.key_pem,
         dns_names: names.to_vec(),
         not_after: format!("{ay:04}-{am:02}-{ad:02}T00:00:00Z"),
     })

@@ -218,6 +218,11 @@ pub fn from_istio_operator(mut io: Map<String, Value>) -> (Map<String, Value>, V
             boolish,
         ),
         (
+            &["meshConfig", "trustDomain"],
+            &["meshConfig", "trustDomain"],
+            id,
+        ),
+        (
             &["components", "base", "enabled"],
             &["components", "base", "enabled"],
             boolish,

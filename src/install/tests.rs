@@ -254,3 +254,27 @@ fn mesh_config_path_normalization_reaches_the_control_plane() {
         .to_string();
     assert!(e.contains("pathNormalization"), "{e}");
 }
+
+#[test]
+fn mesh_config_trust_domain_reaches_the_control_plane() {
+    let rendered = |inputs: &[Input]| {
+        let r = resolve(inputs, &[]).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let objects = super::render::render(&r, None).unwrap();
+        let values: Vec<&serde_json::Value> = objects.iter().map(|o| &o.value).collect();
+        serde_json::to_string(&values).unwrap()
+    };
+    // Istio's field, and ours.
+    let io = "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {name: p}\nspec:\n  meshConfig:\n    trustDomain: example.org\n";
+    assert!(rendered(&[input("p.yaml", io)]).contains("--trust-domain=example.org"));
+    let mo = "apiVersion: install.meshctl.io/v1alpha1\nkind: MeshOperator\nmetadata: {name: p}\nspec:\n  meshConfig:\n    trustDomain: corp.example\n";
+    assert!(rendered(&[input("p.yaml", mo)]).contains("--trust-domain=corp.example"));
+    // The default: cluster.local.
+    assert!(rendered(&[]).contains("--trust-domain=cluster.local"));
+    // Something that is not a trust domain names the field.
+    let bad = io.replace("example.org", "Example.org/x");
+    let e = resolve(&[input("p.yaml", &bad)], &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("meshConfig.trustDomain"), "{e}");
+}

@@ -120,6 +120,15 @@ pub struct MeshConfigValues {
     /// Istio's `meshConfig.pathNormalization`; unset: the proxies' default (`BASE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_normalization: Option<PathNormalizationValues>,
+    /// Istio's `meshConfig.trustDomain`: workload identities are
+    /// `spiffe://<trustDomain>/ns/<namespace>/sa/<service account>` (the control plane's
+    /// `--trust-domain`).
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+}
+
+fn default_trust_domain() -> String {
+    crate::controlplane::mesh_ca::DEFAULT_TRUST_DOMAIN.to_string()
 }
 
 /// `meshConfig.pathNormalization` (`{normalization: BASE}`), passed to the control plane's
@@ -253,6 +262,15 @@ impl MeshValues {
             ));
         }
         check_resources("components.controlPlane.resources", &cp.resources)?;
+        if !crate::controlplane::mesh_ca::valid_trust_domain(&self.mesh_config.trust_domain) {
+            return Err(bad(
+                "meshConfig.trustDomain",
+                format!(
+                    "{:?} is not a trust domain (lowercase letters, digits, '.', '-', '_')",
+                    self.mesh_config.trust_domain
+                ),
+            ));
+        }
         let gw = &self.components.ingress_gateway;
         if !is_dns_label(&gw.name) {
             return Err(bad(

@@ -1,11 +1,13 @@
 //! The environment's PKI, generated fresh for every environment: one CA that signs the API
 //! server's serving certificate and every client certificate, plus the service-account key.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use mesh_tls::ca::{LeafSpec, LocalCa};
+use rcgen::KeyPair;
+
+pub(crate) use mesh_tls::ca::Usage;
 
 /// A certificate and its private key, both PEM.
 #[derive(Clone, Debug)]
@@ -16,41 +18,31 @@ pub struct CertPair {
     pub key_pem: String,
 }
 
-/// What a leaf certificate is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Usage {
-    Server,
-    Client,
-}
-
 /// The CA of one environment.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct Ca {
     pub(crate) pair: CertPair,
-    /// What the CA certificate was made from (the issuer's name and key identifier).
-    params: CertificateParams,
+    ca: Arc<LocalCa>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("cert_pem", &self.pair.cert_pem)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ca {
     pub(crate) fn generate() -> Result<Ca> {
-        let key = KeyPair::generate().context("generating the CA key")?;
-        let mut params = CertificateParams::new(Vec::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "meshctl-testenv-ca");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).context("self-signing the CA")?;
+        let ca =
+            LocalCa::generate("meshctl-testenv-ca", None, None).context("generating the CA")?;
         Ok(Ca {
             pair: CertPair {
-                cert_pem: cert.pem(),
-                key_pem: key.serialize_pem(),
+                cert_pem: ca.cert_pem().to_string(),
+                key_pem: ca.key_pem(),
             },
-            params,
+            ca: Arc::new(ca),
         })
     }
 
@@ -67,37 +59,21 @@ impl Ca {
             organizations.len() <= 1,
             "at most one organization (group) per certificate is supported"
         );
-        let ca_key = KeyPair::from_pem(&self.pair.key_pem).context("reading the CA key")?;
-        let issuer = Issuer::from_params(&self.params, ca_key);
-        let key = KeyPair::generate()?;
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-                .with_context(|| format!("subject alternative names {sans:?}"))?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        // rcgen keeps one value per attribute type; one group is all we need.
-        if let Some(org) = organizations.first() {
-            params
-                .distinguished_name
-                .push(DnType::OrganizationName, *org);
-        }
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![match usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
-        params.use_authority_key_identifier_extension = true;
-        let cert = params
-            .signed_by(&key, &issuer)
-            .with_context(|| format!("signing the certificate for {common_name}"))?;
+        let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+        let leaf = self
+            .ca
+            .issue(&LeafSpec {
+                common_name,
+                // rcgen keeps one value per attribute type; one group is all we need.
+                organization: organizations.first().copied(),
+                sans: &sans,
+                usage,
+                validity: None,
+            })
+            .with_context(|| format!("signing the certificate for {common_name} ({sans:?})"))?;
         Ok(CertPair {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
         })
     }
 }

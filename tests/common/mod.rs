@@ -29,15 +29,29 @@ impl NamespaceLookup for AllEnabled {
 pub struct Cert {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The CA that signed the certificate: what clients trust.
     pub der: Vec<u8>,
+    /// The serving certificate itself.
+    pub leaf_der: Vec<u8>,
 }
 
 pub fn gen_cert() -> Cert {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let tls = mesh_tls::ca::serving_certificate(&mesh_tls::ca::ServingSpec {
+        ca_name: "webhook test CA",
+        ca_path_len: Some(0),
+        common_name: "localhost",
+        sans: &["localhost".to_string()],
+        validity: None,
+    })
+    .unwrap();
+    let leaf_der = rustls::pki_types::pem::PemObject::from_pem_slice(tls.cert_pem.as_bytes())
+        .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+        .unwrap();
     Cert {
-        cert_pem: ck.cert.pem(),
-        key_pem: ck.signing_key.serialize_pem(),
-        der: ck.cert.der().to_vec(),
+        cert_pem: tls.cert_pem,
+        key_pem: tls.key_pem,
+        der: tls.ca_der.to_vec(),
+        leaf_der,
     }
 }
 

@@ -34,9 +34,19 @@ impl ControlPlane {
         controller_names: Vec<String>,
         gateway_deployments: Option<GatewayDeploymentOptions>,
     ) -> ControlPlane {
+        Self::start_with(env, controller_names, gateway_deployments, |_| {}).await
+    }
+
+    /// [`start`](Self::start), with the config changed by `adjust` first.
+    pub async fn start_with(
+        env: &TestEnv,
+        controller_names: Vec<String>,
+        gateway_deployments: Option<GatewayDeploymentOptions>,
+        adjust: impl FnOnce(&mut ControlPlaneConfig),
+    ) -> ControlPlane {
         mesh_testenv::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
-        let config = ControlPlaneConfig {
+        let mut config = ControlPlaneConfig {
             distribution_addr: free_port(),
             admin_addr: Some(free_port()),
             cert: CertSource::Generated {
@@ -52,7 +62,9 @@ impl ControlPlane {
             debounce: Duration::from_millis(100),
             proxy_token_audience: None,
             distribution_limits: Default::default(),
+            mesh_ca: None,
         };
+        adjust(&mut config);
         let cp = ControlPlane {
             distribution: config.distribution_addr,
             admin: config.admin_addr.unwrap(),

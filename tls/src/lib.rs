@@ -13,6 +13,7 @@ use std::sync::{Arc, LazyLock};
 
 pub use rustls;
 
+pub mod ca;
 pub mod identity;
 pub mod verify;
 pub mod workload;

@@ -11,7 +11,13 @@
 //!   carrying only that identity as a URI SAN, and the trust bundle (every root a workload must
 //!   accept right now; more than one while the root rotates).
 //! - Refusals: `401` (no or bad token), `403` (the CSR asks for another identity), `400`
-//!   (the body or the CSR does not parse), with the reason as a text body.
+//!   (the body or the CSR does not parse, or the CSR's signature does not verify), with the
+//!   reason as a text body. Also `413` (a body over [`MAX_REQUEST_BYTES`]), `408` (a body
+//!   that does not arrive within 10 s) and `503` (the token cannot be checked now, or the CA
+//!   cannot issue): worth retrying later, unlike the others.
+//! - The lifetime: [`CertificateRequest::ttl_seconds`], or the control plane's default
+//!   (24 h), capped at its maximum (48 h by default) and at the CA's own expiry; at least a
+//!   minute.
 //!
 //! The proxy renews at about half of the lifetime; the trust bundle also reaches a proxy in
 //! every config snapshot, so root rotation does not wait for a renewal.

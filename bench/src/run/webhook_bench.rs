@@ -26,8 +26,12 @@ pub struct WebhookSample {
 
 pub(super) fn run_webhook(bench: &Bench) -> anyhow::Result<Vec<WebhookSummary>> {
     let dir = &bench.tmp;
-    let (cert, key) = (dir.join("webhook.crt"), dir.join("webhook.key"));
-    webhook::write_cert(&cert, &key)?;
+    let (cert, key, ca) = (
+        dir.join("webhook.crt"),
+        dir.join("webhook.key"),
+        dir.join("webhook-ca.crt"),
+    );
+    webhook::write_cert(&cert, &key, &ca)?;
     let inj = dir.join("injection.yaml");
     // No cluster here: inject pods of unlabelled namespaces (as a labelled namespace would).
     std::fs::write(&inj, "defaultPolicy: enabled\n")?;
@@ -83,7 +87,7 @@ pub(super) fn run_webhook(bench: &Bench) -> anyhow::Result<Vec<WebhookSummary>> 
                     "--addr".into(),
                     addr.to_string(),
                     "--ca".into(),
-                    cert.display().to_string(),
+                    ca.display().to_string(),
                     "--body".into(),
                     body.display().to_string(),
                     "--conns".into(),
