@@ -58,10 +58,7 @@ struct Handler {
 }
 
 /// Whether this pod's probes are rewritten: the pod's annotation, else the config.
-pub fn enabled(
-    cfg: &InjectionConfig,
-    ann: &BTreeMap<String, String>,
-) -> Result<bool, InjectError> {
+pub fn enabled(cfg: &InjectionConfig, ann: &BTreeMap<String, String>) -> Result<bool, InjectError> {
     match annotation(ann, "sidecar", "rewriteAppHTTPProbers") {
         Some((key, v)) => parse_flag(v).ok_or_else(|| InjectError::Annotation {
             key,
@@ -207,8 +204,9 @@ fn original(
     };
     let timeout_seconds = match probe.timeout_seconds {
         None => 0,
-        Some(t) => u32::try_from(t)
-            .map_err(|_| invalid("timeoutSeconds", format!("{t} is negative")))?,
+        Some(t) => {
+            u32::try_from(t).map_err(|_| invalid("timeoutSeconds", format!("{t} is negative")))?
+        }
     };
     let elsewhere = |host: &Option<String>| host.as_deref().is_some_and(|h| !h.is_empty());
     let mut prober = Prober {
@@ -346,7 +344,10 @@ mod tests {
             json!({"httpGet": {"path": "/app-health/web/startupz", "port": 15020},
                 "initialDelaySeconds": 3})
         );
-        assert_eq!(cs[1], before[1], "exec, other host and the proxy's port stay");
+        assert_eq!(
+            cs[1], before[1],
+            "exec, other host and the proxy's port stay"
+        );
         assert_eq!(
             app_probe::to_json(&r.probers),
             r#"{"/app-health/web/livez":{"httpGet":{"path":"/healthz","port":8080,"scheme":"HTTPS","httpHeaders":[{"name":"X-Probe","value":"1"}]},"timeoutSeconds":2},"/app-health/web/readyz":{"tcpSocket":{"port":9000}},"/app-health/web/startupz":{"grpc":{"port":9090,"service":"app"}}}"#
@@ -391,7 +392,13 @@ mod tests {
         let ann = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
         let mut cfg = InjectionConfig::default();
         assert!(enabled(&cfg, &BTreeMap::new()).unwrap());
-        assert!(!enabled(&cfg, &ann("sidecar.istio.io/rewriteAppHTTPProbers", "false")).unwrap());
+        assert!(
+            !enabled(
+                &cfg,
+                &ann("sidecar.istio.io/rewriteAppHTTPProbers", "false")
+            )
+            .unwrap()
+        );
         assert!(
             !enabled(
                 &cfg,
@@ -402,8 +409,11 @@ mod tests {
         cfg.rewrite_app_http_probe = false;
         assert!(!enabled(&cfg, &BTreeMap::new()).unwrap());
         assert!(enabled(&cfg, &ann("sidecar.istio.io/rewriteAppHTTPProbers", "true")).unwrap());
-        let e = enabled(&cfg, &ann("sidecar.meshctl.io/rewriteAppHTTPProbers", "maybe"))
-            .unwrap_err();
+        let e = enabled(
+            &cfg,
+            &ann("sidecar.meshctl.io/rewriteAppHTTPProbers", "maybe"),
+        )
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "annotation sidecar.meshctl.io/rewriteAppHTTPProbers: \"maybe\" is not true/false"

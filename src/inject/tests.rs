@@ -630,7 +630,14 @@ fn probes_rewritten_reinjected_and_restored() {
         serde_json::to_value(live).unwrap(),
         json!({"httpGet": {"path": "/app-health/app/livez", "port": 15020}, "periodSeconds": 9})
     );
-    assert!(spec.containers[0].readiness_probe.as_ref().unwrap().exec.is_some());
+    assert!(
+        spec.containers[0]
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .exec
+            .is_some()
+    );
     let proxy = &spec.init_containers.as_ref().unwrap()[1];
     let env = proxy.env.as_ref().unwrap();
     let probers = env
@@ -643,7 +650,13 @@ fn probes_rewritten_reinjected_and_restored() {
         r#"{"/app-health/app/livez":{"httpGet":{"path":"/healthz","port":8080}}}"#
     );
     // The proxy's own readiness probe stays on its readiness port.
-    let rp = proxy.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+    let rp = proxy
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
     assert_eq!(rp.port, IntOrString::Int(15021));
 
     let b = inject_template(&a.template, &n, &cfg, Mode::Offline).unwrap();
@@ -661,10 +674,16 @@ fn probes_rewritten_reinjected_and_restored() {
         .annotations
         .as_mut()
         .unwrap()
-        .insert("sidecar.meshctl.io/rewriteAppHTTPProbers".into(), "false".into());
+        .insert(
+            "sidecar.meshctl.io/rewriteAppHTTPProbers".into(),
+            "false".into(),
+        );
     let c = inject_template(&opted, &n, &cfg, Mode::Offline).unwrap();
     let spec = c.template.spec.as_ref().unwrap();
-    assert_eq!(spec.containers[0].liveness_probe, p.spec.as_ref().unwrap().containers[0].liveness_probe);
+    assert_eq!(
+        spec.containers[0].liveness_probe,
+        p.spec.as_ref().unwrap().containers[0].liveness_probe
+    );
     let proxy = &spec.init_containers.as_ref().unwrap()[1];
     assert!(
         !proxy
