@@ -209,6 +209,7 @@ const ANNOTATIONS: &[(&str, &[&str])] = &[
         "sidecar.meshctl.io/holdApplicationUntilProxyStarts",
         &["true", "false"],
     ),
+    ("sidecar.istio.io/rewriteAppHTTPProbers", &["true", "false"]),
     ("sidecar.meshctl.io/proxyCPU", &["100m", "1", "0.5"]),
     ("sidecar.istio.io/proxyMemory", &["128Mi", "1Gi", "1e3"]),
     ("sidecar.meshctl.io/proxyCPULimit", &["2", "500m"]),

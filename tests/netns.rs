@@ -404,9 +404,16 @@ struct Injected {
 
 fn inject(name: &str, ip: &str, app: &str) -> Injected {
     // `tier` is in no Service's selector: only the API server's copy of the pod has it.
-    let pod = format!(
+    let mut pod = format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels:\n    app: {app}\n    tier: {app}-tier\nspec:\n  serviceAccountName: {app}\n  containers:\n    - name: {app}\n      image: app:1\n"
     );
+    if app == "server" {
+        // Probes, rewritten by injection to the sidecar's app-health port: an HTTP one the
+        // app answers (named port), a TCP one on a port nothing listens on.
+        pod.push_str(
+            "      ports: [{name: http, containerPort: 8080}]\n      readinessProbe: {httpGet: {path: /probe, port: http}}\n      livenessProbe: {tcpSocket: {port: 8099}}\n",
+        );
+    }
     let out = run_with_stdin(
         Command::new(env!("CARGO_BIN_EXE_meshctl"))
             .args(["inject", "-f", "-", "-o", "json"])
@@ -986,6 +993,33 @@ fn sidecars_in_network_namespaces() {
             })
             .collect::<String>()
     };
+
+    // 0. The kubelet's probes of the server pod, rewritten by injection: from the node to
+    //    the pod's app-health port (excluded from inbound capture), which runs the original
+    //    probes against the app inside the pod.
+    let node_get = |path: &str| -> String {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect("10.201.2.2:15020").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nhost: 10.201.2.2:15020\r\nuser-agent: kube-probe/1.36\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let ready = node_get("/app-health/server/readyz");
+    assert!(
+        ready.starts_with("HTTP/1.1 200"),
+        "{ready}\n{}",
+        show_logs()
+    );
+    assert!(ready.ends_with("v1 /probe x-route=-"), "{ready}");
+    let live = node_get("/app-health/server/livez");
+    assert!(live.starts_with("HTTP/1.1 503"), "{live}");
+    assert!(node_get("/app-health/client/readyz").starts_with("HTTP/1.1 404"));
 
     // 1. HTTP from the client app to the server pod: through both proxies.
     let meshed = client.app.http(&format!("{SERVER_IP}:8080"), "/", 300);

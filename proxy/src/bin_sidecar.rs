@@ -31,13 +31,14 @@ use anyhow::bail;
 use tokio_util::sync::CancellationToken;
 
 use mesh_proxy::admin::{self, AdminAddresses, AdminState};
+use mesh_proxy::app_health::{self, AppHealth};
 use mesh_proxy::config::{ListenerKind, ProxyConfig, parse_duration};
 use mesh_proxy::distribution::{ClientOptions, NodeIdentity};
 use mesh_proxy::metrics::{Metrics, ReloadResult};
 use mesh_proxy::settle::{self, Settled};
 use mesh_proxy::subscription::{self, Signals, Subscriber};
 use mesh_proxy::{Proxy, ProxyHandle, ProxyOptions};
-use mesh_wire::names::{ENV_CA_ROOT_PATH, ENV_CONTROL_PLANE, ENV_TOKEN_PATH};
+use mesh_wire::names::{ENV_APP_PROBERS, ENV_CA_ROOT_PATH, ENV_CONTROL_PLANE, ENV_TOKEN_PATH};
 use mesh_wire::ports;
 
 /// `mesh-proxy sidecar`.
@@ -52,6 +53,14 @@ pub struct SidecarArgs {
     /// Admin server port (127.0.0.1 only).
     #[arg(long, value_name = "PORT", default_value_t = ports::ADMIN)]
     pub admin_port: u16,
+    /// App-health server port (`GET /app-health/<container>/<livez|readyz|startupz>`, all
+    /// addresses: the kubelet probes the pod IP). Runs only when there are app probes.
+    #[arg(long, value_name = "PORT", default_value_t = ports::APP_HEALTH)]
+    pub app_health_port: u16,
+    /// The app probes injection rewrote to the app-health port (JSON: new path → original
+    /// probe), run against the app on 127.0.0.1.
+    #[arg(long, value_name = "JSON", env = ENV_APP_PROBERS, hide_env_values = true)]
+    pub app_probers: Option<String>,
     /// Readiness server port (`GET /ready`, all addresses).
     #[arg(long, value_name = "PORT", default_value_t = ports::READINESS)]
     pub readiness_port: u16,
@@ -287,6 +296,16 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         ?source,
         "starting sidecar"
     );
+    // The app probes are checked before anything is served: a pod whose probes the proxy
+    // cannot run would otherwise fail them with no word of why.
+    let app_health = match args.app_probers.as_deref().filter(|t| !t.trim().is_empty()) {
+        Some(text) => {
+            let health = AppHealth::from_json(text, IpAddr::V4(Ipv4Addr::LOCALHOST), args.pod_ip)
+                .map_err(|e| anyhow::anyhow!("{ENV_APP_PROBERS}: {e}"))?;
+            Some(Arc::new(health))
+        }
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
     let admin_state = Arc::new(AdminState::new(metrics.clone()));
     // The admin servers first: /ready says 503 ("no config") until the listeners are bound.
@@ -305,6 +324,21 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         admin_shutdown.clone(),
     )
     .await?;
+    let app_health_server = match app_health {
+        Some(health) => Some(
+            app_health::start(
+                SocketAddr::new(any, args.app_health_port),
+                health,
+                admin_shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    if let Some(server) = &app_health_server {
+        // Parseable, like the listeners' lines.
+        eprintln!("listening server=app-health address={}", server.address);
+    }
     let options = ProxyOptions {
         bind_address: any,
         metrics: Some(metrics.clone()),
@@ -345,6 +379,9 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     }
     admin_shutdown.cancel();
     admin_servers.join().await;
+    if let Some(server) = app_health_server {
+        server.join().await;
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@ pub use mesh_config as config;
 
 pub mod access_log;
 pub mod admin;
+pub mod app_health;
 pub mod body;
 pub mod config_file;
 pub mod connection;

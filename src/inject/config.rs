@@ -12,6 +12,7 @@
 //! imagePullSecrets: []            # names of Secrets added to spec.imagePullSecrets
 //! nativeSidecar: true             # proxy as an init container with restartPolicy: Always
 //! holdApplicationUntilProxyStarts: false   # classic mode only; native mode always holds
+//! rewriteAppHTTPProbe: true       # app probes go through the proxy's app-health port
 //! controlPlaneAddress: meshd.mesh-system.svc:15012
 //! meshNamespace: mesh-system      # never injected
 //! skipNamespaces: [kube-system, kube-public, kube-node-lease]
@@ -27,7 +28,7 @@
 //!   gid: 1337
 //!   logLevel: info
 //!   drainDuration: 5s
-//!   ports: {outbound: 15001, inbound: 15006, admin: 15000, readiness: 15021, metrics: 15090}
+//!   ports: {outbound: 15001, inbound: 15006, admin: 15000, appHealth: 15020, readiness: 15021, metrics: 15090}
 //!   resources:
 //!     requests: {cpu: 100m, memory: 128Mi}
 //!     limits: {cpu: 2000m, memory: 1Gi}
@@ -77,6 +78,11 @@ pub struct InjectionConfig {
     pub image_pull_secrets: Vec<String>,
     pub native_sidecar: bool,
     pub hold_application_until_proxy_starts: bool,
+    /// Rewrite the app containers' HTTP, TCP and gRPC probes to the proxy's app-health port
+    /// (Istio's `values.sidecarInjectorWebhook.rewriteAppHTTPProbe`); a pod's annotation
+    /// `sidecar.meshctl.io/rewriteAppHTTPProbers` (or Istio's) wins.
+    #[serde(rename = "rewriteAppHTTPProbe")]
+    pub rewrite_app_http_probe: bool,
     pub control_plane_address: String,
     pub mesh_namespace: String,
     pub skip_namespaces: Vec<String>,
@@ -117,6 +123,8 @@ pub struct ProxyPorts {
     pub outbound: u16,
     pub inbound: u16,
     pub admin: u16,
+    /// App probes rewritten by injection (`/app-health/<container>/...`), all addresses.
+    pub app_health: u16,
     pub readiness: u16,
     pub metrics: u16,
 }
@@ -180,6 +188,7 @@ impl Default for InjectionConfig {
             image_pull_secrets: Vec::new(),
             native_sidecar: true,
             hold_application_until_proxy_starts: false,
+            rewrite_app_http_probe: true,
             control_plane_address: format!("meshd.mesh-system.svc:{}", ports::DISTRIBUTION),
             mesh_namespace: s("mesh-system"),
             skip_namespaces: vec![s("kube-system"), s("kube-public"), s("kube-node-lease")],
@@ -226,6 +235,7 @@ impl Default for ProxyPorts {
             outbound: ports::SIDECAR_OUTBOUND,
             inbound: ports::SIDECAR_INBOUND,
             admin: ports::ADMIN,
+            app_health: ports::APP_HEALTH,
             readiness: ports::READINESS,
             metrics: ports::METRICS,
         }
@@ -416,7 +426,14 @@ impl InjectionConfig {
             }
         }
         let p = self.proxy.ports;
-        let mut ports = [p.outbound, p.inbound, p.admin, p.readiness, p.metrics];
+        let mut ports = [
+            p.outbound,
+            p.inbound,
+            p.admin,
+            p.app_health,
+            p.readiness,
+            p.metrics,
+        ];
         ports.sort_unstable();
         if ports.windows(2).any(|w| w[0] == w[1]) || ports[0] == 0 {
             return Err(invalid(

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod decision;
 pub mod patch;
+pub mod probes;
 pub mod redirect;
 pub mod template;
 pub mod workload;
@@ -45,6 +46,10 @@ pub struct Status {
     pub labels: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub annotations: Vec<String>,
+    /// The app probes rewritten to the proxy's app-health port, with their original
+    /// handlers ([`probes::Originals`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub probes: probes::Originals,
 }
 
 /// Result of running the core on one pod template.
@@ -67,6 +72,7 @@ pub fn strip(tpl: &mut PodTemplateSpec) {
     let ours = |list: &[String], name: &str| list.iter().any(|n| n == name);
     let fixed = [template::INIT_NAME, template::PROXY_NAME];
     if let Some(spec) = tpl.spec.as_mut() {
+        probes::restore(&mut spec.containers, &status.probes);
         spec.containers
             .retain(|c| !ours(&status.containers, &c.name) && !fixed.contains(&c.name.as_str()));
         if let Some(ic) = spec.init_containers.as_mut() {
@@ -151,7 +157,13 @@ pub fn inject_template(
         ..Default::default()
     };
     let init = template::init_container(cfg, &opts);
-    let proxy = template::proxy_container(cfg, &opts);
+    let mut proxy = template::proxy_container(cfg, &opts);
+    // App probes go through the proxy (before the proxy joins the containers).
+    let rewritten = probes::rewrite_pod(cfg, &annotations, &mut spec.containers)?;
+    if let Some(env) = probes::env(&rewritten.probers) {
+        proxy.env.get_or_insert_with(Vec::new).push(env);
+    }
+    status.probes = rewritten.originals;
     let first_app = spec.containers.first().map(|c| c.name.clone());
 
     // Containers.

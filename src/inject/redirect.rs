@@ -37,7 +37,7 @@ mod tests {
         assert_eq!(
             s.args().join(" "),
             "redirect --proxy-uid 1337 --proxy-gid 1337 --inbound-port 15006 --outbound-port 15001 \
-             --include-inbound-ports * --exclude-inbound-ports 15000,15021,15090 \
+             --include-inbound-ports * --exclude-inbound-ports 15000,15020,15021,15090 \
              --include-outbound-ip-ranges *"
         );
     }
@@ -75,7 +75,7 @@ mod tests {
         assert!(
             s.args()
                 .join(" ")
-                .contains("--exclude-inbound-ports 9090,15000,15021,15090")
+                .contains("--exclude-inbound-ports 9090,15000,15020,15021,15090")
         );
     }
 

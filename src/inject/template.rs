@@ -109,7 +109,7 @@ pub fn redirect_spec(
     let p = cfg.proxy.ports;
     let mut exclude_inbound = ports("excludeInboundPorts", &t.exclude_inbound_ports)?;
     if let PortSet::List(l) = &mut exclude_inbound {
-        l.extend([p.admin, p.readiness, p.metrics]);
+        l.extend([p.admin, p.app_health, p.readiness, p.metrics]);
     }
     Ok(RedirectSpec {
         proxy_uid: cfg.proxy.uid,
@@ -292,6 +292,8 @@ pub fn proxy_container(cfg: &InjectionConfig, o: &PodOptions) -> Container {
         ports.outbound.to_string(),
         "--admin-port".into(),
         ports.admin.to_string(),
+        "--app-health-port".into(),
+        ports.app_health.to_string(),
         "--readiness-port".into(),
         ports.readiness.to_string(),
         "--metrics-port".into(),

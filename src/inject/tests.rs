@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
 use super::config::Policy;
@@ -606,4 +607,89 @@ fn user_objects_with_our_names_are_refused() {
     let once = inject_template(&pod(&[], &[], json!({})), &n, &cfg, Mode::Offline).unwrap();
     let twice = inject_template(&once.template, &n, &cfg, Mode::Webhook).unwrap();
     assert_eq!(once.template, twice.template);
+}
+
+/// App probes through the proxy: injection rewrites them, re-injection changes nothing, and
+/// removing the injection gives the pod its probes back as written.
+#[test]
+fn probes_rewritten_reinjected_and_restored() {
+    let cfg = InjectionConfig::default();
+    let p = pod(
+        &[],
+        &[],
+        json!({"containers": [{"name": "app", "image": "app:1",
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 9},
+            "readinessProbe": {"exec": {"command": ["true"]}}}]}),
+    );
+    let n = ns("demo", &[]);
+    let a = inject_template(&p, &n, &cfg, Mode::Offline).unwrap();
+    let spec = a.template.spec.as_ref().unwrap();
+    let live = spec.containers[0].liveness_probe.as_ref().unwrap();
+    assert_eq!(
+        serde_json::to_value(live).unwrap(),
+        json!({"httpGet": {"path": "/app-health/app/livez", "port": 15020}, "periodSeconds": 9})
+    );
+    assert!(
+        spec.containers[0]
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .exec
+            .is_some()
+    );
+    let proxy = &spec.init_containers.as_ref().unwrap()[1];
+    let env = proxy.env.as_ref().unwrap();
+    let probers = env
+        .iter()
+        .find(|e| e.name == mesh_wire::names::ENV_APP_PROBERS)
+        .and_then(|e| e.value.as_deref())
+        .unwrap();
+    assert_eq!(
+        probers,
+        r#"{"/app-health/app/livez":{"httpGet":{"path":"/healthz","port":8080}}}"#
+    );
+    // The proxy's own readiness probe stays on its readiness port.
+    let rp = proxy
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(rp.port, IntOrString::Int(15021));
+
+    let b = inject_template(&a.template, &n, &cfg, Mode::Offline).unwrap();
+    assert_eq!(a.template, b.template);
+    let mut s = a.template.clone();
+    strip(&mut s);
+    assert_eq!(s.spec, p.spec, "probes restored, named port included");
+
+    // Opted out on an injected pod: re-injection restores the originals.
+    let mut opted = a.template.clone();
+    opted
+        .metadata
+        .as_mut()
+        .unwrap()
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(
+            "sidecar.meshctl.io/rewriteAppHTTPProbers".into(),
+            "false".into(),
+        );
+    let c = inject_template(&opted, &n, &cfg, Mode::Offline).unwrap();
+    let spec = c.template.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.containers[0].liveness_probe,
+        p.spec.as_ref().unwrap().containers[0].liveness_probe
+    );
+    let proxy = &spec.init_containers.as_ref().unwrap()[1];
+    assert!(
+        !proxy
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == mesh_wire::names::ENV_APP_PROBERS)
+    );
 }

@@ -257,6 +257,11 @@ pub fn from_istio_operator(mut io: Map<String, Value>) -> (Map<String, Value>, V
             &["gatewayApi", "enabled"],
             boolish,
         ),
+        (
+            &["values", "sidecarInjectorWebhook", "rewriteAppHTTPProbe"],
+            &["injection", "rewriteAppHTTPProbe"],
+            boolish,
+        ),
     ];
     for (from, to, conv) in mappings {
         if let Some(v) = take(&mut io, from) {

@@ -168,7 +168,7 @@ fn the_seed_istio_operator_maps_with_one_warning_for_the_rest() {
     assert!(r.values.gateway_api.enabled);
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
 
-    let extra = "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {name: x}\nspec:\n  profile: minimal\n  hub: docker.io/istio\n  tag: 1.22\n  namespace: istio-system\n  meshConfig:\n    accessLogFile: /dev/stdout\n    outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n  components:\n    pilot: {enabled: true, k8s: {replicaCount: 2, hpaSpec: {maxReplicas: 5}}}\n    ingressGateways:\n    - name: istio-ingressgateway\n      enabled: true\n      k8s: {service: {type: ClusterIP}}\n    - name: other\n      enabled: true\n  values:\n    global: {proxy: {privileged: true}}\n    pilot: {env: {PILOT_ENABLE_GATEWAY_API: \"false\", OTHER: \"1\"}}\n";
+    let extra = "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {name: x}\nspec:\n  profile: minimal\n  hub: docker.io/istio\n  tag: 1.22\n  namespace: istio-system\n  meshConfig:\n    accessLogFile: /dev/stdout\n    outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n  components:\n    pilot: {enabled: true, k8s: {replicaCount: 2, hpaSpec: {maxReplicas: 5}}}\n    ingressGateways:\n    - name: istio-ingressgateway\n      enabled: true\n      k8s: {service: {type: ClusterIP}}\n    - name: other\n      enabled: true\n  values:\n    global: {proxy: {privileged: true}}\n    pilot: {env: {PILOT_ENABLE_GATEWAY_API: \"false\", OTHER: \"1\"}}\n    sidecarInjectorWebhook: {rewriteAppHTTPProbe: \"false\"}\n";
     let r = resolve(&[input("io.yaml", extra)], &[]).unwrap();
     assert_eq!(r.profile, "minimal");
     assert_eq!(r.values.hub, "docker.io/istio");
@@ -180,6 +180,8 @@ fn the_seed_istio_operator_maps_with_one_warning_for_the_rest() {
         ServiceType::ClusterIP
     );
     assert!(!r.values.gateway_api.enabled);
+    // Istio's switch for rewriting app probes reaches the injection config.
+    assert!(!r.values.injection_config().unwrap().rewrite_app_http_probe);
     assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
     assert_eq!(
         r.warnings[0],

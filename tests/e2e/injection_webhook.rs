@@ -839,3 +839,190 @@ async fn pod_create_latency_with_and_without_the_webhook() {
     }
     registered.delete(env).await;
 }
+
+/// App probes through the proxy: the webhook rewrites the app's HTTP (named port), TCP and
+/// gRPC probes to the proxy's app-health port and hands the originals to the proxy; the API
+/// server validates and stores the rewritten pod and kwok runs it. A pod opting out keeps its
+/// probes as written.
+#[tokio::test]
+async fn app_probes_are_rewritten_to_the_proxy_and_accepted_by_the_api_server() {
+    use mesh_wire::app_probe;
+    use mesh_wire::names::ENV_APP_PROBERS;
+
+    let env = TestEnv::shared();
+    let client = env.client().unwrap();
+    let hook = Webhook::start(env).await;
+    let scope = env.create_namespace("injwh-probes-scope").await.unwrap();
+    let ns = namespace(env, "injwh-probes", &scope, &["mesh-injection=enabled"]).await;
+    hook.wait_for_label(&ns, "mesh-injection=enabled").await;
+    let name = format!("meshctl-sidecar-injector-{scope}");
+    let registered = Registered::create(
+        env,
+        &hook_config(&name, &scope, &hook.url(), env.ca_pem(), "Fail"),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    wait_until_injecting(&pods).await;
+
+    let probed = |name: &str, annotations: serde_json::Value| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": name, "annotations": annotations },
+            "spec": { "containers": [{
+                "name": "myapp",
+                "image": "rlawnsdud/demo",
+                "ports": [{ "name": "http", "containerPort": 5678 }, { "containerPort": 9090 }],
+                "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http" },
+                    "periodSeconds": 7, "timeoutSeconds": 2 },
+                "readinessProbe": { "tcpSocket": { "port": 5678 } },
+                "startupProbe": { "grpc": { "port": 9090, "service": "myapp" },
+                    "failureThreshold": 20 },
+            }, {
+                "name": "helper",
+                "image": "busybox",
+                "livenessProbe": { "exec": { "command": ["true"] } },
+            }]},
+        }))
+        .unwrap()
+    };
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &probed("probed", serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    let spec = created.spec.as_ref().unwrap();
+    let app = &spec.containers[0];
+    let rewritten = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let h = p.as_ref().unwrap().http_get.as_ref().unwrap();
+        (h.path.clone().unwrap(), h.port.clone())
+    };
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(
+        rewritten(&app.liveness_probe),
+        ("/app-health/myapp/livez".into(), IntOrString::Int(15020))
+    );
+    assert_eq!(
+        rewritten(&app.readiness_probe),
+        ("/app-health/myapp/readyz".into(), IntOrString::Int(15020))
+    );
+    assert_eq!(
+        rewritten(&app.startup_probe),
+        ("/app-health/myapp/startupz".into(), IntOrString::Int(15020))
+    );
+    let live = app.liveness_probe.as_ref().unwrap();
+    assert_eq!(
+        (live.period_seconds, live.timeout_seconds),
+        (Some(7), Some(2))
+    );
+    assert!(
+        spec.containers[1]
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .exec
+            .is_some()
+    );
+    // The proxy has the originals, ports resolved; its own readiness probe is on 15021.
+    let proxy = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == PROXY_NAME)
+        .unwrap();
+    let json = proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == ENV_APP_PROBERS)
+        .and_then(|e| e.value.clone())
+        .expect("the proxy gets the app probes");
+    let probers = app_probe::parse(&json).unwrap();
+    assert_eq!(probers.len(), 3, "{json}");
+    assert_eq!(
+        probers["/app-health/myapp/livez"]
+            .http_get
+            .as_ref()
+            .unwrap()
+            .port,
+        5678
+    );
+    assert_eq!(probers["/app-health/myapp/livez"].timeout_seconds, 2);
+    assert_eq!(
+        probers["/app-health/myapp/startupz"]
+            .grpc
+            .as_ref()
+            .unwrap()
+            .service
+            .as_deref(),
+        Some("myapp")
+    );
+    let proxy_ready = proxy
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(proxy_ready.port, IntOrString::Int(15021));
+    let args = proxy.args.as_ref().unwrap().join(" ");
+    assert!(args.contains("--app-health-port 15020"), "{args}");
+    let init = spec.init_containers.as_ref().unwrap()[0]
+        .args
+        .as_ref()
+        .unwrap()
+        .join(" ");
+    assert!(
+        init.contains("--exclude-inbound-ports 15000,15020,15021,15090"),
+        "{init}"
+    );
+    // The status annotation keeps the originals as written (the named port).
+    let status: Status =
+        serde_json::from_str(&created.metadata.annotations.as_ref().unwrap()[STATUS_ANNOTATION])
+            .unwrap();
+    assert_eq!(
+        status.probes["myapp"]["livenessProbe"]["httpGet"]["port"],
+        serde_json::json!("http")
+    );
+
+    // Opted out with Istio's annotation: injected, probes as written.
+    let opted = pods
+        .create(
+            &PostParams::default(),
+            &probed(
+                "opted-out",
+                serde_json::json!({"sidecar.istio.io/rewriteAppHTTPProbers": "false"}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(is_meshed(&opted));
+    let want = probed("x", serde_json::json!({}));
+    let want = &want.spec.as_ref().unwrap().containers[0];
+    let got = &opted.spec.as_ref().unwrap().containers[0];
+    assert_eq!(
+        rewritten(&got.liveness_probe),
+        ("/healthz".into(), IntOrString::String("http".into()))
+    );
+    assert_eq!(
+        got.readiness_probe.as_ref().unwrap().tcp_socket,
+        want.readiness_probe.as_ref().unwrap().tcp_socket
+    );
+
+    // kwok runs the rewritten pod.
+    let running = eventually(
+        Duration::from_secs(120),
+        "the probed pod to be Running",
+        || async {
+            let pod = pods.get("probed").await?;
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            Ok((phase == Some("Running")).then_some(pod))
+        },
+    )
+    .await
+    .unwrap();
+    assert_running(&running);
+    registered.delete(env).await;
+}

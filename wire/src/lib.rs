@@ -1,6 +1,8 @@
 //! The contract between the control plane (`meshctl`) and the proxy (`mesh-proxy`): what both
 //! sides must agree on, in one place, so neither has to depend on the other to speak to it.
 //!
+//! - [`app_probe`]: the app probes the injector rewrites to the proxy's app-health port, as
+//!   the proxy container's environment carries them.
 //! - [`certificate`]: workload certificate issuance (CSR in, chain and trust bundle out).
 //! - [`distribution`]: the config distribution protocol's messages and framing (the proxy's
 //!   client lives in `mesh-proxy`, the server in `meshctl`'s control plane).
@@ -11,6 +13,7 @@
 //!
 //! Pure data and functions: no I/O, no runtime, no Kubernetes types.
 
+pub mod app_probe;
 pub mod certificate;
 pub mod distribution;
 pub mod names;

@@ -24,3 +24,10 @@ pub const ENV_CONTROL_PLANE: &str = "MESH_CONTROL_PLANE";
 pub const ENV_CA_ROOT_PATH: &str = "MESH_CA_ROOT_PATH";
 /// Environment variable for the service-account token the proxy presents to the control plane.
 pub const ENV_TOKEN_PATH: &str = "MESH_TOKEN_PATH";
+/// Environment variable of the proxy container: the app probes injection rewrote to the
+/// app-health port, as JSON of [`crate::app_probe::AppProbers`] (Istio's
+/// `ISTIO_KUBE_APP_PROBERS` shape).
+pub const ENV_APP_PROBERS: &str = "MESH_KUBE_APP_PROBERS";
+/// Pod annotation turning the rewrite of app probes off (`"false"`); Istio's
+/// `sidecar.istio.io/rewriteAppHTTPProbers` is honoured the same way.
+pub const REWRITE_PROBES_ANNOTATION: &str = "sidecar.meshctl.io/rewriteAppHTTPProbers";

@@ -292,7 +292,7 @@ impl RedirectSpec {
 }
 
 /// The nat rules `mesh-proxy redirect` writes for the injector's defaults (proxy uid/gid 1337,
-/// inbound 15006, outbound 15001, admin/readiness/metrics ports excluded), in pieces, for the
+/// inbound 15006, outbound 15001, admin/app-health/readiness/metrics ports excluded), in pieces, for the
 /// rule-text tests of both `mesh-proxy redirect` and the injector (meshctl).
 #[cfg(any(test, feature = "testing"))]
 pub mod testing {
@@ -318,6 +318,7 @@ pub mod testing {
     /// Inbound capture of every port but the proxy's own.
     pub const DEFAULT_INBOUND: &str = "-A PREROUTING -p tcp -j MESH_INBOUND
 -A MESH_INBOUND -p tcp --dport 15000 -j RETURN
+-A MESH_INBOUND -p tcp --dport 15020 -j RETURN
 -A MESH_INBOUND -p tcp --dport 15021 -j RETURN
 -A MESH_INBOUND -p tcp --dport 15090 -j RETURN
 -A MESH_INBOUND -p tcp -j MESH_IN_REDIRECT
@@ -337,7 +338,7 @@ mod tests {
             inbound_port: crate::ports::SIDECAR_INBOUND,
             outbound_port: crate::ports::SIDECAR_OUTBOUND,
             include_inbound_ports: PortSet::All,
-            exclude_inbound_ports: PortSet::parse("15090,15000,15021").unwrap(),
+            exclude_inbound_ports: PortSet::parse("15090,15000,15020,15021").unwrap(),
             include_outbound_ports: PortSet::none(),
             exclude_outbound_ports: PortSet::none(),
             include_outbound_ip_ranges: IpRanges::All,
@@ -351,7 +352,7 @@ mod tests {
         assert_eq!(
             s.args().join(" "),
             "redirect --proxy-uid 1337 --proxy-gid 1337 --inbound-port 15006 --outbound-port 15001 \
-             --include-inbound-ports * --exclude-inbound-ports 15000,15021,15090 \
+             --include-inbound-ports * --exclude-inbound-ports 15000,15020,15021,15090 \
              --include-outbound-ip-ranges *"
         );
         assert_eq!(

@@ -17,7 +17,7 @@ fn spec(line: &str) -> RedirectSpec {
 }
 
 const DEFAULT_LINE: &str = "--proxy-uid 1337 --proxy-gid 1337 --inbound-port 15006 \
-    --outbound-port 15001 --include-inbound-ports * --exclude-inbound-ports 15000,15021,15090 \
+    --outbound-port 15001 --include-inbound-ports * --exclude-inbound-ports 15000,15020,15021,15090 \
     --include-outbound-ip-ranges *";
 
 use mesh_wire::redirect::testing::{DEFAULT_INBOUND, HEAD, OWNER};
@@ -56,7 +56,7 @@ fn other_uid_gid_and_ports() {
 #[test]
 fn include_inbound_port_list_minus_excluded() {
     let s = spec(
-        "--include-inbound-ports 8080,5678,15021 --exclude-inbound-ports 15000,15021,15090 \
+        "--include-inbound-ports 8080,5678,15021 --exclude-inbound-ports 15000,15020,15021,15090 \
          --include-outbound-ip-ranges *",
     );
     assert_eq!(
@@ -72,7 +72,7 @@ fn include_inbound_port_list_minus_excluded() {
 
 #[test]
 fn no_include_inbound_means_no_inbound_capture() {
-    let s = spec("--exclude-inbound-ports 15000,15021,15090 --include-outbound-ip-ranges *");
+    let s = spec("--exclude-inbound-ports 15000,15020,15021,15090 --include-outbound-ip-ranges *");
     assert_eq!(
         s.iptables_rules(),
         format!("{HEAD}{OWNER}-A MESH_OUTPUT -j MESH_REDIRECT\nCOMMIT\n")
@@ -91,7 +91,7 @@ fn no_outbound_include_means_no_outbound_capture() {
 #[test]
 fn exclude_outbound_ports_and_ranges() {
     let s = spec(
-        "--include-inbound-ports * --exclude-inbound-ports 15000,15021,15090 \
+        "--include-inbound-ports * --exclude-inbound-ports 15000,15020,15021,15090 \
          --exclude-outbound-ports 6379,5432 --include-outbound-ip-ranges * \
          --exclude-outbound-ip-ranges 169.254.169.254,10.0.0.0/8",
     );
@@ -112,7 +112,7 @@ COMMIT
 #[test]
 fn include_outbound_ports_and_ranges() {
     let s = spec(
-        "--include-inbound-ports * --exclude-inbound-ports 15000,15021,15090 \
+        "--include-inbound-ports * --exclude-inbound-ports 15000,15020,15021,15090 \
          --include-outbound-ports 443 --include-outbound-ip-ranges 10.96.0.0/12",
     );
     assert_eq!(

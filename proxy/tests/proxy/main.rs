@@ -1,5 +1,6 @@
 //! Integration tests of the request path over real sockets: an echo backend, the proxy, a client.
 
+mod app_health;
 mod bench;
 mod cli;
 mod common;
