@@ -20,7 +20,7 @@ use crate::connection::{HttpSettings, InFlight};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::observe::{Arrival, Finished};
-use crate::ratelimit::{RateLimitDecision, RateLimiters};
+use crate::ratelimit::{RateLimitDecision, RateLimiter, RateLimiters};
 use crate::routing::{
     Action, CompiledFilter, CompiledRoute, HeaderOps, ListenerTable, RequestInfo, RouteTable,
     Target, Upstream, rewrite_path,
@@ -218,7 +218,7 @@ async fn serve(
             passthrough = CompiledRoute::passthrough(
                 format!("inbound|{}", dst.port()).into(),
                 SocketAddr::new(INBOUND_APP_IP, dst.port()),
-                st.table.inbound_limit(dst.port()).map(str::to_string),
+                st.table.inbound_limit(dst.port()).cloned(),
                 Backend::default_connect_timeout(),
             );
             Some(&passthrough)
@@ -230,12 +230,7 @@ async fn serve(
         None => {
             // The listener's limit applies to every request it gets, routed or not.
             let mut extra = HeaderMap::new();
-            if let Some(resp) = check_limit(
-                &st.snapshot.limiters,
-                st.table.rate_limit.as_deref(),
-                out,
-                &mut extra,
-            ) {
+            if let Some(resp) = check_limit(st.table.rate_limit.as_ref(), out, &mut extra) {
                 return resp;
             }
             let mut resp = fail(out, ProxyError::NoRoute);
@@ -248,8 +243,8 @@ async fn serve(
 
     // Rate limits: listener, then route, then (below) the chosen backend.
     let mut extra = HeaderMap::new();
-    for name in [st.table.rate_limit.as_deref(), route.rate_limit.as_deref()] {
-        if let Some(mut resp) = check_limit(&st.snapshot.limiters, name, out, &mut extra) {
+    for limit in [st.table.rate_limit.as_ref(), route.rate_limit.as_ref()] {
+        if let Some(mut resp) = check_limit(limit, out, &mut extra) {
             apply_ops(&route_resp_ops, resp.headers_mut());
             return resp;
         }
@@ -280,12 +275,8 @@ async fn serve(
                 Target::Upstream(upstream) => {
                     out.backend = Some(upstream.name.clone());
                     backend_resp_ops.extend(response_ops(&choice.filters));
-                    if let Some(mut resp) = check_limit(
-                        &st.snapshot.limiters,
-                        upstream.rate_limit.as_deref(),
-                        out,
-                        &mut extra,
-                    ) {
+                    if let Some(mut resp) = check_limit(choice.rate_limit.as_ref(), out, &mut extra)
+                    {
                         apply_ops(&route_resp_ops, resp.headers_mut());
                         apply_ops(&backend_resp_ops, resp.headers_mut());
                         return resp;
@@ -324,16 +315,14 @@ fn fail(out: &mut Outcome, e: ProxyError) -> Response<ProxyBody> {
     r
 }
 
-/// Checks one named limit. `Some(response)` when limited; otherwise its headers (if any)
-/// are collected into `extra` for the final response.
+/// Checks one limit (resolved when the table was built). `Some(response)` when limited;
+/// otherwise its headers (if any) are collected into `extra` for the final response.
 fn check_limit(
-    limiters: &RateLimiters,
-    name: Option<&str>,
+    limit: Option<&RateLimiter>,
     out: &mut Outcome,
     extra: &mut HeaderMap,
 ) -> Option<Response<ProxyBody>> {
-    let name = name?;
-    match limiters.check(name)? {
+    match limit?.check() {
         RateLimitDecision::Allowed { headers } => {
             extra.extend(headers);
             None

@@ -195,12 +195,13 @@ fn compile(
     options: &ProxyOptions,
 ) -> Result<Arc<Snapshot>, ServeError> {
     config.validate().map_err(ServeError::Invalid)?;
-    let table = RouteTable::build(config, previous.map(|p| &*p.table))?;
+    // Limiters first: the table resolves every limit name to one of them.
     let limiters = RateLimiters::build_with(
         &config.rate_limits,
         previous.map(|p| &*p.limiters),
         options.distributed_instances,
     );
+    let table = RouteTable::build(config, previous.map(|p| &*p.table), &limiters)?;
     Ok(Arc::new(Snapshot {
         config: Arc::new(config.clone()),
         table: Arc::new(table),
