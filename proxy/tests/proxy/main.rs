@@ -1,8 +1,8 @@
 //! Integration tests of the request path over real sockets: an echo backend, the proxy, a client.
 
-mod bench;
 mod cli;
 mod common;
+mod concurrency;
 mod fuzz;
 mod hardening;
 mod http_features;
