@@ -62,6 +62,9 @@ struct Class {
     kind: &'static str,
     flag: ResponseFlags,
     upstream: Option<UpstreamErrorKind>,
+    /// The destination refused the connection or closed it without answering: a sidecar
+    /// passthrough closes the downstream connection instead of answering.
+    refused: bool,
 }
 
 impl ProxyError {
@@ -74,6 +77,7 @@ impl ProxyError {
             kind,
             flag,
             upstream,
+            refused: false,
         };
         match self {
             ProxyError::NoRoute => c(
@@ -104,13 +108,16 @@ impl ProxyError {
                 F::NO_HEALTHY_UPSTREAM,
                 Some(U::NoEndpoints),
             ),
-            ProxyError::Connect(_) => c(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error\n",
-                "connect_failure",
-                F::UPSTREAM_CONNECT_FAILURE,
-                Some(U::Connect),
-            ),
+            ProxyError::Connect(_) => Class {
+                refused: true,
+                ..c(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error\n",
+                    "connect_failure",
+                    F::UPSTREAM_CONNECT_FAILURE,
+                    Some(U::Connect),
+                )
+            },
             ProxyError::Timeout => c(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream request timeout\n",
@@ -125,13 +132,16 @@ impl ProxyError {
                 F::STREAM_IDLE_TIMEOUT,
                 Some(U::Timeout),
             ),
-            ProxyError::UpstreamReset(_) => c(
-                StatusCode::BAD_GATEWAY,
-                "upstream reset before response headers\n",
-                "upstream_reset",
-                F::UPSTREAM_CONNECTION_TERMINATION,
-                Some(U::Reset),
-            ),
+            ProxyError::UpstreamReset(_) => Class {
+                refused: true,
+                ..c(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream reset before response headers\n",
+                    "upstream_reset",
+                    F::UPSTREAM_CONNECTION_TERMINATION,
+                    Some(U::Reset),
+                )
+            },
             ProxyError::UpstreamProtocol(_) => c(
                 StatusCode::BAD_GATEWAY,
                 "upstream protocol error\n",
@@ -180,6 +190,12 @@ impl ProxyError {
     /// The `upstream_error` metric kind, when the backend is to blame.
     pub fn upstream_error_kind(&self) -> Option<UpstreamErrorKind> {
         self.class().upstream
+    }
+
+    /// The destination refused the connection, or closed it without answering (a sidecar
+    /// passthrough then closes the downstream connection: refused stays refused).
+    pub fn refused(&self) -> bool {
+        self.class().refused
     }
 
     /// The short text body sent downstream.
@@ -241,4 +257,43 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_statuses_with_short_bodies() {
+        for (e, s) in [
+            (ProxyError::NoRoute, 404),
+            (ProxyError::InvalidBackend("x".into()), 500),
+            (ProxyError::NoBackends, 500),
+            (ProxyError::NoEndpoints("b".into()), 503),
+            (ProxyError::Connect("refused".into()), 503),
+            (ProxyError::Timeout, 504),
+            (ProxyError::UpstreamReset("reset".into()), 502),
+            (ProxyError::HeadersTooLarge, 431),
+        ] {
+            let r = e.into_response();
+            assert_eq!(r.status().as_u16(), s, "{e}");
+            assert_eq!(r.headers()[CONTENT_TYPE], "text/plain");
+            assert!(e.body().len() < 64);
+        }
+    }
+
+    #[test]
+    fn only_a_refusal_or_a_close_without_answer_is_refused() {
+        assert!(ProxyError::Connect("refused".into()).refused());
+        assert!(ProxyError::UpstreamReset("closed".into()).refused());
+        for e in [
+            ProxyError::NoEndpoints("b".into()),
+            ProxyError::Timeout,
+            ProxyError::StreamIdleTimeout,
+            ProxyError::UpstreamProtocol("x".into()),
+            ProxyError::DownstreamBody("x".into()),
+        ] {
+            assert!(!e.refused(), "{e}");
+        }
+    }
 }

@@ -8,8 +8,23 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 use crate::access_log::{AccessLogEntry, AccessLogger, ResponseFlags, protocol_name};
-use crate::handler::Outcome;
+use crate::error::ProxyError;
 use crate::metrics::Metrics;
+
+/// What happened to one request, for metrics and the access log.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub route: Option<Arc<str>>,
+    pub backend: Option<Arc<str>>,
+    pub upstream_host: Option<Arc<str>>,
+    pub error: Option<ProxyError>,
+    /// Name of the limit that refused the request.
+    pub rate_limited: Option<String>,
+    /// Answered by the route itself (direct response or redirect).
+    pub direct: bool,
+    /// Served by a sidecar passthrough route (original destination, or the local app).
+    pub passthrough: bool,
+}
 
 /// What is known of a request when it arrives (kept only while the access log is on).
 pub struct Arrival {

@@ -2,7 +2,8 @@
 //!
 //! [`RouteTable::build`] turns a validated [`ProxyConfig`] into per-listener tables with
 //! regexes compiled, hostnames indexed, weights prefix-summed and backends resolved to shared
-//! endpoint sets. Matching ([`ListenerTable::route`]) is a pure function of the request parts,
+//! endpoint sets and rate-limit names resolved to [`RateLimiter`] handles (the request path
+//! never looks a limit up by name). Matching ([`ListenerTable::route`]) is a pure function of the request parts,
 //! so it is unit tested here without sockets.
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use crate::config::{
     self, BackendTarget, Filter, HttpLimits, ListenerKind, LoadBalancer, PathMatch, PathRewrite,
     ProxyConfig, RouteAction, StringMatch, Timeouts, UpstreamProtocol,
 };
+use crate::ratelimit::{RateLimiter, RateLimiters};
 
 /// A problem that makes a config impossible to compile (beyond [`ProxyConfig::validate`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +41,8 @@ pub struct Upstream {
     pub load_balancer: LoadBalancer,
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
+    /// The configured name of the backend's limit: part of what makes a backend the same
+    /// across builds. The request path checks the handle on each [`WeightedTarget`].
     pub rate_limit: Option<String>,
     next: AtomicUsize,
 }
@@ -201,6 +205,8 @@ pub struct WeightedTarget {
     pub target: Target,
     pub weight: u32,
     pub filters: Vec<CompiledFilter>,
+    /// The backend's limit (Service scope), resolved when the table is built.
+    pub rate_limit: Option<RateLimiter>,
 }
 
 #[derive(Debug, Clone)]
@@ -397,7 +403,7 @@ pub struct CompiledRoute {
     pub prefix: Option<String>,
     pub filters: Vec<CompiledFilter>,
     pub action: Action,
-    pub rate_limit: Option<String>,
+    pub rate_limit: Option<RateLimiter>,
     pub timeouts: Timeouts,
 }
 
@@ -448,14 +454,15 @@ pub struct ListenerTable {
     pub name: Arc<str>,
     pub port: u16,
     pub kind: ListenerKind,
-    pub rate_limit: Option<String>,
+    /// The listener's limit (Gateway scope): every request it gets, routed or not.
+    pub rate_limit: Option<RateLimiter>,
     pub limits: HttpLimits,
     pub virtual_hosts: Vec<CompiledVirtualHost>,
     hosts: HostIndex,
     /// Sidecar outbound: mesh Services by original destination.
     services: HashMap<std::net::SocketAddr, Arc<CompiledService>>,
     /// Sidecar inbound: the rate limit of each app port that has one.
-    inbound_limits: HashMap<u16, String>,
+    inbound_limits: HashMap<u16, RateLimiter>,
 }
 
 /// One mesh Service port of a sidecar outbound listener, compiled.
@@ -496,8 +503,8 @@ impl ListenerTable {
     }
 
     /// Sidecar inbound: the rate limit of an app port.
-    pub fn inbound_limit(&self, port: u16) -> Option<&str> {
-        self.inbound_limits.get(&port).map(String::as_str)
+    pub fn inbound_limit(&self, port: u16) -> Option<&RateLimiter> {
+        self.inbound_limits.get(&port)
     }
 }
 
@@ -510,8 +517,14 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Compiles a validated config. `previous` lets backends whose definition did not change
-    /// keep their `Arc` (and round-robin position) across reloads.
-    pub fn build(cfg: &ProxyConfig, previous: Option<&RouteTable>) -> Result<Self, BuildError> {
+    /// keep their `Arc` (and round-robin position) across reloads. Every rate-limit name is
+    /// resolved against `limiters` (the same config's, built first so that unchanged buckets
+    /// keep their state).
+    pub fn build(
+        cfg: &ProxyConfig,
+        previous: Option<&RouteTable>,
+        limiters: &RateLimiters,
+    ) -> Result<Self, BuildError> {
         let mut upstreams = HashMap::new();
         for b in &cfg.backends {
             let reuse = previous
@@ -523,18 +536,17 @@ impl RouteTable {
             };
             upstreams.insert(b.name.clone(), u);
         }
-        let resolve = |t: &BackendTarget, path: &str| -> Result<Target, BuildError> {
-            match t {
-                BackendTarget::Backend(n) => upstreams
-                    .get(n)
-                    .cloned()
-                    .map(Target::Upstream)
-                    .ok_or_else(|| BuildError {
-                        path: path.to_string(),
-                        message: format!("no backend named {n:?}"),
-                    }),
-                BackendTarget::Invalid(reason) => Ok(Target::Invalid(reason.as_str().into())),
+        let mut backend_limits = HashMap::new();
+        for (i, b) in cfg.backends.iter().enumerate() {
+            let path = format!("backends[{i}].rateLimit");
+            if let Some(l) = resolve_limit(limiters, b.rate_limit.as_deref(), &path)? {
+                backend_limits.insert(b.name.as_str(), l);
             }
+        }
+        let resolve = Resolver {
+            upstreams: &upstreams,
+            limiters,
+            backend_limits: &backend_limits,
         };
 
         let mut listeners = Vec::new();
@@ -578,7 +590,7 @@ impl RouteTable {
                     routes.push(compile_route(r, &format!("{sp}.routes[{ri}]"), &resolve)?);
                 }
                 let tcp_backend = match &svc.tcp_backend {
-                    Some(b) => match resolve(
+                    Some(b) => match resolve.target(
                         &BackendTarget::Backend(b.clone()),
                         &format!("{sp}.tcpBackend"),
                     )? {
@@ -600,16 +612,19 @@ impl RouteTable {
                     services.insert(std::net::SocketAddr::new(ip, svc.port), compiled.clone());
                 }
             }
-            let inbound_limits = l
-                .inbound_ports
-                .iter()
-                .filter_map(|p| p.rate_limit.clone().map(|r| (p.port, r)))
-                .collect();
+            let mut inbound_limits = HashMap::new();
+            for (pi, p) in l.inbound_ports.iter().enumerate() {
+                let path = format!("{lp}.inboundPorts[{pi}].rateLimit");
+                if let Some(limit) = resolve.limit(p.rate_limit.as_deref(), &path)? {
+                    inbound_limits.insert(p.port, limit);
+                }
+            }
+            let rate_limit = resolve.limit(l.rate_limit.as_deref(), &format!("{lp}.rateLimit"))?;
             listeners.push(Arc::new(ListenerTable {
                 name: l.name.as_str().into(),
                 port: l.port,
                 kind: l.kind,
-                rate_limit: l.rate_limit.clone(),
+                rate_limit,
                 limits: l.limits,
                 virtual_hosts: vhosts,
                 hosts,
@@ -640,10 +655,65 @@ fn same_upstream(u: &Upstream, b: &config::Backend) -> bool {
         && u.rate_limit == b.rate_limit
 }
 
+/// Resolves a config's references (backends, rate limits) to shared handles while a table is
+/// built.
+struct Resolver<'a> {
+    upstreams: &'a HashMap<String, Arc<Upstream>>,
+    limiters: &'a RateLimiters,
+    /// Each backend's limit, by backend name.
+    backend_limits: &'a HashMap<&'a str, RateLimiter>,
+}
+
+impl Resolver<'_> {
+    fn target(&self, t: &BackendTarget, path: &str) -> Result<Target, BuildError> {
+        match t {
+            BackendTarget::Backend(n) => self
+                .upstreams
+                .get(n)
+                .cloned()
+                .map(Target::Upstream)
+                .ok_or_else(|| BuildError {
+                    path: path.to_string(),
+                    message: format!("no backend named {n:?}"),
+                }),
+            BackendTarget::Invalid(reason) => Ok(Target::Invalid(reason.as_str().into())),
+        }
+    }
+
+    fn limit(&self, name: Option<&str>, path: &str) -> Result<Option<RateLimiter>, BuildError> {
+        resolve_limit(self.limiters, name, path)
+    }
+
+    /// The limit of the backend a share of traffic goes to (`None` for an invalid target).
+    fn backend_limit(&self, t: &Target) -> Option<RateLimiter> {
+        match t {
+            Target::Upstream(u) => self.backend_limits.get(&*u.name).cloned(),
+            Target::Invalid(_) => None,
+        }
+    }
+}
+
+fn resolve_limit(
+    limiters: &RateLimiters,
+    name: Option<&str>,
+    path: &str,
+) -> Result<Option<RateLimiter>, BuildError> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    match limiters.get(name) {
+        Some(l) => Ok(Some(l.clone())),
+        None => Err(BuildError {
+            path: path.to_string(),
+            message: format!("no rate limit named {name:?}"),
+        }),
+    }
+}
+
 fn compile_route(
     r: &config::Route,
     rp: &str,
-    resolve: &dyn Fn(&BackendTarget, &str) -> Result<Target, BuildError>,
+    resolve: &Resolver<'_>,
 ) -> Result<CompiledRoute, BuildError> {
     let m = &r.matches;
     let (path, prefix) = match &m.path {
@@ -690,16 +760,20 @@ fn compile_route(
                 let bp = format!("{rp}.action.backends[{i}]");
                 sum += u64::from(wb.weight);
                 cumulative.push(sum);
+                let target = resolve.target(&wb.target, &format!("{bp}.target"))?;
+                let rate_limit = resolve.backend_limit(&target);
                 backends.push(WeightedTarget {
-                    target: resolve(&wb.target, &format!("{bp}.target"))?,
+                    target,
                     weight: wb.weight,
                     filters: compile_filters(&wb.filters, &format!("{bp}.filters"))?,
+                    rate_limit,
                 });
             }
             let mut mirrors = Vec::new();
             for (i, mi) in f.mirrors.iter().enumerate() {
                 mirrors.push(MirrorTarget {
-                    target: resolve(&mi.target, &format!("{rp}.action.mirrors[{i}].target"))?,
+                    target: resolve
+                        .target(&mi.target, &format!("{rp}.action.mirrors[{i}].target"))?,
                     percent: mi.percent,
                 });
             }
@@ -729,7 +803,7 @@ fn compile_route(
         prefix,
         filters: compile_filters(&r.filters, &format!("{rp}.filters"))?,
         action,
-        rate_limit: r.rate_limit.clone(),
+        rate_limit: resolve.limit(r.rate_limit.as_deref(), &format!("{rp}.rateLimit"))?,
         timeouts: r.timeouts,
     })
 }
@@ -741,7 +815,7 @@ impl CompiledRoute {
     pub fn passthrough(
         name: Arc<str>,
         endpoint: std::net::SocketAddr,
-        rate_limit: Option<String>,
+        rate_limit: Option<RateLimiter>,
         connect_timeout: Duration,
     ) -> CompiledRoute {
         let upstream = Upstream {
@@ -769,6 +843,7 @@ impl CompiledRoute {
                     target: Target::Upstream(Arc::new(upstream)),
                     weight: 1,
                     filters: Vec::new(),
+                    rate_limit: None,
                 }],
                 cumulative: vec![1],
                 mirrors: Vec::new(),

@@ -7,23 +7,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::access_log::AccessLogger;
-use crate::config::{HttpLimits, HttpOptions, ListenerKind, ProxyConfig, ValidationError};
-use crate::connection::{ConnWatch, ConnectionSlots, Expiry, HttpSettings, Slot, watchdog};
-use crate::handler::{ListenerState, Runtime, Snapshot, handle};
+use crate::config::{HttpOptions, ListenerKind, ProxyConfig, ValidationError};
+use crate::connection::{ConnectionSlots, HttpSettings};
+use crate::context::Downstream;
+use crate::downstream::{ConnectionTicket, serve_http_connection};
 use crate::metrics::{Metrics, ReloadResult};
 use crate::observe::Observer;
 use crate::ratelimit::RateLimiters;
 use crate::routing::{BuildError, RouteTable};
+use crate::sidecar::{Captured, serve_captured};
+use crate::state::{ListenerState, Runtime, Snapshot};
 use crate::upstream::Clients;
 use crate::workers::{Workers, serve_connection};
 
@@ -199,12 +198,13 @@ fn compile(
     options: &ProxyOptions,
 ) -> Result<Arc<Snapshot>, ServeError> {
     config.validate().map_err(ServeError::Invalid)?;
-    let table = RouteTable::build(config, previous.map(|p| &*p.table))?;
+    // Limiters first: the table resolves every limit name to one of them.
     let limiters = RateLimiters::build_with(
         &config.rate_limits,
         previous.map(|p| &*p.limiters),
         options.distributed_instances,
     );
+    let table = RouteTable::build(config, previous.map(|p| &*p.table), &limiters)?;
     Ok(Arc::new(Snapshot {
         config: Arc::new(config.clone()),
         table: Arc::new(table),
@@ -441,15 +441,6 @@ struct Acceptor {
     workers: Option<Arc<Workers>>,
 }
 
-/// What a served connection holds until it ends: its place under the cap and in the drain.
-pub(crate) struct ConnectionTicket {
-    _slot: Slot,
-    /// Held while the drain should wait for this connection.
-    draining: Option<TaskTrackerToken>,
-    /// Cancelled when the listener stops: finish in-flight requests, then close.
-    pub drain: CancellationToken,
-}
-
 async fn accept_loop(a: Acceptor) {
     let Acceptor {
         listener,
@@ -492,15 +483,15 @@ async fn accept_loop(a: Acceptor) {
         let _ = stream.set_nodelay(true);
         let kind = state.load().table.kind;
         let guard = gauge.opened();
-        let ticket = ConnectionTicket {
-            _slot: slot,
-            draining: Some(tracker.token()),
-            drain: stop.clone(),
-        };
+        let ticket = ConnectionTicket::new(slot, tracker.token(), stop.clone());
         let (state, rt, kill) = (state.clone(), rt.clone(), kill.clone());
         if kind == ListenerKind::Gateway {
             let serve = move |stream| async move {
-                serve_http_connection(stream, peer, None, state, rt, &ticket.drain, kill).await;
+                let downstream = Downstream {
+                    peer,
+                    original_dst: None,
+                };
+                serve_http_connection(stream, downstream, state, rt, &ticket.drain, kill).await;
                 drop((guard, ticket));
             };
             serve_connection(workers.as_deref(), stream, serve);
@@ -508,7 +499,7 @@ async fn accept_loop(a: Acceptor) {
             // Captured connections: original destination, protocol detection, then HTTP or
             // an opaque copy (crate::sidecar).
             let serve = move |stream| {
-                let captured = crate::sidecar::Captured {
+                let captured = Captured {
                     stream,
                     peer,
                     state,
@@ -517,7 +508,7 @@ async fn accept_loop(a: Acceptor) {
                     kill,
                     detect_timeout,
                 };
-                crate::sidecar::serve_captured(captured, guard)
+                serve_captured(captured, guard)
             };
             serve_connection(workers.as_deref(), stream, serve);
         }
@@ -525,13 +516,6 @@ async fn accept_loop(a: Acceptor) {
     drop(listener);
     tracker.close();
     tracker.wait().await;
-}
-
-impl ConnectionTicket {
-    /// The drain stops waiting for this connection (opaque TCP copies end with `kill`).
-    pub(crate) fn leave_drain(&mut self) {
-        self.draining = None;
-    }
 }
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -544,85 +528,4 @@ fn is_connection_error(e: &std::io::Error) -> bool {
         e.kind(),
         ConnectionRefused | ConnectionAborted | ConnectionReset
     )
-}
-
-/// Serves HTTP/1.1 or HTTP/2 (with upgrades) on one accepted connection until the client
-/// closes it, the drain or the watchdog closes it, or `kill` fires. `original_dst` is the
-/// captured destination on sidecar listeners.
-pub(crate) async fn serve_http_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    original_dst: Option<SocketAddr>,
-    state: Arc<ArcSwap<ListenerState>>,
-    rt: Arc<Runtime>,
-    drain: &CancellationToken,
-    kill: CancellationToken,
-) {
-    let (limits, http) = {
-        let st = state.load();
-        (st.table.limits, st.snapshot.http.clone())
-    };
-    let watch = Arc::new(ConnWatch::default());
-    let svc = {
-        let watch = watch.clone();
-        service_fn(move |req| {
-            let st = state.load_full();
-            let in_flight = watch.begin();
-            handle(rt.clone(), st, req, peer, original_dst, in_flight)
-        })
-    };
-    let builder = server_builder(limits, &http);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    let dog = watchdog(&watch, http.request_headers_timeout, http.idle_timeout);
-    tokio::pin!(dog);
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                break;
-            }
-            _ = drain.cancelled(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            why = &mut dog, if !closing => match why {
-                Expiry::RequestHeaders => {
-                    tracing::debug!(%peer, timeout = ?http.request_headers_timeout, "no request head in time; closing the connection");
-                    break;
-                }
-                Expiry::Idle => {
-                    tracing::debug!(%peer, timeout = ?http.idle_timeout, "idle connection; closing");
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            },
-            _ = kill.cancelled() => break,
-        }
-    }
-}
-
-fn server_builder(limits: HttpLimits, http: &HttpSettings) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    // The request path checks the exact limits (and answers 431 with a body); hyper's own
-    // parser limits sit above them as a backstop (hyper answers 431 without a body).
-    let max_headers = (limits.max_headers as usize).saturating_mul(2).max(100);
-    let max_buf = (limits.max_header_bytes as usize)
-        .saturating_mul(2)
-        .max(64 * 1024);
-    // Later request heads on a keep-alive connection: hyper's timer, armed at their first
-    // byte (the first head is the watchdog's).
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(http.request_headers_timeout)
-        .keep_alive(true)
-        .max_headers(max_headers)
-        .max_buf_size(max_buf);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes.saturating_mul(2).max(16 * 1024));
-    b
 }

@@ -7,7 +7,7 @@
 //!    listener itself) is closed, so nothing can loop through the proxy;
 //! 2. the protocol is detected by peeking at the first bytes ([`classify`]): an HTTP/1.x
 //!    request line or the HTTP/2 preface → HTTP, served by the request path
-//!    (`handler::handle`, with routes chosen by the original destination); anything else, or
+//!    (`handler::handle`, with routes chosen by the original destination, see `select`); anything else, or
 //!    nothing within the detection timeout (server-first protocols) → opaque TCP;
 //! 3. opaque TCP is copied both ways untouched: outbound to the mesh Service's TCP backend or
 //!    the original destination, inbound to the app on `127.0.0.1:<original port>`. A
@@ -28,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLogEntry, ResponseFlags};
 use crate::config::{Backend, ListenerKind};
-use crate::handler::{ListenerState, Runtime};
+use crate::context::Downstream;
+use crate::downstream::{ConnectionTicket, serve_http_connection};
 use crate::metrics::{ConnectionGuard, UpstreamErrorKind};
+use crate::state::{ListenerState, Runtime};
 
 /// What a captured connection speaks, as far as its first bytes tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +120,7 @@ pub(crate) struct Captured {
     pub peer: SocketAddr,
     pub state: Arc<ArcSwap<ListenerState>>,
     pub rt: Arc<Runtime>,
-    pub ticket: crate::server::ConnectionTicket,
+    pub ticket: ConnectionTicket,
     pub kill: CancellationToken,
     pub detect_timeout: Duration,
 }
@@ -138,16 +140,11 @@ pub(crate) async fn serve_captured(c: Captured, guard: ConnectionGuard) {
 }
 
 async fn serve_http(c: Captured, dst: SocketAddr) {
-    crate::server::serve_http_connection(
-        c.stream,
-        c.peer,
-        Some(dst),
-        c.state,
-        c.rt,
-        &c.ticket.drain,
-        c.kill,
-    )
-    .await;
+    let downstream = Downstream {
+        peer: c.peer,
+        original_dst: Some(dst),
+    };
+    serve_http_connection(c.stream, downstream, c.state, c.rt, &c.ticket.drain, c.kill).await;
 }
 
 /// Inbound: the app, on loopback at the original port.

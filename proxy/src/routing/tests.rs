@@ -7,6 +7,12 @@ fn cfg(v: serde_json::Value) -> ProxyConfig {
     c
 }
 
+/// Compiles `c` the way the proxy does: its limiters first, then the table over them.
+fn build(c: &ProxyConfig, previous: Option<&RouteTable>) -> RouteTable {
+    let limiters = RateLimiters::build(&c.rate_limits, None);
+    RouteTable::build(c, previous, &limiters).unwrap()
+}
+
 fn table(routes: serde_json::Value, hosts: serde_json::Value) -> RouteTable {
     let vhosts: Vec<serde_json::Value> = hosts
         .as_array()
@@ -28,7 +34,7 @@ fn table(routes: serde_json::Value, hosts: serde_json::Value) -> RouteTable {
         "backends": [{"name": "b1", "endpoints": ["127.0.0.1:1"]},
                      {"name": "b2", "endpoints": ["127.0.0.1:2", "127.0.0.1:3"]}],
     }));
-    RouteTable::build(&c, None).unwrap()
+    build(&c, None)
 }
 
 fn fwd(name: &str, m: serde_json::Value) -> serde_json::Value {
@@ -199,7 +205,7 @@ fn weights_are_prefix_summed_and_zero_is_never_chosen() {
         ]}]}],
         "backends": [{"name": "b1", "endpoints": ["127.0.0.1:1"]}, {"name": "b2"}],
     }));
-    let t = RouteTable::build(&c, None).unwrap();
+    let t = build(&c, None);
     let Action::Forward(f) = &t.listeners[0].virtual_hosts[0].routes[0].action else {
         panic!()
     };
@@ -232,7 +238,7 @@ fn round_robin_and_backend_reuse_across_builds() {
     let c = cfg(serde_json::json!({
         "backends": [{"name": "b1", "endpoints": ["127.0.0.1:1"]}, {"name": "b2", "endpoints": ["127.0.0.1:9"]}],
     }));
-    let t2 = RouteTable::build(&c, Some(&t)).unwrap();
+    let t2 = build(&c, Some(&t));
     assert!(Arc::ptr_eq(&t.upstreams["b1"], &t2.upstreams["b1"]));
     assert!(!Arc::ptr_eq(&t.upstreams["b2"], &t2.upstreams["b2"]));
 }
@@ -290,4 +296,93 @@ fn query_decoding() {
             ("d".into(), "x=y".into())
         ]
     );
+}
+
+/// A listener with a limit at every scope: listener, route, backend, an inbound port.
+fn limited_config(route_limit_tokens: u64) -> ProxyConfig {
+    cfg(serde_json::json!({
+        "rateLimits": [
+            {"name": "gw", "maxTokens": 5, "tokensPerFill": 1, "fillInterval": "60s"},
+            {"name": "route", "maxTokens": route_limit_tokens, "tokensPerFill": 1, "fillInterval": "60s"},
+            {"name": "svc", "maxTokens": 7, "tokensPerFill": 1, "fillInterval": "60s"},
+            {"name": "pod", "maxTokens": 9, "tokensPerFill": 1, "fillInterval": "60s"}],
+        "listeners": [
+            {"name": "l", "port": 80, "rateLimit": "gw", "virtualHosts": [{"name": "v", "hostnames": ["*"],
+                "routes": [{"name": "r", "rateLimit": "route", "action": {"type": "forward",
+                    "backends": [{"target": {"backend": "b1"}, "weight": 1}]}}]}]},
+            {"name": "in", "port": 15006, "kind": "sidecarInbound",
+                "inboundPorts": [{"port": 8080, "rateLimit": "pod"}, {"port": 9090}]}],
+        "backends": [{"name": "b1", "endpoints": ["127.0.0.1:1"], "rateLimit": "svc"}],
+    }))
+}
+
+fn route_and_backend(t: &RouteTable) -> (&CompiledRoute, &WeightedTarget) {
+    let r = &t.listeners[0].virtual_hosts[0].routes[0];
+    let Action::Forward(f) = &r.action else {
+        panic!("not a forward")
+    };
+    (r, &f.backends[0])
+}
+
+#[test]
+fn every_scope_holds_the_limiter_of_its_name() {
+    let c = limited_config(3);
+    let limiters = RateLimiters::build(&c.rate_limits, None);
+    let t = RouteTable::build(&c, None, &limiters).unwrap();
+    let same = |held: Option<&RateLimiter>, name: &str| {
+        let held = held.unwrap_or_else(|| panic!("{name}: no limiter held"));
+        assert_eq!(held.name(), name);
+        assert!(Arc::ptr_eq(
+            held.bucket(),
+            limiters.get(name).unwrap().bucket()
+        ));
+    };
+    same(t.listeners[0].rate_limit.as_ref(), "gw");
+    let (r, b) = route_and_backend(&t);
+    same(r.rate_limit.as_ref(), "route");
+    same(b.rate_limit.as_ref(), "svc");
+    same(t.listeners[1].inbound_limit(8080), "pod");
+    assert!(t.listeners[1].inbound_limit(9090).is_none());
+    assert!(t.listeners[1].rate_limit.is_none());
+}
+
+#[test]
+fn a_reload_keeps_the_buckets_of_unchanged_limits() {
+    let c = limited_config(3);
+    let limiters = RateLimiters::build(&c.rate_limits, None);
+    let t = RouteTable::build(&c, None, &limiters).unwrap();
+    let (r, _) = route_and_backend(&t);
+    let route_limit = r.rate_limit.as_ref().unwrap();
+    assert!(route_limit.check().local_reply().is_none());
+    assert_eq!(route_limit.bucket().available(), 2);
+
+    // Same settings: the new table's handles share the old buckets (and their tokens).
+    let limiters2 = RateLimiters::build(&c.rate_limits, Some(&limiters));
+    let t2 = RouteTable::build(&c, Some(&t), &limiters2).unwrap();
+    let (r2, b2) = route_and_backend(&t2);
+    assert_eq!(r2.rate_limit.as_ref().unwrap().bucket().available(), 2);
+    let (_, b) = route_and_backend(&t);
+    assert!(Arc::ptr_eq(
+        b.rate_limit.as_ref().unwrap().bucket(),
+        b2.rate_limit.as_ref().unwrap().bucket()
+    ));
+
+    // The route's budget changes: its handle gets a fresh, full bucket; the others stay.
+    let c3 = limited_config(4);
+    let limiters3 = RateLimiters::build(&c3.rate_limits, Some(&limiters2));
+    let t3 = RouteTable::build(&c3, Some(&t2), &limiters3).unwrap();
+    let (r3, b3) = route_and_backend(&t3);
+    assert_eq!(r3.rate_limit.as_ref().unwrap().bucket().available(), 4);
+    assert!(Arc::ptr_eq(
+        b2.rate_limit.as_ref().unwrap().bucket(),
+        b3.rate_limit.as_ref().unwrap().bucket()
+    ));
+}
+
+#[test]
+fn a_limit_missing_from_the_limiters_is_a_build_error() {
+    let c = limited_config(3);
+    let e = RouteTable::build(&c, None, &RateLimiters::default()).unwrap_err();
+    assert_eq!(e.path, "backends[0].rateLimit");
+    assert_eq!(e.message, "no rate limit named \"svc\"");
 }

@@ -1,9 +1,9 @@
 //! Integration tests of the request path over real sockets: an echo backend, the proxy, a client.
 
 mod app_health;
-mod bench;
 mod cli;
 mod common;
+mod concurrency;
 mod fuzz;
 mod hardening;
 mod http_features;

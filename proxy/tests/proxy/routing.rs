@@ -646,3 +646,67 @@ async fn rate_limit_tokens_come_back_after_the_interval() {
         "refilled, but never above maxTokens (3)"
     );
 }
+
+/// Whichever step ends a request, its response is finished the same way: the route's
+/// response filters, then the chosen backend's, then the `x-ratelimit-*` headers of the
+/// limits that let it through (a limited answer carries only its own limit's headers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_is_finished_with_the_filters_and_limit_headers_it_reached() {
+    let a = EchoServer::start("a").await;
+    let set = |name: &str, value: &str| json!([{"type": "responseHeaderModifier", "set": [{"name": name, "value": value}]}]);
+    let mut cfg = gateway(
+        json!([
+            {"name": "limited", "match": {"path": {"type": "prefix", "value": "/limited"}},
+             "filters": set("x-route", "limited"),
+             "action": {"type": "forward", "backends": [{"target": {"backend": "a"}, "weight": 1,
+                 "filters": set("x-backend", "a")}]}},
+            {"name": "empty", "match": {"path": {"type": "prefix", "value": "/empty"}},
+             "filters": set("x-route", "empty"),
+             "action": {"type": "forward", "backends": [{"target": {"backend": "none"}, "weight": 1,
+                 "filters": set("x-backend", "none")}]}},
+        ]),
+        json!([{"name": "a", "endpoints": [a.endpoint()], "rateLimit": "svc"},
+               {"name": "none"}]),
+    );
+    cfg["listeners"][0]["rateLimit"] = json!("gw");
+    cfg["rateLimits"] = json!([
+        {"name": "gw", "maxTokens": 1000, "tokensPerFill": 1, "fillInterval": "60s",
+         "xRatelimitHeaders": true},
+        {"name": "svc", "maxTokens": 1, "tokensPerFill": 1, "fillInterval": "60s",
+         "responseHeadersToAdd": [{"name": "x-limited-by", "value": "svc"}]},
+    ]);
+    let env = start(cfg).await;
+    let c = TestClient::http1();
+    let seen = |r: &mesh_proxy::testing::TestResponse| {
+        (
+            r.status.as_u16(),
+            r.header("x-route").map(str::to_owned),
+            r.header("x-backend").map(str::to_owned),
+            r.header("x-limited-by").map(str::to_owned),
+            r.header("x-ratelimit-remaining").map(str::to_owned),
+        )
+    };
+    let s = |v: &str| Some(v.to_owned());
+
+    // Forwarded: both filters and the listener limit's headers.
+    let r = c.get(&env.url("/limited"), &[]).await.unwrap();
+    assert_eq!(seen(&r), (200, s("limited"), s("a"), None, s("999")));
+    assert_eq!(r.echo().name, "a");
+    // Refused by the backend's limit: both filters, the limit's own headers, and not the
+    // headers of the listener limit that let it through.
+    let r = c.get(&env.url("/limited"), &[]).await.unwrap();
+    assert_eq!(seen(&r), (429, s("limited"), s("a"), s("svc"), None));
+    assert_eq!(r.text(), "local_rate_limited");
+    // A failure after the limits: the filters it reached and the limits' headers.
+    let r = c.get(&env.url("/empty"), &[]).await.unwrap();
+    assert_eq!(seen(&r), (503, s("empty"), s("none"), None, s("997")));
+    assert_eq!(r.text(), "no healthy upstream\n");
+    // No route: only the listener limit's headers.
+    let r = c.get(&env.url("/elsewhere"), &[]).await.unwrap();
+    assert_eq!(seen(&r), (404, None, None, None, s("996")));
+
+    let m = env.proxy.metrics();
+    assert_eq!(m.rate_limited_count("l", "limited", "svc"), 1);
+    assert_eq!(m.requests_count("l", "empty", "none", 503), 1);
+    assert_eq!(a.requests().len(), 1);
+}
