@@ -17,6 +17,7 @@ pub mod hub;
 pub mod metrics;
 pub mod pods;
 pub mod status;
+pub mod unlisted;
 pub mod watch;
 pub mod world;
 

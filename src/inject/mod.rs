@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod decision;
+pub mod parse;
 pub mod patch;
 pub mod redirect;
 pub mod template;
