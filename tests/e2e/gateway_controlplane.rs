@@ -561,15 +561,25 @@ async fn seed_walkthrough_through_the_control_plane() {
         "gateway pod injected: {:?}",
         names(&gw_spec.init_containers)
     );
-    let container = &gw_deploy
+    let pod_template = gw_deploy
         .spec
         .as_ref()
         .unwrap()
         .template
         .spec
         .as_ref()
-        .unwrap()
-        .containers[0];
+        .unwrap();
+    // Hardened like the installer's ingress gateway (one pod builder for both).
+    let pod_security = pod_template.security_context.as_ref().unwrap();
+    assert_eq!(
+        pod_security
+            .seccomp_profile
+            .as_ref()
+            .map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    let container = &pod_template.containers[0];
     assert_eq!(
         container.image.as_deref(),
         Some("registry.example/meshctl/mesh-proxy:e2e")
