@@ -153,24 +153,23 @@ pub fn parse(texts: &[&str]) -> Vec<Value> {
 }
 
 #[cfg(test)]
+#[path = "../../tests/support/golden.rs"]
+mod golden;
+
+#[cfg(test)]
 mod tests {
+    use super::golden::Goldens;
+
     #[test]
     fn crds_are_current() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
-        let update = std::env::var_os("UPDATE_GOLDEN").is_some();
-        let mut stale = Vec::new();
+        let mut goldens = Goldens::new("cargo test --lib crds_are_current");
         for (path, text) in super::generate() {
-            let file = root.join(path);
-            if update {
-                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-                std::fs::write(&file, &text).unwrap();
-            } else if std::fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
-                stale.push(path);
-            }
+            goldens.check(&root.join(path), &text);
         }
-        assert!(
-            stale.is_empty(),
-            "stale CRDs under manifests/: {stale:?}; regenerate with UPDATE_GOLDEN=1 cargo test --lib crds_are_current"
-        );
+        for dir in ["crds", "gateway-api", "istio"] {
+            goldens.orphans(&root.join(dir), ".yaml");
+        }
+        goldens.finish();
     }
 }
