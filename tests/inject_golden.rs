@@ -1,6 +1,6 @@
-//! Golden corpus: every input under tests/inject/ is injected offline and compared with
-//! its `<input>.injected` file (`tests/support/golden.rs`: UPDATE_GOLDEN=1 rewrites them); injecting the output again
-//! changes nothing; and every pod in it goes through the webhook over real HTTPS, whose
+//! Golden corpus: every input under tests/inject/ is injected offline and compared with its
+//! `<input>.injected` file (`tests/support/golden.rs`: UPDATE_GOLDEN=1 rewrites them);
+//! injecting the output again changes nothing; and every pod in it goes through the webhook over real HTTPS, whose
 //! JSONPatch applied to the original pod must give the offline result.
 
 mod common;
@@ -79,13 +79,18 @@ fn golden_files_are_current_and_injection_is_idempotent() {
     goldens.finish();
 }
 
-/// The seed's deployment.yaml is in the corpus verbatim and every Deployment gets the proxy.
+/// The walkthrough's deployment.yaml is in the corpus verbatim and every Deployment gets the proxy.
 #[test]
-fn seed_deployment_is_injected() {
-    let seed = corpus_dir().join("seed-deployment.yaml");
-    let text = std::fs::read_to_string(&seed).unwrap();
-    let out =
-        offline::inject_text("seed", &text, &InjectionConfig::default(), Some("demo")).unwrap();
+fn walkthrough_deployment_is_injected() {
+    let walkthrough = corpus_dir().join("seed-deployment.yaml");
+    let text = std::fs::read_to_string(&walkthrough).unwrap();
+    let out = offline::inject_text(
+        "walkthrough",
+        &text,
+        &InjectionConfig::default(),
+        Some("demo"),
+    )
+    .unwrap();
     let deployments: Vec<_> = out
         .docs
         .iter()

@@ -1,6 +1,7 @@
-//! Golden tests of `meshctl manifest generate` for every profile (and the seed's
+//! Golden tests of `meshctl manifest generate` for every profile (and the walkthrough's
 //! IstioOperator file). CRD bodies are left out of the goldens (they are checked in under
-//! manifests/ with their own staleness test). `UPDATE_GOLDEN=1` rewrites the goldens (`tests/support/golden.rs`).
+//! manifests/ with their own staleness test). `UPDATE_GOLDEN=1` rewrites the goldens
+//! (`tests/support/golden.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,12 +28,12 @@ fn cases() -> Vec<(String, Vec<Input>, Vec<String>)> {
             (p.to_string(), Vec::new(), sets)
         })
         .collect();
-    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/install/istio-gwapi.yaml");
+    let walkthrough = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/install/istio-gwapi.yaml");
     cases.push((
         "istio-gwapi".into(),
         vec![Input {
             name: "istio-gwapi.yaml".into(),
-            text: std::fs::read_to_string(seed).unwrap(),
+            text: std::fs::read_to_string(walkthrough).unwrap(),
         }],
         Vec::new(),
     ));
@@ -85,10 +86,10 @@ fn manifest_generate_goldens() {
 
 #[test]
 fn cli_output_is_the_rendered_stream() {
-    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/install/istio-gwapi.yaml");
+    let walkthrough = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/install/istio-gwapi.yaml");
     let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
         .args(["manifest", "generate", "-f"])
-        .arg(&seed)
+        .arg(&walkthrough)
         .output()
         .unwrap();
     assert!(
@@ -99,7 +100,7 @@ fn cli_output_is_the_rendered_stream() {
     let resolved = resolve(
         &[Input {
             name: "x".into(),
-            text: std::fs::read_to_string(&seed).unwrap(),
+            text: std::fs::read_to_string(&walkthrough).unwrap(),
         }],
         &[],
     )
@@ -110,7 +111,7 @@ fn cli_output_is_the_rendered_stream() {
         render::to_yaml(&render::render(&resolved, None).unwrap())
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), expected);
-    // The seed file has nothing unsupported: no warning.
+    // The walkthrough's file has nothing unsupported: no warning.
     assert!(
         out.stderr.is_empty(),
         "{}",

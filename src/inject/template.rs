@@ -405,7 +405,7 @@ pub fn volumes(cfg: &InjectionConfig) -> Vec<Volume> {
     ]
 }
 
-/// Annotations added when absent (the user's own value always wins).
+/// Annotations added when absent (the pod's own value always wins).
 pub fn default_annotations(
     cfg: &InjectionConfig,
     first_app_container: Option<&str>,

@@ -6,7 +6,7 @@
 //! - `manifests/gateway-api/`: the Gateway API standard channel, generated from the
 //!   `gateway-api` crate 0.22 (kopium-generated from the upstream Gateway API v1.5.1
 //!   standard-channel CRDs; see `manifests/gateway-api/README.md` for what that loses).
-//! - `manifests/istio/`: Istio's EnvoyFilter CRD (`networking.istio.io`), so the seed's
+//! - `manifests/istio/`: Istio's EnvoyFilter CRD (`networking.istio.io`), so the walkthrough's
 //!   `istio-envoy-filter.yaml` applies on a cluster without Istio. Like Istio's own, the spec
 //!   is open (`x-kubernetes-preserve-unknown-fields`); the control plane validates the local
 //!   rate-limit subset it understands. Applied, like the Gateway API CRDs, only when absent
@@ -140,7 +140,7 @@ pub const GATEWAY_API: &[&str] = &[
     include_str!("../../manifests/gateway-api/listenersets.yaml"),
 ];
 
-/// Istio's CRDs the seed's files need (EnvoyFilter), applied like [`GATEWAY_API`].
+/// Istio's CRDs the walkthrough's files need (EnvoyFilter), applied like [`GATEWAY_API`].
 pub const ISTIO: &[&str] = &[include_str!(
     "../../manifests/istio/envoyfilters.networking.istio.io.yaml"
 )];

@@ -9,7 +9,7 @@ use std::time::Duration;
 use meshctl::net_limits::ConnectionLimits;
 use tokio::time::Instant;
 
-use super::{SERVER_NAME, Server, next, seed_resources, silent};
+use super::{SERVER_NAME, Server, next, silent, walkthrough_resources};
 
 /// About 1,000 connections that never open a stream (plain TCP that never starts TLS, TLS
 /// handshaken then silent, TLS with the HTTP/2 preface and nothing more) are closed once the
@@ -27,7 +27,7 @@ async fn silent_connections_are_closed_and_proxy_streams_are_kept() {
     })
     .await;
     let v1 = server
-        .publish(seed_resources((80, 20)), BTreeMap::new())
+        .publish(walkthrough_resources((80, 20)), BTreeMap::new())
         .to_string();
     let (mut rx, _stop) = server.client(Duration::from_millis(50));
     let u = next(&mut rx).await;
@@ -66,7 +66,7 @@ async fn silent_connections_are_closed_and_proxy_streams_are_kept() {
     assert!(stream_opened.elapsed() > idle * 4);
     assert_eq!(server.proxy_ids(), ids, "the proxy had to reconnect");
     let v2 = server
-        .publish(seed_resources((50, 50)), BTreeMap::new())
+        .publish(walkthrough_resources((50, 50)), BTreeMap::new())
         .to_string();
     let u = next(&mut rx).await;
     assert_eq!(u.version, v2);
@@ -140,7 +140,7 @@ async fn proxies_over_the_cap_wait_until_a_connection_closes() {
     let addr = server.addr;
     let mut holders = silent::open_many(cap, cap, |_| silent::tcp(addr)).await;
     let v1 = server
-        .publish(seed_resources((80, 20)), BTreeMap::new())
+        .publish(walkthrough_resources((80, 20)), BTreeMap::new())
         .to_string();
     let (mut rx, _stop) = server.client(Duration::from_millis(50));
     assert!(

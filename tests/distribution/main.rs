@@ -28,20 +28,20 @@ use meshctl::net_limits::ConnectionLimits;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/seed-walkthrough");
+const WALKTHROUGH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/seed-walkthrough");
 /// The name proxies verify the control plane's certificate against.
 const SERVER_NAME: &str = "meshd.mesh-system.svc";
 
 /// The walkthrough's Gateway and HTTPRoutes (the myapp split `myapp_weights`, so each world
 /// can give the proxy a different config), its Services and one endpoint each.
-fn seed_resources(myapp_weights: (u32, u32)) -> Resources {
+fn walkthrough_resources(myapp_weights: (u32, u32)) -> Resources {
     let mut text = String::new();
     for f in ["gateway.yaml", "httproute-otherapp.yaml"] {
-        text.push_str(&std::fs::read_to_string(format!("{SEED}/{f}")).unwrap());
+        text.push_str(&std::fs::read_to_string(format!("{WALKTHROUGH}/{f}")).unwrap());
         text.push_str("\n---\n");
     }
     text.push_str(
-        &std::fs::read_to_string(format!("{SEED}/httproute-myapp.yaml"))
+        &std::fs::read_to_string(format!("{WALKTHROUGH}/httproute-myapp.yaml"))
             .unwrap()
             .replace("weight: 80", &format!("weight: {}", myapp_weights.0))
             .replace("weight: 20", &format!("weight: {}", myapp_weights.1)),
@@ -57,7 +57,7 @@ fn seed_resources(myapp_weights: (u32, u32)) -> Resources {
         .unwrap();
     }
     mesh_translate::load_str(
-        "seed.yaml",
+        "walkthrough.yaml",
         &text,
         &LoadOptions {
             default_namespace: "demo".into(),

@@ -12,7 +12,7 @@ use meshctl::controlplane::Hub;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{SEED, SERVER_NAME, Server, next, seed_resources};
+use super::{SERVER_NAME, Server, WALKTHROUGH, next, walkthrough_resources};
 
 fn weights(config: &ProxyConfig) -> Vec<u32> {
     backend_weights(&serde_json::to_value(config).unwrap(), "myapp")
@@ -69,7 +69,7 @@ async fn snapshot_ack_nack_and_push_on_change_only() {
             .is_err()
     );
     wait_report(&server.hub, "proxy registered", |r| r.proxies.len() == 1).await;
-    let g1 = server.publish(seed_resources((80, 20)), BTreeMap::new());
+    let g1 = server.publish(walkthrough_resources((80, 20)), BTreeMap::new());
     let u = next(&mut rx).await;
     assert_eq!(u.version, g1.to_string());
     assert_eq!(u.config.version, u.version);
@@ -83,7 +83,7 @@ async fn snapshot_ack_nack_and_push_on_change_only() {
     .await;
 
     // A world that changes nothing for this proxy: no snapshot.
-    server.publish(seed_resources((80, 20)), BTreeMap::new());
+    server.publish(walkthrough_resources((80, 20)), BTreeMap::new());
     assert!(
         tokio::time::timeout(Duration::from_millis(300), rx.recv())
             .await
@@ -92,7 +92,7 @@ async fn snapshot_ack_nack_and_push_on_change_only() {
     );
 
     // Weights change: pushed; the proxy rejects it: NACK with the error.
-    let g3 = server.publish(seed_resources((50, 50)), BTreeMap::new());
+    let g3 = server.publish(walkthrough_resources((50, 50)), BTreeMap::new());
     let u = next(&mut rx).await;
     assert_eq!(u.version, g3.to_string());
     assert_eq!(weights(&u.config), vec![50]);
@@ -116,7 +116,7 @@ async fn client_reconnects_after_the_control_plane_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), 0).await;
     let port = server.addr.port();
-    server.publish(seed_resources((80, 20)), BTreeMap::new());
+    server.publish(walkthrough_resources((80, 20)), BTreeMap::new());
     let (mut rx, _stop) = server.client(Duration::from_millis(100));
     let u = next(&mut rx).await;
     u.reply.send(Ok(())).unwrap();
@@ -131,7 +131,7 @@ async fn client_reconnects_after_the_control_plane_comes_back() {
     );
     // It comes back on the same port with the same CA (kept in the directory).
     let mut server = Server::start(dir.path(), port).await;
-    let g = server.publish(seed_resources((50, 50)), BTreeMap::new());
+    let g = server.publish(walkthrough_resources((50, 50)), BTreeMap::new());
     let u = next(&mut rx).await;
     assert_eq!(u.version, g.to_string());
     assert_eq!(weights(&u.config), vec![50]);
@@ -146,7 +146,7 @@ async fn client_reconnects_after_the_control_plane_comes_back() {
 async fn distributed_rate_limits_follow_gateway_replicas() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), 0).await;
-    let mut resources = seed_resources((80, 20));
+    let mut resources = walkthrough_resources((80, 20));
     let policy = mesh_translate::load_str(
         "rlp.yaml",
         "apiVersion: policy.meshctl.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: shared, namespace: demo}\n\
@@ -190,7 +190,7 @@ async fn scale_1000_routes_10000_endpoints() {
         };
         let mut all = mesh_translate::load_str(
             "gateway.yaml",
-            &std::fs::read_to_string(format!("{SEED}/gateway.yaml")).unwrap(),
+            &std::fs::read_to_string(format!("{WALKTHROUGH}/gateway.yaml")).unwrap(),
             &options,
         )
         .unwrap()

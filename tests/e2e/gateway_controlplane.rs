@@ -1,5 +1,5 @@
-//! The seed walkthrough end to end on the real API server, with the real binaries:
-//! `meshctl control-plane` (outside the cluster, `--kubeconfig`) watches the objects the seed
+//! The walkthrough end to end on the real API server, with the real binaries: `meshctl
+//! control-plane` (outside the cluster, `--kubeconfig`) watches the objects the walkthrough
 //! applies, deploys the Gateway (Deployment + Service, run by kwok), writes Gateway API
 //! status, and pushes config to a real `mesh-proxy run --control-plane` gateway process.
 //!
@@ -7,17 +7,17 @@
 //! network namespace (a veth pair to the host) and runs the gateway proxy inside it. In that
 //! namespace, iptables DNAT sends each pod IP:5678 from the EndpointSlices (10.244.x.y, what
 //! the control plane pushes, unchanged) to a small HTTP server of the test on the host end
-//! of the veth, which answers like the seed's app (`myapp v1`, `myapp v2`, `otherapp`). The
+//! of the veth, which answers like the walkthrough's app (`myapp v1`, `myapp v2`, `otherapp`). The
 //! proxy, the config and the addresses are exactly what a cluster would have; only the pod
 //! behind each IP is a process of the test. Needs root (CAP_NET_ADMIN) for `unshare`, `ip`
 //! and `iptables`.
 //!
-//! Step 1 is the seed's, through our installer: the real `meshctl install -y -f
+//! Step 1 is the walkthrough's, through our installer: the real `meshctl install -y -f
 //! istio-gwapi.yaml` with `--set profile=remote --set webhook.url=https://127.0.0.1:PORT/inject`
 //! (the cluster side only: CRDs — Gateway API, ours and Istio's EnvoyFilter —, the injection
 //! config, the webhook certificate and the MutatingWebhookConfiguration in URL mode), then the
 //! test's `meshctl control-plane` serves that webhook on PORT with the installer's certificate
-//! and injection config, so the seed's pods get the real sidecar injected. The test holds
+//! and injection config, so the walkthrough's pods get the real sidecar injected. The test holds
 //! `MESH_INSTALL` for writing while the install's webhook is registered and runs
 //! `meshctl uninstall -y` at the end (also on panic).
 
@@ -39,10 +39,10 @@ use kube::api::{Api, ListParams};
 use mesh_testenv::{TestEnv, eventually};
 use serde_json::{Value, json};
 
-const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/seed-walkthrough");
+const WALKTHROUGH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/seed-walkthrough");
 
-fn seed(file: &str) -> String {
-    format!("{SEED}/{file}")
+fn walkthrough(file: &str) -> String {
+    format!("{WALKTHROUGH}/{file}")
 }
 
 async fn sh(program: &str, args: &[&str]) -> Result<String, String> {
@@ -156,7 +156,7 @@ impl Drop for NetNs {
     }
 }
 
-/// The seed's app: answers every request with its name.
+/// The walkthrough's app: answers every request with its name.
 async fn backend(ip: &str, name: &'static str) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -202,7 +202,7 @@ async fn get(url: &str) -> Result<Resp, String> {
     })
 }
 
-/// The seed's `check_canary.py`: 100 sequential GETs, count the bodies naming v1 and v2.
+/// The walkthrough's `check_canary.py`: 100 sequential GETs, count the bodies naming v1 and v2.
 const CANARY_SAMPLES: u32 = 400;
 
 /// `CANARY_SAMPLES` sequential GETs, counted by the version that answered. The bands the
@@ -333,7 +333,7 @@ fn control_plane(
         admin,
         "--distribution-cert-dir",
         dir.join("pki").to_str().unwrap(),
-        // What the seed profile (istio-gwapi.yaml) asks for: a NodePort ingress gateway.
+        // What the walkthrough's profile (istio-gwapi.yaml) asks for: a NodePort ingress gateway.
         "--gateway-service-type",
         "NodePort",
         "--hub",
@@ -386,7 +386,7 @@ fn names(list: &Option<Vec<k8s_openapi::api::core::v1::Container>>) -> Vec<Strin
 }
 
 #[tokio::test]
-async fn seed_walkthrough_through_the_control_plane() {
+async fn walkthrough_through_the_control_plane() {
     // The install's webhook matches every injection-labelled namespace of the shared server.
     let _exclusive = crate::MESH_INSTALL.write().await;
     let env = TestEnv::shared();
@@ -403,7 +403,7 @@ async fn seed_walkthrough_through_the_control_plane() {
         "install",
         "-y",
         "-f",
-        &seed("istio-gwapi.yaml"),
+        &walkthrough("istio-gwapi.yaml"),
         "--set",
         "profile=remote",
         "--set",
@@ -460,7 +460,7 @@ async fn seed_walkthrough_through_the_control_plane() {
 
     // Step 3: the apps; their pods get the sidecar and run (kwok).
     let t = Instant::now();
-    env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed("deployment.yaml")])
+    env.kubectl_ok(&["apply", "-n", &ns, "-f", &walkthrough("deployment.yaml")])
         .await
         .unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -498,13 +498,13 @@ async fn seed_walkthrough_through_the_control_plane() {
         t.elapsed()
     );
 
-    // The rest of the seed (`kubectl -n demo ...`).
+    // The rest of the walkthrough (`kubectl -n demo ...`).
     for f in [
         "gateway.yaml",
         "httproute-myapp.yaml",
         "httproute-otherapp.yaml",
     ] {
-        env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed(f)])
+        env.kubectl_ok(&["apply", "-n", &ns, "-f", &walkthrough(f)])
             .await
             .unwrap();
     }
@@ -778,9 +778,15 @@ async fn seed_walkthrough_through_the_control_plane() {
     assert!((44..=116).contains(&v2), "v1 {v1} v2 {v2}");
 
     // Step 7: the EnvoyFilter; 100 parallel requests per path.
-    env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed("istio-envoy-filter.yaml")])
-        .await
-        .unwrap();
+    env.kubectl_ok(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &walkthrough("istio-envoy-filter.yaml"),
+    ])
+    .await
+    .unwrap();
     eventually(Duration::from_secs(30), "rate limits pushed", || async {
         Ok(config_dump(&netns.ns_ip).await.filter(|d| {
             d["config"]["rateLimits"]
@@ -803,9 +809,15 @@ async fn seed_walkthrough_through_the_control_plane() {
     assert_eq!(h["x-mesh"], "istio");
 
     // Take the limit away again for the traffic checks below.
-    env.kubectl_ok(&["delete", "-n", &ns, "-f", &seed("istio-envoy-filter.yaml")])
-        .await
-        .unwrap();
+    env.kubectl_ok(&[
+        "delete",
+        "-n",
+        &ns,
+        "-f",
+        &walkthrough("istio-envoy-filter.yaml"),
+    ])
+    .await
+    .unwrap();
     eventually(Duration::from_secs(30), "rate limits removed", || async {
         Ok(config_dump(&netns.ns_ip).await.filter(|d| {
             d["config"]["rateLimits"]
@@ -917,9 +929,15 @@ async fn seed_walkthrough_through_the_control_plane() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(get(&format!("{base}/other")).await.unwrap().status, 200);
     let _cp2 = control_plane(env, dir, &webhook, &dist, &admin, "control-plane-2.log");
-    env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed("httproute-myapp.yaml")])
-        .await
-        .unwrap();
+    env.kubectl_ok(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &walkthrough("httproute-myapp.yaml"),
+    ])
+    .await
+    .unwrap();
     eventually(
         Duration::from_secs(60),
         "/ routed again after the restart",
