@@ -1,4 +1,5 @@
-//! Reading and writing streams of Kubernetes objects: multi-document YAML, or one or more
+//! Reading and writing streams of Kubernetes objects: multi-document YAML (split by
+//! [`mesh_translate::split_yaml_stream`], the one splitter every reader uses), or one or more
 //! concatenated JSON objects. Documents are numbered from 1, counting non-empty ones.
 
 use serde_json::Value;
@@ -76,46 +77,22 @@ fn parse_json(text: &str) -> Result<Vec<Doc>, ParseError> {
     Ok(docs)
 }
 
-/// Is this line a document separator (`---`, optionally followed by a comment)?
-fn is_separator(line: &str) -> bool {
-    line.strip_prefix("---").is_some_and(|rest| {
-        let rest = rest.trim();
-        rest.is_empty() || rest.starts_with('#')
-    })
-}
-
 fn parse_yaml(text: &str) -> Result<Vec<Doc>, ParseError> {
-    let mut chunks: Vec<(usize, String)> = Vec::new();
-    let mut cur = String::new();
-    let mut start = 1;
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        if is_separator(line.trim_end_matches(['\n', '\r'])) {
-            chunks.push((start, std::mem::take(&mut cur)));
-            start = i + 2;
-        } else if line.trim_end() != "..." {
-            cur.push_str(line);
-        }
-    }
-    chunks.push((start, cur));
     let mut docs = Vec::new();
-    for (line, chunk) in chunks {
-        let meaningful = chunk.lines().any(|l| {
-            let t = l.trim();
-            !t.is_empty() && !t.starts_with('#')
-        });
-        if !meaningful {
-            continue;
-        }
-        let index = docs.len() + 1;
-        let value: Value = serde_saphyr::from_str(&chunk).map_err(|e| ParseError {
-            index,
-            line,
-            message: format!("invalid YAML: {e}"),
+    for d in mesh_translate::split_yaml_stream(text) {
+        let value: Value = d.parse().map_err(|e| ParseError {
+            index: e.index,
+            line: e.line,
+            message: format!("invalid YAML: {}", e.message),
         })?;
         if value.is_null() {
             continue;
         }
-        docs.push(Doc { index, line, value });
+        docs.push(Doc {
+            index: d.index,
+            line: d.line,
+            value,
+        });
     }
     Ok(docs)
 }
@@ -156,8 +133,8 @@ mod tests {
         assert_eq!((d[0].index, d[0].line), (1, 4));
         assert_eq!((d[1].index, d[1].line), (2, 8));
         assert_eq!(d[1].value["b"][1], 2);
-        let e = parse_stream("a: 1\n---\nb: [\n").unwrap_err();
-        assert_eq!((e.index, e.line), (2, 3), "{e}");
+        let e = parse_stream("a: 1\n---\nb: 1\nc: [\n").unwrap_err();
+        assert_eq!((e.index, e.line), (2, 4), "{e}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod controlplane;
 pub mod demo;
+pub mod gateway_pod;
 pub mod inject;
 pub mod install;
 pub mod kube_yaml;

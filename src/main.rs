@@ -17,7 +17,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the user's reference scenario (the seed walkthrough) on this machine, no cluster.
+    /// Run the walkthrough on this machine, no cluster.
     Demo(cli::demo::DemoArgs),
     /// Inject the mesh sidecar into Kubernetes manifests (offline, like kube-inject).
     Inject(cli::inject::InjectArgs),

@@ -124,7 +124,7 @@ fn config_file_and_set() {
 fn bad_documents_name_file_document_and_field_and_write_nothing() {
     let good = "apiVersion: v1\nkind: Pod\nmetadata: {name: ok}\nspec:\n  containers: [{name: a, image: a}]\n";
     let cases = [
-        ("invalid YAML", format!("{good}---\nkind: Pod\n  bad: [indent\n"), "document 2 (line 7): invalid YAML"),
+        ("invalid YAML", format!("{good}---\nkind: Pod\n  bad: [indent\n"), "document 2 (line 8): invalid YAML"),
         ("invalid JSON", "{\"apiVersion\": \"v1\", \"kind\": \"Pod\",".to_string(), "document 1 (line 1): invalid JSON"),
         ("no kind", format!("{good}---\napiVersion: v1\nmetadata: {{name: x}}\n"), "document 2 (line 7): kind: missing"),
         ("no apiVersion", format!("{good}---\nkind: Pod\n"), "document 2 (line 7, Pod): apiVersion: missing"),

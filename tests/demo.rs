@@ -1,11 +1,12 @@
-//! `meshctl demo` prints what the seed's user saw, from the real binary and from the library.
+//! `meshctl demo` prints what a user of the walkthrough saw, from the real binary and from the
+//! library.
 
 use std::process::Command;
 
 use meshctl::demo::{DemoOptions, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_reproduces_the_seed_results() {
+async fn demo_reproduces_the_walkthrough_results() {
     let mut out = Vec::new();
     let report = run(&DemoOptions::default(), &mut out).await.unwrap();
     let text = String::from_utf8(out).unwrap();
@@ -13,7 +14,7 @@ async fn demo_reproduces_the_seed_results() {
 
     // Step 6: 100 requests, v2's share within 4 standard deviations of 20 (sd 4): a correct
     // split fails 1 run in ~15,000, a 50/50 split (v2 ≈ 50) practically always. The exact
-    // split is checked on 1000 requests in mesh-proxy's seed test.
+    // split is checked on 1000 requests in mesh-proxy's walkthrough test.
     let v1 = report.canary.get("myapp v1").copied().unwrap_or(0);
     let v2 = report.canary.get("myapp v2").copied().unwrap_or(0);
     assert_eq!(v1 + v2, 100, "{:?}", report.canary);
@@ -34,13 +35,13 @@ async fn demo_reproduces_the_seed_results() {
         report.burst_other
     );
     // Two pods behind /: v1 (chosen ~80 times) lets exactly 10 through, v2 (chosen ~20 times)
-    // up to 10: the seed's 20 unless v2 was chosen fewer than 10 times.
+    // up to 10: the walkthrough's 20 unless v2 was chosen fewer than 10 times.
     let ok = report.burst_root.get(&200).copied().unwrap_or(0);
     let limited = report.burst_root.get(&429).copied().unwrap_or(0);
     assert_eq!(ok + limited, 100, "{:?}", report.burst_root);
     assert!((11..=20).contains(&ok), "{:?}", report.burst_root);
 
-    // The 429 as the seed showed it.
+    // The 429 as the walkthrough showed it.
     let header = |name: &str| {
         report
             .limited_headers

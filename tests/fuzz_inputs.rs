@@ -179,8 +179,8 @@ fn review_for(pod: &Value, uid: &str) -> Value {
     })
 }
 
-/// The seed Deployment's pod, as the API server sends it to the webhook.
-fn seed_review() -> Value {
+/// The walkthrough Deployment's pod, as the API server sends it to the webhook.
+fn walkthrough_review() -> Value {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/inject/seed-deployment.yaml"
@@ -190,7 +190,7 @@ fn seed_review() -> Value {
     let t = &docs[0].value["spec"]["template"];
     let pod =
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": t["metadata"], "spec": t["spec"]});
-    review_for(&pod, "seed")
+    review_for(&pod, "walkthrough")
 }
 
 /// Annotations the injector reads, each with values it accepts; one value in four is
@@ -430,17 +430,17 @@ fn admission_reviews_with_arbitrary_pod_fields_get_a_valid_answer() {
 
 #[test]
 fn mutated_real_admission_reviews_get_a_valid_answer() {
-    let seed = seed_review();
+    let base = walkthrough_review();
     // The unmutated review is injected: mutations start from a review that goes all the way.
-    let body = serde_json::to_vec(&seed).unwrap();
+    let body = serde_json::to_vec(&base).unwrap();
     assert_eq!(answer(&body).outcome, Outcome::Injected);
     let outcomes = Outcomes::default();
     check(
-        "mutated seed review",
+        "mutated walkthrough review",
         256,
         prop::collection::vec(edits::edit(key(), json_value()), 1..5),
         |edits| {
-            let mut v = seed.clone();
+            let mut v = base.clone();
             for e in &edits {
                 apply_edit(&mut v, e);
             }
@@ -448,10 +448,10 @@ fn mutated_real_admission_reviews_get_a_valid_answer() {
             assert_valid_answer(&body, &outcomes.answer(&body))
         },
     );
-    outcomes.print("mutated seed review");
+    outcomes.print("mutated walkthrough review");
 }
 
-/// A body that is not a review: raw bytes, or the seed review cut short or with a byte
+/// A body that is not a review: raw bytes, or the walkthrough review cut short or with a byte
 /// changed.
 #[derive(Debug, Clone)]
 enum Body {
@@ -462,7 +462,7 @@ enum Body {
 
 #[test]
 fn admission_review_bodies_of_arbitrary_bytes_get_a_valid_answer() {
-    let seed = serde_json::to_vec(&seed_review()).unwrap();
+    let base = serde_json::to_vec(&walkthrough_review()).unwrap();
     let body = prop_oneof![
         prop::collection::vec(any::<u8>(), 0..256).prop_map(Body::Raw),
         any::<prop::sample::Index>().prop_map(Body::Cut),
@@ -472,10 +472,10 @@ fn admission_review_bodies_of_arbitrary_bytes_get_a_valid_answer() {
     check("review bytes", 256, body, |b| {
         let body = match b {
             Body::Raw(raw) => raw,
-            Body::Cut(i) => seed[..i.index(seed.len())].to_vec(),
+            Body::Cut(i) => base[..i.index(base.len())].to_vec(),
             Body::Flip(i, byte) => {
-                let mut v = seed.clone();
-                v[i.index(seed.len())] = byte;
+                let mut v = base.clone();
+                v[i.index(base.len())] = byte;
                 v
             }
         };

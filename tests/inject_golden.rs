@@ -1,13 +1,16 @@
-//! Golden corpus: every input under tests/inject/ is injected offline and compared with
-//! its `<input>.injected` file (UPDATE_GOLDEN=1 rewrites them); injecting the output again
-//! changes nothing; and every pod in it goes through the webhook over real HTTPS, whose
+//! Golden corpus: every input under tests/inject/ is injected offline and compared with its
+//! `<input>.injected` file (`tests/support/golden.rs`: UPDATE_GOLDEN=1 rewrites them);
+//! injecting the output again changes nothing; and every pod in it goes through the webhook over real HTTPS, whose
 //! JSONPatch applied to the original pod must give the offline result.
 
 mod common;
+#[path = "support/golden.rs"]
+mod golden;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use golden::Goldens;
 use meshctl::inject::InjectionConfig;
 use meshctl::inject::workload::template_path;
 use meshctl::kube_yaml;
@@ -58,27 +61,13 @@ fn inject(name: &str, text: &str, cfg: &InjectionConfig) -> String {
 
 #[test]
 fn golden_files_are_current_and_injection_is_idempotent() {
-    let update = std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1");
-    let mut stale = Vec::new();
+    let mut goldens = Goldens::new("cargo test --test inject_golden");
     for input in inputs() {
         let name = input.file_name().unwrap().to_string_lossy().to_string();
         let cfg = config_for(&input);
         let text = std::fs::read_to_string(&input).unwrap();
         let got = inject(&name, &text, &cfg);
-        let golden = golden_path(&input);
-        let want = std::fs::read_to_string(&golden).unwrap_or_default();
-        if got != want {
-            if update {
-                std::fs::write(&golden, &got).unwrap();
-                eprintln!("updated {}", golden.display());
-            } else {
-                let diff = similar::TextDiff::from_lines(&want, &got)
-                    .unified_diff()
-                    .header("golden", "got")
-                    .to_string();
-                stale.push(format!("{name}:\n{diff}"));
-            }
-        }
+        goldens.check(&golden_path(&input), &got);
         // Twice == once.
         let again = inject(&name, &got, &cfg);
         assert_eq!(
@@ -86,36 +75,22 @@ fn golden_files_are_current_and_injection_is_idempotent() {
             "{name}: injecting the injected output changed it"
         );
     }
-    // No golden file without its input.
-    for e in std::fs::read_dir(corpus_dir()).unwrap() {
-        let p = e.unwrap().path();
-        if let Some(n) = p
-            .file_name()
-            .unwrap()
-            .to_str()
-            .and_then(|n| n.strip_suffix(".injected"))
-        {
-            assert!(
-                p.with_file_name(n).exists(),
-                "orphan golden file {}",
-                p.display()
-            );
-        }
-    }
-    assert!(
-        stale.is_empty(),
-        "stale golden files (run with UPDATE_GOLDEN=1 to regenerate):\n{}",
-        stale.join("\n")
-    );
+    goldens.orphans(&corpus_dir(), ".injected");
+    goldens.finish();
 }
 
-/// The seed's deployment.yaml is in the corpus verbatim and every Deployment gets the proxy.
+/// The walkthrough's deployment.yaml is in the corpus verbatim and every Deployment gets the proxy.
 #[test]
-fn seed_deployment_is_injected() {
-    let seed = corpus_dir().join("seed-deployment.yaml");
-    let text = std::fs::read_to_string(&seed).unwrap();
-    let out =
-        offline::inject_text("seed", &text, &InjectionConfig::default(), Some("demo")).unwrap();
+fn walkthrough_deployment_is_injected() {
+    let walkthrough = corpus_dir().join("seed-deployment.yaml");
+    let text = std::fs::read_to_string(&walkthrough).unwrap();
+    let out = offline::inject_text(
+        "walkthrough",
+        &text,
+        &InjectionConfig::default(),
+        Some("demo"),
+    )
+    .unwrap();
     let deployments: Vec<_> = out
         .docs
         .iter()

@@ -18,7 +18,7 @@ use meshctl::install::render;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const SEED: &str = concat!(
+const WALKTHROUGH_PROFILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/install/istio-gwapi.yaml"
 );
@@ -159,7 +159,7 @@ async fn every_rendered_object_of_every_profile_passes_a_server_side_dry_run() {
         "istio-gwapi".into(),
         vec![Input {
             name: "istio-gwapi.yaml".into(),
-            text: std::fs::read_to_string(SEED).unwrap(),
+            text: std::fs::read_to_string(WALKTHROUGH_PROFILE).unwrap(),
         }],
         vec![],
     ));
@@ -349,7 +349,7 @@ async fn uninstall_leaves_none_of_our_objects_and_runs_twice() {
     run_install(env, "default");
     assert!(!owned_refs(&c).await.is_empty());
     // What a running meshd adds (its pods do not run here): the CA root ConfigMap, exactly as
-    // it writes it; and a user's ConfigMap that must stay.
+    // it writes it; and a ConfigMap meshctl did not make that must stay.
     let config_maps: Api<ConfigMap> = Api::namespaced(env.client().unwrap(), "default");
     let pp = PatchParams::apply("meshctl").force();
     let published = meshctl::controlplane::ca_root::config_map("default", "PEM");
@@ -431,12 +431,12 @@ async fn uninstall_purge_removes_the_crds_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seed_istio_gwapi_yaml_installs() {
+async fn the_walkthrough_istio_gwapi_yaml_installs() {
     let env = TestEnv::shared();
     let _serial = SERIAL.lock().await;
     clean(env).await;
     let start = Instant::now();
-    let out = meshctl(env, &["install", "-y", "-f", SEED]);
+    let out = meshctl(env, &["install", "-y", "-f", WALKTHROUGH_PROFILE]);
     let took = start.elapsed();
     assert!(out.stderr.is_empty() || !String::from_utf8_lossy(&out.stderr).contains("warning"));
     let text = ok(out, "install -f istio-gwapi.yaml");
@@ -446,8 +446,8 @@ async fn the_seed_istio_gwapi_yaml_installs() {
         text.trim()
     );
     ok(
-        meshctl(env, &["verify-install", "-f", SEED]),
-        "verify-install -f seed",
+        meshctl(env, &["verify-install", "-f", WALKTHROUGH_PROFILE]),
+        "verify-install -f istio-gwapi.yaml",
     );
     let client = env.client().unwrap();
     let svc: Api<Service> = Api::namespaced(client.clone(), "mesh-system");

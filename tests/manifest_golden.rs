@@ -1,10 +1,15 @@
-//! Golden tests of `meshctl manifest generate` for every profile (and the seed's
+//! Golden tests of `meshctl manifest generate` for every profile (and the walkthrough's
 //! IstioOperator file). CRD bodies are left out of the goldens (they are checked in under
-//! manifests/ with their own staleness test). `UPDATE_GOLDEN=1` rewrites the goldens.
+//! manifests/ with their own staleness test). `UPDATE_GOLDEN=1` rewrites the goldens
+//! (`tests/support/golden.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "support/golden.rs"]
+mod golden;
+
+use golden::Goldens;
 use meshctl::install::profile::{Input, profile_names, resolve};
 use meshctl::install::render::{self, Object};
 
@@ -23,12 +28,12 @@ fn cases() -> Vec<(String, Vec<Input>, Vec<String>)> {
             (p.to_string(), Vec::new(), sets)
         })
         .collect();
-    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/install/istio-gwapi.yaml");
+    let walkthrough = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/install/istio-gwapi.yaml");
     cases.push((
         "istio-gwapi".into(),
         vec![Input {
             name: "istio-gwapi.yaml".into(),
-            text: std::fs::read_to_string(seed).unwrap(),
+            text: std::fs::read_to_string(walkthrough).unwrap(),
         }],
         Vec::new(),
     ));
@@ -50,8 +55,7 @@ fn without_crd_bodies(objects: &[Object]) -> Vec<Object> {
 
 #[test]
 fn manifest_generate_goldens() {
-    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
-    let mut stale = Vec::new();
+    let mut goldens = Goldens::new("cargo test --test manifest_golden");
     for (name, inputs, sets) in cases() {
         let resolved = resolve(&inputs, &sets).unwrap_or_else(|e| panic!("{name}: {e}"));
         let objects = render::render(&resolved, None).unwrap();
@@ -74,25 +78,18 @@ fn manifest_generate_goldens() {
             render::header(&resolved.profile),
             render::to_yaml(&without_crd_bodies(&objects))
         );
-        let path = golden_dir().join(format!("{name}.yaml"));
-        if update {
-            std::fs::write(&path, &text).unwrap();
-        } else if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-            stale.push(name);
-        }
+        goldens.check(&golden_dir().join(format!("{name}.yaml")), &text);
     }
-    assert!(
-        stale.is_empty(),
-        "stale goldens in tests/manifests/: {stale:?}; UPDATE_GOLDEN=1 cargo test --test manifest_golden"
-    );
+    goldens.orphans(&golden_dir(), ".yaml");
+    goldens.finish();
 }
 
 #[test]
 fn cli_output_is_the_rendered_stream() {
-    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/install/istio-gwapi.yaml");
+    let walkthrough = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/install/istio-gwapi.yaml");
     let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
         .args(["manifest", "generate", "-f"])
-        .arg(&seed)
+        .arg(&walkthrough)
         .output()
         .unwrap();
     assert!(
@@ -103,7 +100,7 @@ fn cli_output_is_the_rendered_stream() {
     let resolved = resolve(
         &[Input {
             name: "x".into(),
-            text: std::fs::read_to_string(&seed).unwrap(),
+            text: std::fs::read_to_string(&walkthrough).unwrap(),
         }],
         &[],
     )
@@ -114,7 +111,7 @@ fn cli_output_is_the_rendered_stream() {
         render::to_yaml(&render::render(&resolved, None).unwrap())
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), expected);
-    // The seed file has nothing unsupported: no warning.
+    // The walkthrough's file has nothing unsupported: no warning.
     assert!(
         out.stderr.is_empty(),
         "{}",

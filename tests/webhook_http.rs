@@ -378,7 +378,7 @@ async fn certificate_and_config_files_are_reloaded() {
     assert_eq!(c.get("/healthz").await.0, 200);
 }
 
-/// Latency per review over one keep-alive HTTPS connection (seed Deployment's pod).
+/// Latency per review over one keep-alive HTTPS connection (walkthrough Deployment's pod).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_per_review() {
     let s = server(Limits::default()).await;

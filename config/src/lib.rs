@@ -30,10 +30,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod duration;
+mod hostname;
 mod http;
 mod mtls;
 mod validate;
 pub use duration::{format_duration, parse_duration};
+pub use hostname::check_hostname;
 pub use http::{HttpOptions, PathNormalization};
 pub use mtls::{InboundMtls, MeshIdentity, MtlsMode, is_spiffe_id};
 pub use validate::ValidationError;

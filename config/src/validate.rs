@@ -152,7 +152,10 @@ impl ProxyConfig {
             for (vi, vh) in l.virtual_hosts.iter().enumerate() {
                 let vp = format!("{lp}.virtualHosts[{vi}]");
                 for (hi, h) in vh.hostnames.iter().enumerate() {
-                    if let Err(m) = check_hostname(h) {
+                    // `*`: the catch-all virtual host.
+                    if h != "*"
+                        && let Err(m) = check_hostname(h)
+                    {
                         err(format!("{vp}.hostnames[{hi}]"), m);
                     }
                 }
@@ -285,28 +288,6 @@ pub(crate) fn valid_host_port(s: &str) -> bool {
                 && port.parse::<u16>().is_ok_and(|p| p != 0)
         }
         None => false,
-    }
-}
-
-fn check_hostname(h: &str) -> Result<(), String> {
-    if h == "*" {
-        return Ok(());
-    }
-    let rest = h.strip_prefix("*.").unwrap_or(h);
-    let ok = !rest.is_empty()
-        && rest.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{h:?} is not a lowercase DNS name or wildcard (*.example.com)"
-        ))
     }
 }
 

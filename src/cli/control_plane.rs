@@ -44,7 +44,7 @@ pub struct ControlPlaneArgs {
     pub max_body_bytes: usize,
     /// Longest a client may take to send an AdmissionReview body once its headers arrived;
     /// slower gets 408.
-    #[arg(long, alias = "stall-timeout", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, alias = "stall-timeout", default_value = "10s", value_parser = mesh_config::parse_duration)]
     pub request_body_timeout: Duration,
     /// Webhook connections open at once; more wait to be accepted until one closes.
     #[arg(long, default_value_t = net_limits::DEFAULT_WEBHOOK_MAX_CONNECTIONS, value_parser = positive)]
@@ -52,7 +52,7 @@ pub struct ControlPlaneArgs {
     #[command(flatten)]
     pub connections: ConnectionArgs,
     /// How often cert and config files are checked for changes.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = mesh_config::parse_duration)]
     pub reload_interval: Duration,
     /// Do not run the injection webhook (only the Gateway API control plane).
     #[arg(long)]
@@ -155,7 +155,7 @@ pub struct DistributionArgs {
     #[arg(long)]
     pub no_proxy_auth: bool,
     /// Changes arriving within this window are translated and pushed together.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "100ms", value_parser = mesh_config::parse_duration)]
     pub debounce: Duration,
     /// Config distribution connections open at once (one per proxy); more wait to be
     /// accepted until one closes.
@@ -213,7 +213,7 @@ impl MeshCaArgs {
 
 /// A workload certificate lifetime: at least a minute (a proxy renews at half of it).
 fn cert_ttl(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
+    match mesh_config::parse_duration(s)? {
         d if d < meshctl::controlplane::mesh_ca::MIN_WORKLOAD_CERT_TTL => {
             Err(format!("{s:?}: must be at least 1m"))
         }
@@ -283,13 +283,9 @@ impl DistributionArgs {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    mesh_config::parse_duration(s)
-}
-
 /// A timeout of zero would close every connection at once.
 fn positive_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
+    match mesh_config::parse_duration(s)? {
         d if d.is_zero() => Err(format!("{s:?}: must be longer than zero")),
         d => Ok(d),
     }

@@ -1,4 +1,4 @@
-//! `meshctl demo`: the seed walkthrough on this machine, no cluster.
+//! `meshctl demo`: the walkthrough on this machine, no cluster.
 
 use std::process::ExitCode;
 

@@ -12,10 +12,6 @@ use meshctl::install::render::Component;
 
 use super::install_args::{ClusterArgs, ProfileArgs};
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    meshctl::inject::redirect::parse_duration(s)
-}
-
 #[derive(Args, Debug)]
 pub struct InstallArgs {
     #[command(flatten)]
@@ -29,7 +25,7 @@ pub struct InstallArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// How long to wait for every component to become ready (0s: do not wait).
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = mesh_config::parse_duration)]
     pub readiness_timeout: Duration,
 }
 
@@ -52,7 +48,7 @@ pub struct UninstallArgs {
     #[arg(long)]
     pub purge: bool,
     /// How long to wait for the deleted objects to be gone.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = mesh_config::parse_duration)]
     pub timeout: Duration,
 }
 

@@ -33,12 +33,13 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use mesh_translate::Resources;
-use mesh_wire::names::{ENV_CA_ROOT_PATH, ENV_TOKEN_PATH, PROXY_CONTAINER, PROXY_GID, PROXY_UID};
+use mesh_wire::names::{ENV_CA_ROOT_PATH, ENV_TOKEN_PATH};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::watch::GATEWAY_NAME_LABEL;
+use crate::gateway_pod::{GatewayPod, GatewayVolume};
 
 /// Istio's annotation for the gateway Service type.
 pub const SERVICE_TYPE_ANNOTATION: &str = "networking.istio.io/service-type";
@@ -167,6 +168,50 @@ pub fn desired(
             "ownerReferences": [owner.clone()],
         })
     };
+    let pod_spec = GatewayPod {
+        service_account: obj_name.clone(),
+        image: options.image.clone(),
+        image_pull_policy: None,
+        args: vec![
+            "run".into(),
+            "--control-plane".into(),
+            options.control_plane_address.clone(),
+            "--gateway".into(),
+            format!("{ns}/{name}"),
+            "--readiness-address".into(),
+            format!("0.0.0.0:{STATUS_PORT}"),
+        ],
+        env: vec![
+            json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+            json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+            json!({"name": ENV_CA_ROOT_PATH, "value": format!("{CA_MOUNT_DIR}/{CA_CONFIGMAP_KEY}")}),
+            json!({"name": ENV_TOKEN_PATH, "value": format!("{TOKEN_MOUNT_DIR}/{TOKEN_FILE}")}),
+        ],
+        ports: container_ports,
+        resources: None,
+        volumes: vec![
+            GatewayVolume {
+                name: "mesh-ca".into(),
+                mount_path: CA_MOUNT_DIR.into(),
+                source: json!({"configMap": {"name": CA_CONFIGMAP}}),
+            },
+            GatewayVolume {
+                name: "mesh-token".into(),
+                mount_path: TOKEN_MOUNT_DIR.into(),
+                source: json!({"projected": {"sources": [{"serviceAccountToken": {
+                    "audience": options.token_audience,
+                    "expirationSeconds": 43200,
+                    "path": TOKEN_FILE,
+                }}]}}),
+            },
+        ],
+        // Gateways listen on their listeners' ports, 80 and 443 too.
+        low_ports: true,
+        // No API access for the proxy: only the projected token it presents to the control
+        // plane.
+        automount_service_account_token: Some(false),
+    }
+    .spec();
     let mut out = vec![
         (
             "ServiceAccount",
@@ -182,56 +227,7 @@ pub fn desired(
                     "selector": {"matchLabels": {GATEWAY_NAME_LABEL: name}},
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": {
-                            "serviceAccountName": obj_name,
-                            "securityContext": {
-                                "runAsUser": PROXY_UID,
-                                "runAsGroup": PROXY_GID,
-                                "runAsNonRoot": true,
-                                "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}],
-                            },
-                            "containers": [{
-                                "name": PROXY_CONTAINER,
-                                "image": options.image,
-                                "args": [
-                                    "run",
-                                    "--control-plane", options.control_plane_address,
-                                    "--gateway", format!("{ns}/{name}"),
-                                    "--readiness-address", format!("0.0.0.0:{STATUS_PORT}"),
-                                ],
-                                "env": [
-                                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                                    {"name": ENV_CA_ROOT_PATH, "value": format!("{CA_MOUNT_DIR}/{CA_CONFIGMAP_KEY}")},
-                                    {"name": ENV_TOKEN_PATH, "value": format!("{TOKEN_MOUNT_DIR}/{TOKEN_FILE}")},
-                                ],
-                                "ports": container_ports,
-                                "readinessProbe": {
-                                    "httpGet": {"path": "/ready", "port": STATUS_PORT},
-                                    "periodSeconds": 2,
-                                },
-                                "securityContext": {
-                                    "allowPrivilegeEscalation": false,
-                                    "readOnlyRootFilesystem": true,
-                                    "capabilities": {"drop": ["ALL"]},
-                                },
-                                "volumeMounts": [
-                                    {"name": "mesh-ca", "mountPath": CA_MOUNT_DIR, "readOnly": true},
-                                    {"name": "mesh-token", "mountPath": TOKEN_MOUNT_DIR, "readOnly": true},
-                                ],
-                            }],
-                            // No API access for the proxy: only the projected token it
-                            // presents to the control plane.
-                            "automountServiceAccountToken": false,
-                            "volumes": [
-                                {"name": "mesh-ca", "configMap": {"name": CA_CONFIGMAP}},
-                                {"name": "mesh-token", "projected": {"sources": [{"serviceAccountToken": {
-                                    "audience": options.token_audience,
-                                    "expirationSeconds": 43200,
-                                    "path": TOKEN_FILE,
-                                }}]}},
-                            ],
-                        },
+                        "spec": pod_spec,
                     },
                 },
             }),

@@ -19,6 +19,7 @@ pub mod mesh_ca;
 pub mod metrics;
 pub mod pods;
 pub mod status;
+pub mod unlisted;
 pub mod watch;
 pub mod world;
 

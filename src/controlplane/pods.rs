@@ -15,7 +15,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::mpsc;
 
-use super::watch::Pending;
+use super::unlisted::Unlisted;
 
 /// Label that injection puts on every meshed pod.
 pub use mesh_wire::names::MESHED_POD_LABEL;
@@ -68,7 +68,7 @@ fn key_of(pod: &impl ResourceExt) -> String {
 }
 
 /// Starts the watch; `changes` gets a message when some meshed pod's labels change.
-pub fn start(client: &Client, changes: mpsc::UnboundedSender<()>, pending: Pending) -> PodLabels {
+pub fn start(client: &Client, changes: mpsc::UnboundedSender<()>, pending: Unlisted) -> PodLabels {
     let labels = PodLabels::default();
     let out = labels.clone();
     // Metadata-only requests: labels, not specs and statuses.

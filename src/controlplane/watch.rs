@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -26,6 +25,8 @@ use mesh_translate::{EnvoyFilter, RateLimitPolicy, Resources};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
+use super::pods::{self, PodLabels};
+use super::unlisted::Unlisted;
 use super::world::World;
 
 /// Label on the Deployments (and pods) of Gateways we deploy.
@@ -46,7 +47,7 @@ pub struct Stores {
     /// Gateway Deployments (label `gateway.networking.k8s.io/gateway-name`): ready replicas.
     pub gateway_deployments: Store<Deployment>,
     /// Labels of meshed pods.
-    pub pod_labels: super::pods::PodLabels,
+    pub pod_labels: PodLabels,
 }
 
 fn all<T>(store: &Store<T>) -> Vec<T>
@@ -98,31 +99,11 @@ impl Stores {
     }
 }
 
-/// Counts watchers that have not listed (or failed to list) yet.
-#[derive(Clone, Default)]
-pub struct Pending(Arc<AtomicUsize>);
-
-impl Pending {
-    pub fn count(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-
-    /// One more watcher to wait for.
-    pub fn begin(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// That watcher listed (or failed to).
-    pub fn end(&self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     changes: mpsc::UnboundedSender<()>,
-    pending: Pending,
+    pending: Unlisted,
 ) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -130,7 +111,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
-    pending.0.fetch_add(1, Ordering::SeqCst);
+    pending.begin();
     let stream = watcher(api, config)
         .default_backoff()
         .modify(|o| {
@@ -145,7 +126,7 @@ where
             let settle = |settled: &mut bool| {
                 if !*settled {
                     *settled = true;
-                    pending.0.fetch_sub(1, Ordering::SeqCst);
+                    pending.end();
                 }
             };
             match event {
@@ -180,11 +161,11 @@ where
 }
 
 /// Starts every reflector. `changes` gets a message on every change.
-pub fn start(client: &Client, changes: mpsc::UnboundedSender<()>) -> (Stores, Pending) {
-    let pending = Pending::default();
+pub fn start(client: &Client, changes: mpsc::UnboundedSender<()>) -> (Stores, Unlisted) {
+    let pending = Unlisted::default();
     let c = || watcher::Config::default();
     let stores = Stores {
-        pod_labels: super::pods::start(client, changes.clone(), pending.clone()),
+        pod_labels: pods::start(client, changes.clone(), pending.clone()),
         gateway_classes: reflect(
             Api::all(client.clone()),
             c(),
@@ -253,7 +234,7 @@ pub fn start(client: &Client, changes: mpsc::UnboundedSender<()>) -> (Stores, Pe
 /// change of a burst, and not before every watcher has listed once.
 pub async fn publish_worlds(
     stores: Stores,
-    pending: Pending,
+    pending: Unlisted,
     mut changes: mpsc::UnboundedReceiver<()>,
     worlds: watch::Sender<Option<Arc<World>>>,
     debounce: Duration,

@@ -1,6 +1,6 @@
-//! The seed's demo application (`rlawnsdud/demo`): a small HTTP server whose body names the
+//! The walkthrough's demo application (`rlawnsdud/demo`): a small HTTP server whose body names the
 //! app. It reads the same settings as the container does (`APP_NAME`, `GLOBAL_PREFIX`), so
-//! `meshctl demo` runs the seed's three Deployments as local processes' worth of tasks.
+//! `meshctl demo` runs the walkthrough's three Deployments as local processes' worth of tasks.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,9 +1,9 @@
-//! `meshctl demo`: the user's reference scenario (the seed walkthrough) on one machine, with no
-//! cluster. The seed's three apps run as local servers, the seed's files (embedded verbatim)
-//! go through the same translator the control plane uses, and a gateway `mesh-proxy` runs in
-//! this process. Then the seed's traffic is sent and what the seed printed is printed.
+//! `meshctl demo`: the walkthrough on one machine, with no cluster. The walkthrough's three
+//! apps run as local servers, the walkthrough's files (embedded verbatim) go through the same
+//! translator the control plane uses, and a gateway `mesh-proxy` runs in this process. Then
+//! the walkthrough's traffic is sent and what the walkthrough printed is printed.
 //!
-//! Steps follow the seed's order: routes first and the canary check, then the EnvoyFilter
+//! Steps follow the walkthrough's order: routes first and the canary check, then the EnvoyFilter
 //! (applied to the running proxy as a live update) and the parallel rate-limit check.
 
 mod app;
@@ -22,9 +22,9 @@ use mesh_translate::{LoadOptions, Resources, TranslateOptions};
 
 pub use app::{DemoApp, RunningApp};
 
-/// The seed's files, embedded verbatim (examples/seed-walkthrough is a copy of
+/// The walkthrough's files, embedded verbatim (examples/seed-walkthrough is a copy of
 /// ../shared/seed-walkthrough, checked by a test).
-pub mod seed {
+pub mod walkthrough {
     pub const DEPLOYMENT: &str = include_str!("../../examples/seed-walkthrough/deployment.yaml");
     pub const GATEWAY: &str = include_str!("../../examples/seed-walkthrough/gateway.yaml");
     pub const ROUTE_MYAPP: &str =
@@ -35,7 +35,7 @@ pub mod seed {
         include_str!("../../examples/seed-walkthrough/istio-envoy-filter.yaml");
 }
 
-/// The namespace the seed is applied to (`kubectl apply -n demo`).
+/// The namespace the walkthrough is applied to (`kubectl apply -n demo`).
 const NAMESPACE: &str = "demo";
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ pub enum DemoError {
     Load(#[from] mesh_translate::LoadError),
     #[error("the gateway proxy: {0}")]
     Proxy(#[from] mesh_proxy::ServeError),
-    #[error("the seed's Gateway produced no listener")]
+    #[error("the walkthrough's Gateway produced no listener")]
     NoListener,
     #[error("request to {url}: {message}")]
     Request { url: String, message: String },
@@ -84,7 +84,7 @@ pub struct Demo {
     warnings: Vec<String>,
 }
 
-/// What the EndpointSlice controller would write for the seed's Services: one ready endpoint
+/// What the EndpointSlice controller would write for the walkthrough's Services: one ready endpoint
 /// each, at the local app.
 fn endpoint_slices(apps: &[(&str, SocketAddr)]) -> String {
     apps.iter()
@@ -129,23 +129,23 @@ fn translate(resources: &Resources, warnings: &mut Vec<String>) -> mesh_proxy::c
     translation.config
 }
 
-/// The seed's objects as the cluster would hold them after step 5 (`with_filter`: step 7),
+/// The walkthrough's objects as the cluster would hold them after step 5 (`with_filter`: step 7),
 /// with EndpointSlices for the local apps.
-fn seed_resources(
+fn walkthrough_resources(
     apps: &[(&str, SocketAddr)],
     with_filter: bool,
     warnings: &mut Vec<String>,
 ) -> Result<Resources, DemoError> {
     let slices = endpoint_slices(apps);
     let mut files = vec![
-        ("deployment.yaml", seed::DEPLOYMENT),
+        ("deployment.yaml", walkthrough::DEPLOYMENT),
         ("endpointslices.yaml", slices.as_str()),
-        ("gateway.yaml", seed::GATEWAY),
-        ("httproute-myapp.yaml", seed::ROUTE_MYAPP),
-        ("httproute-otherapp.yaml", seed::ROUTE_OTHERAPP),
+        ("gateway.yaml", walkthrough::GATEWAY),
+        ("httproute-myapp.yaml", walkthrough::ROUTE_MYAPP),
+        ("httproute-otherapp.yaml", walkthrough::ROUTE_OTHERAPP),
     ];
     if with_filter {
-        files.push(("istio-envoy-filter.yaml", seed::ENVOY_FILTER));
+        files.push(("istio-envoy-filter.yaml", walkthrough::ENVOY_FILTER));
     }
     load(&files, warnings)
 }
@@ -168,7 +168,7 @@ impl Demo {
             running.push(app);
         }
         let mut warnings = Vec::new();
-        let resources = seed_resources(&apps, false, &mut warnings)?;
+        let resources = walkthrough_resources(&apps, false, &mut warnings)?;
         let config = translate(&resources, &mut warnings);
         let proxy = Proxy::start(
             config,
@@ -197,7 +197,7 @@ impl Demo {
     /// Step 7: the EnvoyFilter, applied to the running proxy (no restart, buckets start full).
     pub async fn apply_envoy_filter(&mut self) -> Result<(), DemoError> {
         let mut warnings = Vec::new();
-        let resources = seed_resources(&self.apps, true, &mut warnings)?;
+        let resources = walkthrough_resources(&self.apps, true, &mut warnings)?;
         let config = translate(&resources, &mut warnings);
         self.warnings.extend(warnings);
         self.proxy.update(config).await?;
@@ -278,7 +278,7 @@ fn statuses_line(counts: &BTreeMap<u16, u32>) -> String {
 pub async fn run(options: &DemoOptions, out: &mut impl Write) -> Result<DemoReport, DemoError> {
     writeln!(
         out,
-        "meshctl demo: the seed walkthrough on this machine, no cluster needed\n"
+        "meshctl demo: the walkthrough on this machine, no cluster needed\n"
     )?;
     writeln!(
         out,

@@ -420,7 +420,7 @@ impl InjectionConfig {
             ),
         ] {
             if let Some(q) = v
-                && !super::template::is_quantity(q)
+                && !super::parse::is_quantity(q)
             {
                 return Err(invalid(field, format!("{q:?} is not a resource quantity")));
             }
@@ -481,7 +481,7 @@ impl InjectionConfig {
             };
             r.map_err(|m| invalid(field, m))?;
         }
-        super::redirect::parse_duration(&self.proxy.drain_duration)
+        mesh_config::parse_duration(&self.proxy.drain_duration)
             .map_err(|m| invalid("proxy.drainDuration", m))?;
         for (i, sel) in self
             .never_inject_selector
@@ -489,7 +489,7 @@ impl InjectionConfig {
             .chain(&self.always_inject_selector)
             .enumerate()
         {
-            super::decision::validate_selector(sel)
+            super::parse::validate_selector(sel)
                 .map_err(|m| invalid(&format!("selector[{i}]"), m))?;
         }
         Ok(())

@@ -18,10 +18,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-
 use super::config::{InjectionConfig, Policy};
+use super::parse::{parse_flag, selector_matches};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 
 pub const INJECT_KEY: &str = "sidecar.meshctl.io/inject";
 pub const ISTIO_INJECT_KEY: &str = "sidecar.istio.io/inject";
@@ -100,15 +99,6 @@ impl std::fmt::Display for Reason {
                 }
             ),
         }
-    }
-}
-
-/// Parse a boolean-ish label/annotation value; `None` when it is not one.
-pub fn parse_flag(v: &str) -> Option<bool> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "true" | "yes" | "y" | "enabled" | "on" => Some(true),
-        "false" | "no" | "n" | "disabled" | "off" => Some(false),
-        _ => None,
     }
 }
 
@@ -244,49 +234,4 @@ fn other_mesh(tpl: &PodTemplateSpec) -> Option<(&'static str, String)> {
         .iter()
         .find(|(k, _)| ann.contains_key(*k))
         .map(|(k, mesh)| (*mesh, format!("annotation {k}")))
-}
-
-/// Check a selector is well formed (known operators, values where required).
-pub fn validate_selector(sel: &LabelSelector) -> Result<(), String> {
-    for r in sel.match_expressions.iter().flatten() {
-        let n = r.values.as_ref().map_or(0, Vec::len);
-        match r.operator.as_str() {
-            "In" | "NotIn" if n == 0 => {
-                return Err(format!(
-                    "{} with operator {} needs values",
-                    r.key, r.operator
-                ));
-            }
-            "Exists" | "DoesNotExist" if n > 0 => {
-                return Err(format!(
-                    "{} with operator {} takes no values",
-                    r.key, r.operator
-                ));
-            }
-            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-            op => return Err(format!("unknown selector operator {op:?}")),
-        }
-    }
-    Ok(())
-}
-
-/// Kubernetes label-selector semantics; an empty selector matches everything.
-pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let ml = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let me = sel.match_expressions.iter().flatten().all(|r| {
-        let vals = r.values.as_deref().unwrap_or(&[]);
-        let got = labels.get(&r.key);
-        match r.operator.as_str() {
-            "In" => got.is_some_and(|g| vals.contains(g)),
-            "NotIn" => got.is_none_or(|g| !vals.contains(g)),
-            "Exists" => got.is_some(),
-            "DoesNotExist" => got.is_none(),
-            _ => false,
-        }
-    });
-    ml && me
 }

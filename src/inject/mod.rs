@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod decision;
+pub mod parse;
 pub mod patch;
 pub mod probes;
 pub mod redirect;
@@ -169,12 +170,12 @@ pub fn inject_template(
     // Containers.
     let inits = spec.init_containers.get_or_insert_with(Vec::new);
     if opts.native {
-        // Redirect first, then the proxy, then the user's init containers (which then
+        // Redirect first, then the proxy, then the pod's own init containers (which then
         // have a working proxy).
         status.init_containers = vec![init.name.clone(), proxy.name.clone()];
         inits.splice(0..0, [init, proxy]);
     } else {
-        // Classic: redirect last so the user's init containers keep plain networking.
+        // Classic: redirect last so the pod's own init containers keep plain networking.
         status.init_containers = vec![init.name.clone()];
         status.containers = vec![proxy.name.clone()];
         inits.push(init);
@@ -186,7 +187,7 @@ pub fn inject_template(
     }
 
     // Volumes. One of ours left by an earlier injection whose status did not list it is
-    // replaced (a user's own volume with our name was refused above).
+    // replaced (an app's own volume with our name was refused above).
     let vols = template::volumes(cfg);
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     volumes.retain(|v| !vols.iter().any(|o| o.name == v.name));
@@ -258,8 +259,8 @@ const RESERVED_VOLUMES: [(&str, &str); 3] = [
     (template::DATA_VOLUME, "the proxy's data volume"),
 ];
 
-/// A user's container or volume named like one the injector adds would be replaced by ours
-/// (the user's app silently gone, or its mount pointing at our volume): refused, naming the
+/// An app's container or volume named like one the injector adds would be replaced by ours
+/// (the app silently gone, or its mount pointing at our volume): refused, naming the
 /// field. Only for templates that do not record an injection of ours.
 fn reserved_name_clash(tpl: &PodTemplateSpec) -> Option<InjectError> {
     let spec = tpl.spec.as_ref()?;

@@ -31,7 +31,7 @@ use mesh_wire::names::ENV_APP_PROBERS;
 
 use super::InjectError;
 use super::config::InjectionConfig;
-use super::decision::parse_flag;
+use super::parse::parse_flag;
 use super::template::annotation;
 
 /// What the status annotation records of the rewritten probes: container → probe field

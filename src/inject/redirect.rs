@@ -7,10 +7,6 @@
 
 pub use mesh_wire::redirect::{Cidr, IpRanges, PortSet, RedirectSpec};
 
-/// Durations (`5s`, `500ms`, `1m30s`): the one parser of the mesh, so what the injector
-/// accepts (e.g. `proxy.drainDuration`) is what `mesh-proxy` reads back from its flags.
-pub use mesh_config::parse_duration;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,13 +149,5 @@ COMMIT
             e.contains("traffic.sidecar.meshctl.io/excludeOutboundIPRanges"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s").unwrap().as_secs(), 5);
-        assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
-        assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
-        assert!(parse_duration("5").is_err());
     }
 }

@@ -16,7 +16,7 @@ use mesh_wire::names::{ENV_CA_ROOT_PATH, ENV_CONTROL_PLANE, ENV_TOKEN_PATH};
 
 use super::InjectError;
 use super::config::{InjectionConfig, ResourceValues};
-use super::decision::parse_flag;
+use super::parse::{is_quantity, parse_flag};
 use super::redirect::{IpRanges, PortSet, RedirectSpec};
 
 pub use mesh_wire::names::{INIT_CONTAINER as INIT_NAME, PROXY_CONTAINER as PROXY_NAME};
@@ -57,35 +57,6 @@ fn bad(key: String, message: impl Into<String>) -> InjectError {
         key,
         message: message.into(),
     }
-}
-
-/// A Kubernetes resource quantity (`100m`, `1.5Gi`, `2`, `1e3`).
-pub fn is_quantity(s: &str) -> bool {
-    const SUFFIXES: [&str; 13] = [
-        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E",
-    ];
-    let s = s.strip_prefix('+').unwrap_or(s);
-    let (num, _) = SUFFIXES
-        .iter()
-        .find_map(|suf| s.strip_suffix(suf).map(|n| (n, *suf)))
-        .or_else(|| {
-            s.find(['e', 'E'])
-                .filter(|i| {
-                    let exp = &s[i + 1..];
-                    let exp = exp.strip_prefix(['+', '-']).unwrap_or(exp);
-                    !exp.is_empty() && exp.bytes().all(|b| b.is_ascii_digit())
-                })
-                .map(|i| (&s[..i], ""))
-        })
-        .unwrap_or((s, ""));
-    let mut parts = num.splitn(2, '.');
-    let int = parts.next().unwrap_or("");
-    let frac = parts.next();
-    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
-    !num.is_empty()
-        && digits(int)
-        && frac.is_none_or(digits)
-        && (!int.is_empty() || frac.is_some_and(|f| !f.is_empty()))
 }
 
 /// The effective traffic-capture spec for a pod.
@@ -436,7 +407,7 @@ pub fn volumes(cfg: &InjectionConfig) -> Vec<Volume> {
     ]
 }
 
-/// Annotations added when absent (the user's own value always wins).
+/// Annotations added when absent (the pod's own value always wins).
 pub fn default_annotations(
     cfg: &InjectionConfig,
     first_app_container: Option<&str>,
@@ -459,21 +430,4 @@ pub fn default_annotations(
     ));
     v.push(("prometheus.io/path".into(), METRICS_PATH.into()));
     v
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_quantity;
-
-    #[test]
-    fn quantities() {
-        for q in [
-            "100m", "1", "1.5Gi", "2000m", "128Mi", "1e3", "0.5", "+1", "1E-2",
-        ] {
-            assert!(is_quantity(q), "{q}");
-        }
-        for q in ["", "m", "lots", "1.2.3", "1 Gi", "-", "Gi", ".", "1e"] {
-            assert!(!is_quantity(q), "{q}");
-        }
-    }
 }

@@ -553,7 +553,7 @@ fn hundreds_of_containers() {
     assert_eq!(a.template, b.template);
 }
 
-/// A user's container or volume named like one we add is refused (it would be replaced),
+/// An app's container or volume named like one we add is refused (it would be replaced),
 /// naming the field; a template that records our injection is re-injected as before.
 #[test]
 fn user_objects_with_our_names_are_refused() {

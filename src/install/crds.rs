@@ -6,7 +6,7 @@
 //! - `manifests/gateway-api/`: the Gateway API standard channel, generated from the
 //!   `gateway-api` crate 0.22 (kopium-generated from the upstream Gateway API v1.5.1
 //!   standard-channel CRDs; see `manifests/gateway-api/README.md` for what that loses).
-//! - `manifests/istio/`: Istio's EnvoyFilter CRD (`networking.istio.io`), so the seed's
+//! - `manifests/istio/`: Istio's EnvoyFilter CRD (`networking.istio.io`), so the walkthrough's
 //!   `istio-envoy-filter.yaml` applies on a cluster without Istio. Like Istio's own, the spec
 //!   is open (`x-kubernetes-preserve-unknown-fields`); the control plane validates the local
 //!   rate-limit subset it understands. Applied, like the Gateway API CRDs, only when absent
@@ -140,7 +140,7 @@ pub const GATEWAY_API: &[&str] = &[
     include_str!("../../manifests/gateway-api/listenersets.yaml"),
 ];
 
-/// Istio's CRDs the seed's files need (EnvoyFilter), applied like [`GATEWAY_API`].
+/// Istio's CRDs the walkthrough's files need (EnvoyFilter), applied like [`GATEWAY_API`].
 pub const ISTIO: &[&str] = &[include_str!(
     "../../manifests/istio/envoyfilters.networking.istio.io.yaml"
 )];
@@ -153,24 +153,23 @@ pub fn parse(texts: &[&str]) -> Vec<Value> {
 }
 
 #[cfg(test)]
+#[path = "../../tests/support/golden.rs"]
+mod golden;
+
+#[cfg(test)]
 mod tests {
+    use super::golden::Goldens;
+
     #[test]
     fn crds_are_current() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
-        let update = std::env::var_os("UPDATE_GOLDEN").is_some();
-        let mut stale = Vec::new();
+        let mut goldens = Goldens::new("cargo test --lib crds_are_current");
         for (path, text) in super::generate() {
-            let file = root.join(path);
-            if update {
-                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-                std::fs::write(&file, &text).unwrap();
-            } else if std::fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
-                stale.push(path);
-            }
+            goldens.check(&root.join(path), &text);
         }
-        assert!(
-            stale.is_empty(),
-            "stale CRDs under manifests/: {stale:?}; regenerate with UPDATE_GOLDEN=1 cargo test --lib crds_are_current"
-        );
+        for dir in ["crds", "gateway-api", "istio"] {
+            goldens.orphans(&root.join(dir), ".yaml");
+        }
+        goldens.finish();
     }
 }

@@ -10,6 +10,7 @@ use super::certs::{self, WebhookTls};
 use super::crds;
 use super::profile::Resolved;
 use super::values::{MeshValues, NAMESPACE, WebhookMode};
+use crate::gateway_pod::{GatewayPod, GatewayVolume};
 
 /// Label on everything the installer creates; prune and uninstall select on it.
 pub const LABEL_OWNED_BY: &str = "install.meshctl.io/owned-by";
@@ -140,6 +141,8 @@ struct Ctx<'a> {
     webhook_url: Option<String>,
     ca_bundle: Option<String>,
     tls: Option<TlsCtx>,
+    /// The ingress gateway's pod spec (see [`ingress_gateway_pod`]).
+    ingress_gateway_pod: Value,
 }
 
 /// Apply order of a kind.
@@ -158,6 +161,45 @@ fn kind_rank(kind: &str) -> u8 {
         "MutatingWebhookConfiguration" => 10,
         _ => 11,
     }
+}
+
+/// The installer's ingress gateway: `mesh-proxy run` on its bootstrap config (the ConfigMap
+/// of the same name), listening on each Service port's target port.
+fn ingress_gateway_pod(v: &MeshValues) -> Value {
+    let gw = &v.components.ingress_gateway;
+    let mut args = vec![
+        "run".to_string(),
+        "--config=/etc/mesh-proxy/config.yaml".into(),
+    ];
+    args.extend(
+        gw.service
+            .ports
+            .iter()
+            .filter(|p| p.port != p.target_port)
+            .map(|p| format!("--listener-port={}={}", p.port, p.target_port)),
+    );
+    GatewayPod {
+        service_account: gw.name.clone(),
+        image: v.proxy_image(),
+        image_pull_policy: Some(v.image_pull_policy.clone()),
+        args,
+        env: Vec::new(),
+        ports: gw
+            .service
+            .ports
+            .iter()
+            .map(|p| serde_json::json!({"name": p.name, "containerPort": p.target_port}))
+            .collect(),
+        resources: Some(serde_json::to_value(&gw.resources).expect("resources serialize")),
+        volumes: vec![GatewayVolume {
+            name: "config".into(),
+            mount_path: "/etc/mesh-proxy".into(),
+            source: serde_json::json!({"configMap": {"name": gw.name}}),
+        }],
+        low_ports: false,
+        automount_service_account_token: None,
+    }
+    .spec()
 }
 
 /// Render the objects for `resolved`. `tls`: the webhook certificate (install); `None`
@@ -186,6 +228,7 @@ pub fn render(resolved: &Resolved, tls: Option<&WebhookTls>) -> Result<Vec<Objec
         injection_config: injection_yaml,
         webhook_url: (v.webhook.mode == WebhookMode::Url).then(|| v.webhook.url.clone()),
         ca_bundle,
+        ingress_gateway_pod: ingress_gateway_pod(v),
         tls: tls.map(|t| TlsCtx {
             dns_names: t.dns_names.clone(),
             not_after: t.not_after.clone(),

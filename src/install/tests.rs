@@ -154,9 +154,9 @@ fn errors_name_the_source_and_field() {
 }
 
 #[test]
-fn the_seed_istio_operator_maps_with_one_warning_for_the_rest() {
-    let seed = include_str!("../../tests/install/istio-gwapi.yaml");
-    let r = resolve(&[input("istio-gwapi.yaml", seed)], &[]).unwrap();
+fn the_walkthrough_istio_operator_maps_with_one_warning_for_the_rest() {
+    let walkthrough = include_str!("../../tests/install/istio-gwapi.yaml");
+    let r = resolve(&[input("istio-gwapi.yaml", walkthrough)], &[]).unwrap();
     assert_eq!(r.profile, "default");
     assert_eq!(r.values.mesh_config.access_log_file, "/dev/stdout");
     assert!(!r.values.mesh_config.enable_tracing);

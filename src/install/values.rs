@@ -191,7 +191,7 @@ fn check_resources(field: &str, r: &Resources) -> Result<(), FieldError> {
         ("limits.memory", &r.limits.memory),
     ] {
         if let Some(q) = v
-            && !crate::inject::template::is_quantity(q)
+            && !crate::inject::parse::is_quantity(q)
         {
             return Err(bad(
                 &format!("{field}.{k}"),

@@ -122,6 +122,19 @@ async fn gateway_objects_deleted_or_edited_by_hand_come_back() {
     .await
     .unwrap();
     assert_eq!(image(&first), IMAGE);
+    // The pod runs hardened like the installer's ingress gateway (one pod builder for both):
+    // non-root, with the runtime's default seccomp profile.
+    let pod_security = first
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.security_context.clone())
+        .unwrap();
+    assert_eq!(
+        pod_security.seccomp_profile.map(|p| p.type_),
+        Some("RuntimeDefault".to_string())
+    );
+    assert_eq!(pod_security.run_as_non_root, Some(true));
     let service = eventually(Duration::from_secs(30), "the gateway Service", || async {
         Ok(services.get_opt(&name).await?)
     })

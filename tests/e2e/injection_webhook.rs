@@ -3,7 +3,7 @@
 //! `CertStore` from files, default `InjectionConfig`, namespace labels from the watch-backed
 //! `KubeNamespaces` cache) is registered by a URL-mode MutatingWebhookConfiguration whose
 //! `caBundle` is the environment's CA; namespaces are labelled with the real kubectl; the
-//! seed's `deployment.yaml` is applied with kubectl and the pods the ReplicaSet controller
+//! walkthrough's `deployment.yaml` is applied with kubectl and the pods the ReplicaSet controller
 //! creates carry the sidecar and reach Running under kwok.
 //!
 //! Every webhook configuration here is cluster-scoped but only selects namespaces carrying
@@ -41,7 +41,7 @@ const SCOPE_LABEL: &str = "e2e.meshctl.io/injection-test";
 const MESH_LABEL_HOOK: &str = "mesh-label.sidecar-injector.meshctl.io";
 const ISTIO_LABEL_HOOK: &str = "istio-label.sidecar-injector.meshctl.io";
 
-/// The seed's Deployments and the pods the ReplicaSet controller makes for them.
+/// The walkthrough's Deployments and the pods the ReplicaSet controller makes for them.
 const SEED_APPS: [&str; 3] = ["myapp-v1", "myapp-v2", "otherapp"];
 
 // ---------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ async fn namespace(env: &TestEnv, prefix: &str, scope: &str, labels: &[&str]) ->
     ns
 }
 
-/// A pod like the seed's myapp pod.
+/// A pod like the walkthrough's myapp pod.
 fn app_pod(name: &str, labels: &[(&str, &str)]) -> Pod {
     let labels: BTreeMap<_, _> = labels.iter().copied().collect();
     serde_json::from_value(serde_json::json!({
@@ -460,8 +460,8 @@ fn assert_running(pod: &Pod) {
     }
 }
 
-/// Waits until each seed Deployment has exactly one pod, Running.
-async fn seed_pods_running(pods: &Api<Pod>) -> Vec<Pod> {
+/// Waits until each walkthrough Deployment has exactly one pod, Running.
+async fn walkthrough_pods_running(pods: &Api<Pod>) -> Vec<Pod> {
     let mut out = Vec::new();
     for app in SEED_APPS {
         let selector = if app == "otherapp" {
@@ -516,7 +516,7 @@ async fn wait_until_injecting(pods: &Api<Pod>) {
 // Tests.
 
 #[tokio::test]
-async fn seed_pods_get_the_sidecar_in_labelled_namespaces_only() {
+async fn walkthrough_pods_get_the_sidecar_in_labelled_namespaces_only() {
     let env = TestEnv::shared();
     let client = env.client().unwrap();
     let hook = Webhook::start(env).await;
@@ -525,7 +525,7 @@ async fn seed_pods_get_the_sidecar_in_labelled_namespaces_only() {
     let mesh_ns = namespace(env, "injwh-mesh", &scope, &[]).await;
     let istio_ns = namespace(env, "injwh-istio", &scope, &[]).await;
     let plain_ns = namespace(env, "injwh-plain", &scope, &[]).await;
-    // The seed's step: label the namespace with the real kubectl.
+    // The walkthrough's step: label the namespace with the real kubectl.
     env.kubectl_ok(&["label", "ns", &mesh_ns, "mesh-injection=enabled"])
         .await
         .unwrap();
@@ -555,7 +555,7 @@ async fn seed_pods_get_the_sidecar_in_labelled_namespaces_only() {
 
     for ns in [&mesh_ns, &istio_ns] {
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-        for pod in seed_pods_running(&pods).await {
+        for pod in walkthrough_pods_running(&pods).await {
             let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
             assert_eq!(
                 owner.kind, "ReplicaSet",
@@ -567,7 +567,7 @@ async fn seed_pods_get_the_sidecar_in_labelled_namespaces_only() {
         }
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), &plain_ns);
-    for pod in seed_pods_running(&pods).await {
+    for pod in walkthrough_pods_running(&pods).await {
         assert!(!is_meshed(&pod), "unlabelled namespace: {pod:?}");
         assert!(pod.spec.as_ref().unwrap().init_containers.is_none());
         assert_running(&pod);
@@ -672,7 +672,7 @@ async fn a_stopped_webhook_refuses_pods_with_fail_and_lets_them_through_with_ign
         .unwrap();
     assert!(!is_meshed(&pod));
 
-    // The ReplicaSet controller cannot create the seed's pods, and says why.
+    // The ReplicaSet controller cannot create the walkthrough's pods, and says why.
     env.kubectl_ok(&["apply", "-n", &on, "-f", DEPLOYMENT_YAML])
         .await
         .unwrap();
@@ -744,8 +744,8 @@ async fn a_stopped_webhook_refuses_pods_with_fail_and_lets_them_through_with_ign
     .unwrap();
     assert!(!is_meshed(&pod));
     assert_running(&pod);
-    // And the ReplicaSet controller's retry now creates the seed's pods, un-meshed.
-    for pod in seed_pods_running(&on_pods).await {
+    // And the ReplicaSet controller's retry now creates the walkthrough's pods, un-meshed.
+    for pod in walkthrough_pods_running(&on_pods).await {
         assert!(!is_meshed(&pod), "{pod:?}");
     }
 

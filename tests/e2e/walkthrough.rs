@@ -1,4 +1,4 @@
-//! The seed walkthrough's `deployment.yaml`, applied with the real kubectl: Deployments
+//! The walkthrough's `deployment.yaml`, applied with the real kubectl: Deployments
 //! become Available, pods Running with IPs (kwok), EndpointSlices carry those IPs.
 
 use std::collections::BTreeSet;
@@ -23,7 +23,7 @@ fn selector(map: &std::collections::BTreeMap<String, String>) -> String {
 }
 
 #[tokio::test]
-async fn seed_deployments_become_available_with_endpoints() {
+async fn walkthrough_deployments_become_available_with_endpoints() {
     let env = TestEnv::shared();
     let client = env.client().unwrap();
     let ns = env.create_namespace("walkthrough").await.unwrap();

@@ -458,7 +458,19 @@ pub fn local_rate_limits(ef: &EnvoyFilter) -> EnvoyFilterPatches {
 
 type Parsed = Result<(LocalRateLimitPatch, Vec<FieldProblem>), Vec<FieldProblem>>;
 
+/// A patch's `value`: the local rate limit filter, its config checked field by field.
 fn parse_filter_value(value: &Value, path: &str) -> Parsed {
+    let (proto_value, proto_path) = local_rate_limit_config(value, path)?;
+    let proto: LocalRateLimitProto = from_value(proto_value, &proto_path, &[])?;
+    local_rate_limit(proto, &proto_path)
+}
+
+/// The filter's config and its path: `name` must be the local rate limit filter and
+/// `typed_config` its proto, given as is or inside a TypedStruct.
+fn local_rate_limit_config(
+    value: &Value,
+    path: &str,
+) -> Result<(Value, String), Vec<FieldProblem>> {
     let one = |p: String, m: String| Err(vec![FieldProblem::new(p, m)]);
     let Some(obj) = value.as_object() else {
         return one(path.to_string(), "must be an object".into());
@@ -496,7 +508,7 @@ fn parse_filter_value(value: &Value, path: &str) -> Parsed {
         return one(tc_path, "must be an object".into());
     };
     let ty = tc_obj.get("@type").and_then(Value::as_str).unwrap_or("");
-    let (proto_value, proto_path) = if TYPED_STRUCT_TYPES.contains(&ty) {
+    if TYPED_STRUCT_TYPES.contains(&ty) {
         for k in tc_obj.keys() {
             if !["@type", "type_url", "typeUrl", "value"].contains(&k.as_str()) {
                 return one(format!("{tc_path}.{k}"), "unknown field".into());
@@ -513,179 +525,94 @@ fn parse_filter_value(value: &Value, path: &str) -> Parsed {
                 format!("{url:?} is not supported: only {LOCAL_RATELIMIT_TYPE}"),
             );
         }
-        (
+        Ok((
             tc_obj.get("value").cloned().unwrap_or(Value::Null),
             format!("{tc_path}.value"),
-        )
+        ))
     } else if ty == LOCAL_RATELIMIT_TYPE {
         let mut v = tc.clone();
         if let Some(m) = v.as_object_mut() {
             m.remove("@type");
         }
-        (v, tc_path.clone())
+        Ok((v, tc_path))
     } else {
-        return one(
+        one(
             format!("{tc_path}.@type"),
             format!(
                 "{ty:?} is not supported: use {LOCAL_RATELIMIT_TYPE} or a TypedStruct carrying it"
             ),
-        );
-    };
-    let proto: LocalRateLimitProto = from_value(proto_value, &proto_path, &[])?;
-    let mut errs = Vec::new();
-    let mut warnings = Vec::new();
-    let mut err = |f: &str, m: String| errs.push(FieldProblem::new(format!("{proto_path}.{f}"), m));
+        )
+    }
+}
 
-    let Some(tb) = proto.token_bucket else {
-        err(
+/// Errors and warnings about one local rate limit config, with paths under its own.
+struct Problems<'a> {
+    base: &'a str,
+    errors: Vec<FieldProblem>,
+    warnings: Vec<FieldProblem>,
+}
+
+impl Problems<'_> {
+    fn err(&mut self, field: &str, message: impl Into<String>) {
+        self.errors
+            .push(FieldProblem::new(format!("{}.{field}", self.base), message));
+    }
+
+    fn warn(&mut self, field: &str, message: impl Into<String>) {
+        self.warnings
+            .push(FieldProblem::new(format!("{}.{field}", self.base), message));
+    }
+}
+
+/// The local rate limit proto → a patch, refusing what mesh-proxy cannot enforce.
+fn local_rate_limit(proto: LocalRateLimitProto, proto_path: &str) -> Parsed {
+    let mut p = Problems {
+        base: proto_path,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let Some(tb) = &proto.token_bucket else {
+        p.err(
             "token_bucket",
-            "required (max_tokens, tokens_per_fill, fill_interval)".into(),
+            "required (max_tokens, tokens_per_fill, fill_interval)",
         );
-        return Err(errs);
+        return Err(p.errors);
     };
-    if tb.max_tokens == 0 {
-        err("token_bucket.max_tokens", "must be at least 1".into());
-    }
-    let tokens_per_fill = tb.tokens_per_fill.unwrap_or(1);
-    if tokens_per_fill == 0 {
-        err("token_bucket.tokens_per_fill", "must be at least 1".into());
-    }
-    let fill_interval = match mesh_config::parse_duration(&tb.fill_interval) {
-        Ok(d) if d >= Duration::from_millis(50) => d,
-        Ok(_) => {
-            err("token_bucket.fill_interval", "must be at least 50ms".into());
-            Duration::ZERO
-        }
-        Err(e) => {
-            err("token_bucket.fill_interval", e);
-            Duration::ZERO
-        }
-    };
-    let mut enforced = true;
-    for (f, v) in [
-        ("filter_enabled", &proto.filter_enabled),
-        ("filter_enforced", &proto.filter_enforced),
-    ] {
-        match percent(v) {
-            Ok(p) if p >= 1.0 => {}
-            Ok(p) if p <= 0.0 => {
-                enforced = false;
-                warnings.push(FieldProblem::new(
-                    format!("{proto_path}.{f}"),
-                    if v.is_none() {
-                        "absent: Envoy's default is 0%, so this rate limit never limits (set default_value 100/HUNDRED to enforce it)".to_string()
-                    } else {
-                        "0%: this rate limit never limits".to_string()
-                    },
-                ));
-            }
-            Ok(p) => err(
-                &format!("{f}.default_value"),
-                format!(
-                    "{}% is not supported: only 100% (or 0%)",
-                    (p * 100.0 * 1000.0).round() / 1000.0
-                ),
-            ),
-            Err(m) => err(&format!("{f}.default_value.denominator"), m),
-        }
-    }
-    let status = match proto.status {
+    let (tokens_per_fill, fill_interval) = token_bucket(tb, &mut p);
+    let enforced = enforced(&proto, &mut p);
+    let status = match &proto.status {
         None => 429,
         Some(s) if (400..=599).contains(&s.code) => s.code,
         Some(s) => {
-            err(
+            p.err(
                 "status.code",
                 format!("{} is not a 4xx or 5xx status", s.code),
             );
             429
         }
     };
-    let mut headers = Vec::new();
-    for (i, h) in proto.response_headers_to_add.iter().enumerate() {
-        match h.append_action.as_deref() {
-            None
-            | Some("APPEND_IF_EXISTS_OR_ADD")
-            | Some("ADD_IF_ABSENT")
-            | Some("OVERWRITE_IF_EXISTS_OR_ADD") => {}
-            Some("OVERWRITE_IF_EXISTS") => err(
-                &format!("response_headers_to_add[{i}].append_action"),
-                "OVERWRITE_IF_EXISTS is not supported (a limited response is generated locally: the header never exists yet)".into(),
-            ),
-            Some(other) => err(
-                &format!("response_headers_to_add[{i}].append_action"),
-                format!("{other:?} is not an Envoy HeaderAppendAction"),
-            ),
-        }
-        if h.append.is_some() && h.append_action.is_some() {
-            err(
-                &format!("response_headers_to_add[{i}].append"),
-                "append and append_action are mutually exclusive".into(),
-            );
-        }
-        headers.push(mesh_config::HeaderValue {
-            name: h.header.key.clone(),
-            value: h.header.value.clone(),
-        });
-    }
+    let headers = response_headers(&proto.response_headers_to_add, &mut p);
     let x_ratelimit_headers = match proto.enable_x_ratelimit_headers.as_deref() {
         None | Some("OFF") => false,
         Some("DRAFT_VERSION_03") => true,
         Some(other) => {
-            err(
+            p.err(
                 "enable_x_ratelimit_headers",
                 format!("{other:?} is not OFF or DRAFT_VERSION_03"),
             );
             false
         }
     };
-    if proto
-        .request_headers_to_add_when_not_enforced
-        .as_ref()
-        .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        err(
-            "request_headers_to_add_when_not_enforced",
-            "not supported".into(),
-        );
-    }
-    if proto
-        .descriptors
-        .as_ref()
-        .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        err(
-            "descriptors",
-            "not supported (descriptor-based local rate limits)".into(),
-        );
-    }
-    if proto.stage.is_some_and(|s| s != 0) {
-        err("stage", "not supported (only stage 0)".into());
-    }
-    if proto.local_rate_limit_per_downstream_connection == Some(true) {
-        err(
-            "local_rate_limit_per_downstream_connection",
-            "not supported (buckets are per proxy instance)".into(),
-        );
-    }
-    if proto.vh_rate_limits.is_some() {
-        err(
-            "vh_rate_limits",
-            "not supported (no route-level Envoy rate limit config in mesh-proxy)".into(),
-        );
-    }
-    if proto.rate_limited_as_resource_exhausted == Some(true) {
-        err("rate_limited_as_resource_exhausted", "not supported".into());
-    }
-    let _ = proto.always_consume_default_token_bucket; // only matters with descriptors
-    if !errs.is_empty() {
-        return Err(errs);
+    refuse_unsupported(&proto, &mut p);
+    if !p.errors.is_empty() {
+        return Err(p.errors);
     }
     Ok((
         LocalRateLimitPatch {
             index: 0,
             context: PatchContext::Any,
             port: None,
-            stat_prefix: proto.stat_prefix.unwrap_or_default(),
+            stat_prefix: proto.stat_prefix.clone().unwrap_or_default(),
             max_tokens: tb.max_tokens,
             tokens_per_fill,
             fill_interval,
@@ -694,8 +621,137 @@ fn parse_filter_value(value: &Value, path: &str) -> Parsed {
             x_ratelimit_headers,
             enforced,
         },
-        warnings,
+        p.warnings,
     ))
+}
+
+/// Tokens per fill and the fill interval (at least 50 ms).
+fn token_bucket(tb: &TokenBucket, p: &mut Problems<'_>) -> (u64, Duration) {
+    if tb.max_tokens == 0 {
+        p.err("token_bucket.max_tokens", "must be at least 1");
+    }
+    let tokens_per_fill = tb.tokens_per_fill.unwrap_or(1);
+    if tokens_per_fill == 0 {
+        p.err("token_bucket.tokens_per_fill", "must be at least 1");
+    }
+    let fill_interval = match mesh_config::parse_duration(&tb.fill_interval) {
+        Ok(d) if d >= Duration::from_millis(50) => d,
+        Ok(_) => {
+            p.err("token_bucket.fill_interval", "must be at least 50ms");
+            Duration::ZERO
+        }
+        Err(e) => {
+            p.err("token_bucket.fill_interval", e);
+            Duration::ZERO
+        }
+    };
+    (tokens_per_fill, fill_interval)
+}
+
+/// Whether the limit is enforced: `filter_enabled` and `filter_enforced` at 100% (0%, or
+/// absent as Envoy's default, is a limit that never limits: a warning).
+fn enforced(proto: &LocalRateLimitProto, p: &mut Problems<'_>) -> bool {
+    let mut enforced = true;
+    for (f, v) in [
+        ("filter_enabled", &proto.filter_enabled),
+        ("filter_enforced", &proto.filter_enforced),
+    ] {
+        match percent(v) {
+            Ok(x) if x >= 1.0 => {}
+            Ok(x) if x <= 0.0 => {
+                enforced = false;
+                p.warn(
+                    f,
+                    if v.is_none() {
+                        "absent: Envoy's default is 0%, so this rate limit never limits (set default_value 100/HUNDRED to enforce it)"
+                    } else {
+                        "0%: this rate limit never limits"
+                    },
+                );
+            }
+            Ok(x) => p.err(
+                &format!("{f}.default_value"),
+                format!(
+                    "{}% is not supported: only 100% (or 0%)",
+                    (x * 100.0 * 1000.0).round() / 1000.0
+                ),
+            ),
+            Err(m) => p.err(&format!("{f}.default_value.denominator"), m),
+        }
+    }
+    enforced
+}
+
+/// The headers of a limited response.
+fn response_headers(
+    options: &[HeaderValueOption],
+    p: &mut Problems<'_>,
+) -> Vec<mesh_config::HeaderValue> {
+    let mut headers = Vec::new();
+    for (i, h) in options.iter().enumerate() {
+        match h.append_action.as_deref() {
+            None
+            | Some("APPEND_IF_EXISTS_OR_ADD")
+            | Some("ADD_IF_ABSENT")
+            | Some("OVERWRITE_IF_EXISTS_OR_ADD") => {}
+            Some("OVERWRITE_IF_EXISTS") => p.err(
+                &format!("response_headers_to_add[{i}].append_action"),
+                "OVERWRITE_IF_EXISTS is not supported (a limited response is generated locally: the header never exists yet)",
+            ),
+            Some(other) => p.err(
+                &format!("response_headers_to_add[{i}].append_action"),
+                format!("{other:?} is not an Envoy HeaderAppendAction"),
+            ),
+        }
+        if h.append.is_some() && h.append_action.is_some() {
+            p.err(
+                &format!("response_headers_to_add[{i}].append"),
+                "append and append_action are mutually exclusive",
+            );
+        }
+        headers.push(mesh_config::HeaderValue {
+            name: h.header.key.clone(),
+            value: h.header.value.clone(),
+        });
+    }
+    headers
+}
+
+/// Fields of the proto mesh-proxy has no equivalent for: errors, not silent no-ops.
+fn refuse_unsupported(proto: &LocalRateLimitProto, p: &mut Problems<'_>) {
+    let set = |v: &Option<Value>| {
+        v.as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+    };
+    if set(&proto.request_headers_to_add_when_not_enforced) {
+        p.err("request_headers_to_add_when_not_enforced", "not supported");
+    }
+    if set(&proto.descriptors) {
+        p.err(
+            "descriptors",
+            "not supported (descriptor-based local rate limits)",
+        );
+    }
+    if proto.stage.is_some_and(|s| s != 0) {
+        p.err("stage", "not supported (only stage 0)");
+    }
+    if proto.local_rate_limit_per_downstream_connection == Some(true) {
+        p.err(
+            "local_rate_limit_per_downstream_connection",
+            "not supported (buckets are per proxy instance)",
+        );
+    }
+    if proto.vh_rate_limits.is_some() {
+        p.err(
+            "vh_rate_limits",
+            "not supported (no route-level Envoy rate limit config in mesh-proxy)",
+        );
+    }
+    if proto.rate_limited_as_resource_exhausted == Some(true) {
+        p.err("rate_limited_as_resource_exhausted", "not supported");
+    }
+    // `always_consume_default_token_bucket` only matters with descriptors.
+    let _ = proto.always_consume_default_token_bucket;
 }
 
 /// A RuntimeFractionalPercent's default as a fraction (absent → 0, Envoy's default).

@@ -25,6 +25,7 @@ pub mod status;
 mod translate;
 mod typed;
 mod validate;
+pub mod yaml;
 
 pub use hostname::{intersect as intersect_hostnames, matches as hostname_matches};
 pub use istio::{EnvoyFilter, IstioOperator};
@@ -34,6 +35,7 @@ pub use precedence::PrecedenceKey;
 pub use resources::Resources;
 pub use sidecar::{SidecarKey, SidecarOptions, sidecar_key, translate_sidecar};
 pub use translate::{TranslateOptions, Translation, translate};
+pub use yaml::{YamlDocument, YamlError, split_yaml_stream};
 
 /// Something the user should see: an object ignored, a field without effect, a reference that
 /// does not resolve, how an Istio construct was emulated.

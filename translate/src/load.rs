@@ -262,35 +262,37 @@ impl<'a> Loader<'a> {
 
     fn text(&mut self, path: &Path, text: &str) {
         let is_json = path.extension().is_some_and(|e| e == "json");
-        let docs: Vec<Value> = if is_json {
+        let docs: Vec<(usize, Value)> = if is_json {
             match serde_json::from_str::<Value>(text) {
-                Ok(v) => vec![v],
+                Ok(v) => vec![(1, v)],
                 Err(e) => {
                     self.problem(path, None, None, None, format!("invalid JSON: {e}"));
                     return;
                 }
             }
         } else {
-            match serde_saphyr::from_multiple::<Value>(text) {
-                Ok(v) => v,
-                Err(e) => {
-                    let document = e
-                        .location()
-                        .map(|l| document_at_line(text, l.line() as usize));
-                    let msg = e.to_string();
-                    let msg = msg.lines().next().unwrap_or("").to_string();
-                    self.problem(path, document, None, None, format!("invalid YAML: {msg}"));
-                    return;
+            let mut docs = Vec::new();
+            for d in crate::yaml::split_yaml_stream(text) {
+                match d.parse::<Value>() {
+                    Ok(v) => docs.push((d.index, v)),
+                    Err(e) => self.problem(
+                        path,
+                        Some(e.index),
+                        None,
+                        None,
+                        format!("invalid YAML at line {}: {}", e.line, e.message),
+                    ),
                 }
             }
+            docs
         };
-        for (i, v) in docs.into_iter().enumerate() {
+        for (index, v) in docs {
             if v.is_null() {
                 continue;
             }
             let doc = Doc {
                 file: path,
-                index: i + 1,
+                index,
                 item: None,
             };
             self.document(&doc, v);
@@ -482,21 +484,4 @@ fn doc_context(doc: &Doc<'_>, label: Option<&str>) -> String {
         Some(l) => format!("{}: document {} ({l})", doc.file.display(), doc.index),
         None => format!("{}: document {}", doc.file.display(), doc.index),
     }
-}
-
-/// The 1-based document index of a 1-based line, counting `---` separators before it.
-fn document_at_line(text: &str, line: usize) -> usize {
-    let mut doc = 1;
-    let mut seen_content = false;
-    for l in text.lines().take(line.saturating_sub(1)) {
-        if l.starts_with("---") && (l.len() == 3 || l[3..].starts_with([' ', '\t'])) {
-            if seen_content {
-                doc += 1;
-            }
-            seen_content = false;
-        } else if !l.trim().is_empty() && !l.trim_start().starts_with('#') {
-            seen_content = true;
-        }
-    }
-    doc
 }

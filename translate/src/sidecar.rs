@@ -18,8 +18,8 @@
 //!   `ANY`) whose workloadSelector matches the pod limits the port it names, or every port.
 //!   Without Pod objects, the pod's labels are taken to be those of the selectors of the
 //!   Services it backs (unless given). As in gateway mode, a workloadSelector that selects the
-//!   ingress gateway (the seed's EnvoyFilter) is not used: the limit applies to every sidecar
-//!   in its scope.
+//!   ingress gateway (the walkthrough's EnvoyFilter) is not used: the limit applies to every
+//!   sidecar in its scope.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

@@ -1,6 +1,9 @@
 //! Deserializing a `serde_json::Value` into a typed object, reporting the path of a type error
 //! and of every unknown field.
 
+use gateway_api::apis::standard::httproutes::{
+    HttpRouteRulesBackendRefsFilters, HttpRouteRulesFilters,
+};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -117,6 +120,16 @@ fn ignored_path(path: &serde_ignored::Path) -> String {
         | Path::NewtypeStruct { parent }
         | Path::NewtypeVariant { parent } => ignored_path(parent),
     }
+}
+
+/// A backendRef-level HTTPRoute filter read as a rule-level one: the two generated types have
+/// one shape, so validation and translation handle both through the rule-level type.
+pub(crate) fn backend_filter_as_rule_filter(
+    f: &HttpRouteRulesBackendRefsFilters,
+) -> HttpRouteRulesFilters {
+    serde_json::to_value(f)
+        .and_then(serde_json::from_value)
+        .expect("backendRef filters and rule filters have the same schema")
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use crate::FieldProblem;
 use crate::istio::IstioOperator;
 use crate::policy::RateLimitPolicy;
+use crate::typed::backend_filter_as_rule_filter;
 
 type Problems = Vec<FieldProblem>;
 
@@ -19,18 +20,8 @@ fn push(out: &mut Problems, path: String, message: impl Into<String>) {
     out.push(FieldProblem::new(path, message));
 }
 
-pub(crate) fn valid_hostname(h: &str) -> bool {
-    let rest = h.strip_prefix("*.").unwrap_or(h);
-    !rest.is_empty()
-        && h.len() <= 253
-        && rest.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
+fn valid_hostname(h: &str) -> bool {
+    mesh_config::check_hostname(h).is_ok()
 }
 
 fn valid_header_name(n: &str) -> bool {
@@ -67,13 +58,9 @@ pub(crate) fn gateway(gw: &Gateway) -> Problems {
         }
         check_port(&mut out, format!("{p}.port"), Some(l.port));
         if let Some(h) = &l.hostname
-            && !valid_hostname(h)
+            && let Err(m) = mesh_config::check_hostname(h)
         {
-            push(
-                &mut out,
-                format!("{p}.hostname"),
-                format!("{h:?} is not a lowercase DNS name or wildcard (*.example.com)"),
-            );
+            push(&mut out, format!("{p}.hostname"), m);
         }
     }
     out
@@ -82,12 +69,8 @@ pub(crate) fn gateway(gw: &Gateway) -> Problems {
 pub(crate) fn http_route(r: &HttpRoute) -> Problems {
     let mut out = Vec::new();
     for (i, h) in r.spec.hostnames.iter().flatten().enumerate() {
-        if !valid_hostname(h) {
-            push(
-                &mut out,
-                format!("spec.hostnames[{i}]"),
-                format!("{h:?} is not a lowercase DNS name or wildcard (*.example.com)"),
-            );
+        if let Err(m) = mesh_config::check_hostname(h) {
+            push(&mut out, format!("spec.hostnames[{i}]"), m);
         }
     }
     for (i, p) in r.spec.parent_refs.iter().flatten().enumerate() {
@@ -189,7 +172,7 @@ pub(crate) fn http_route(r: &HttpRoute) -> Problems {
                 .filters
                 .iter()
                 .flatten()
-                .map(crate::translate::backend_filter_as_rule_filter)
+                .map(backend_filter_as_rule_filter)
                 .collect();
             check_filters(
                 &mut out,

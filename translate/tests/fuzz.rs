@@ -53,11 +53,8 @@ fn real_documents() -> Vec<String> {
     let mut docs = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
-        for d in text.split("\n---") {
-            let d = d.trim_start_matches("---").trim();
-            if !d.is_empty() {
-                docs.push(d.to_string());
-            }
+        for d in mesh_translate::split_yaml_stream(&text) {
+            docs.push(d.text.trim().to_string());
         }
     }
     docs

@@ -10,63 +10,9 @@ use mesh_config::{
 use mesh_translate::status::{ConditionType, Reason, RouteParentStatus};
 use mesh_translate::{LoadOptions, TranslateOptions, Translation, load_str, translate};
 
-const BASE: &str = "
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {name: mesh}
-spec: {controllerName: meshctl.io/gateway-controller}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {name: other}
-spec: {controllerName: example.com/other}
----
-apiVersion: v1
-kind: Service
-metadata: {name: a}
-spec: {ports: [{name: http, port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: b}
-spec: {ports: [{name: http, port: 80}, {name: admin, port: 9000}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: c, namespace: other}
-spec: {ports: [{port: 8080}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: b-1, labels: {kubernetes.io/service-name: b}}
-addressType: IPv4
-ports: [{name: http, port: 5678}, {name: admin, port: 9001}]
-endpoints:
-- addresses: [10.0.0.1]
-- addresses: [10.0.0.2]
-  conditions: {ready: false}
-- addresses: [10.0.0.3]
-  conditions: {ready: true}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: b-2, labels: {kubernetes.io/service-name: b}}
-addressType: IPv6
-ports: [{name: http, port: 5678}]
-endpoints:
-- addresses: ['fd00::1']
-";
+const BASE: &str = include_str!("fixtures/gateway-base/base.yaml");
 
-const GW: &str = "
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: gw}
-spec:
-  gatewayClassName: mesh
-  listeners:
-  - {name: http, protocol: HTTP, port: 80, allowedRoutes: {namespaces: {from: All}}}
-";
+const GW: &str = include_str!("fixtures/gateway-base/gateway.yaml");
 
 fn run_with(yaml: &str, opts: &TranslateOptions) -> Translation {
     let loaded = load_str(

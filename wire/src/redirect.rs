@@ -163,7 +163,7 @@ pub struct RedirectSpec {
     pub inbound_port: u16,
     pub outbound_port: u16,
     pub include_inbound_ports: PortSet,
-    /// Always contains the proxy's own listening ports besides the user's.
+    /// Always contains the proxy's own listening ports besides the app's.
     pub exclude_inbound_ports: PortSet,
     pub include_outbound_ports: PortSet,
     pub exclude_outbound_ports: PortSet,

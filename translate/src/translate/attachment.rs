@@ -10,7 +10,7 @@ use crate::hostname;
 use crate::precedence::PrecedenceKey;
 use crate::resources::ns_name;
 use crate::status::{Condition, ConditionType as Ct, ParentRef, Reason, RouteParentStatus};
-use crate::validate;
+use crate::{FieldProblem, validate};
 use mesh_config::Route;
 
 /// One route match attached to a port, with the hostnames it serves there.
@@ -23,6 +23,21 @@ pub(super) struct Entry {
     pub(super) rule_name: Option<String>,
 }
 
+/// The route being attached, as its parents' statuses and the warnings name it.
+struct RouteRef<'a> {
+    ns: &'a str,
+    name: &'a str,
+    /// `HTTPRoute ns/name`, what warnings are about.
+    ctx: &'a str,
+    generation: Option<i64>,
+    /// What validation found wrong with the route (it is then accepted by no parent).
+    problems: &'a [FieldProblem],
+    /// Its hostnames, lowercase.
+    hosts: &'a [String],
+}
+
+/// Attaches every HTTPRoute to the listeners of the served Gateways its parentRefs name,
+/// writing one status per such parent and one [`Entry`] per route match and attached port.
 pub(super) fn attach_routes(
     cx: &mut Ctx<'_>,
     gws: &mut [Gw<'_>],
@@ -42,117 +57,136 @@ pub(super) fn attach_routes(
         let ctx = format!("HTTPRoute {ns}/{name}");
         let generation = r.metadata.generation;
         let problems = validate::http_route(r);
-        let route_hosts: Vec<String> = r
+        let hosts: Vec<String> = r
             .spec
             .hostnames
             .iter()
             .flatten()
             .map(|h| h.to_ascii_lowercase())
             .collect();
+        let route = RouteRef {
+            ns: &ns,
+            name: &name,
+            ctx: &ctx,
+            generation,
+            problems: &problems,
+            hosts: &hosts,
+        };
         let first_status = route_status.len();
         // (port, hostnames)
         let mut attachments: Vec<(u16, Vec<String>)> = Vec::new();
         for pr in r.spec.parent_refs.iter().flatten() {
-            let group = pr.group.clone().unwrap_or_else(|| GATEWAY_GROUP.into());
-            let kind = pr.kind.clone().unwrap_or_else(|| "Gateway".into());
-            let pns = pr.namespace.clone().unwrap_or_else(|| ns.clone());
-            let parent_ref = ParentRef {
-                group: group.clone(),
-                kind: kind.clone(),
-                namespace: pns.clone(),
-                name: pr.name.clone(),
-                section_name: pr.section_name.clone(),
-                port: pr.port,
-            };
-            if kind == "Service" && (group.is_empty() || group == "core") {
-                // A mesh (GAMMA) route: the sidecars' outbound side serves it
-                // (`translate_sidecar`), a gateway does not.
-                continue;
-            }
-            if group != GATEWAY_GROUP || kind != "Gateway" {
-                cx.warn(
-                    &ctx,
-                    format!(
-                        "parentRef {kind} {pns}/{}: only Gateway and Service (mesh) parents are supported; not attached",
-                        pr.name
-                    ),
-                );
-                continue;
-            }
-            let mut status = |controller: &str, conditions: Vec<Condition>| {
+            if let Some((parent_ref, controller, condition)) =
+                attach_to_parent(cx, gws, &route, pr, &default_controller, &mut attachments)
+            {
                 route_status.push(RouteParentStatus {
                     route_namespace: ns.clone(),
                     route_name: name.clone(),
-                    parent_ref: parent_ref.clone(),
-                    controller_name: controller.to_string(),
-                    conditions,
-                })
-            };
-            let Some(g) = gws.iter_mut().find(|g| g.ns == pns && g.name == pr.name) else {
-                let exists = cx.res.gateways.iter().any(|g| {
-                    ns_name(&g.metadata, &cx.opts.default_namespace)
-                        == (pns.clone(), pr.name.clone())
+                    parent_ref,
+                    controller_name: controller,
+                    conditions: vec![condition],
                 });
-                if !exists {
-                    let m = format!("Gateway {pns}/{} does not exist", pr.name);
-                    cx.warn(&ctx, format!("{m}; not attached"));
-                    status(
-                        &default_controller,
-                        vec![Condition::new(
-                            Ct::Accepted,
-                            false,
-                            Reason::NoMatchingParent,
-                            m,
-                            generation,
-                        )],
-                    );
-                }
-                // else: a Gateway of another class, or one another proxy serves.
-                continue;
-            };
-            if !problems.is_empty() {
-                let m = problems
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                status(
-                    &g.controller,
-                    vec![Condition::new(
-                        Ct::Accepted,
-                        false,
-                        Reason::UnsupportedValue,
-                        m,
-                        generation,
-                    )],
-                );
-                continue;
             }
-            let cond = attach_to_listeners(
-                cx,
-                g,
-                pr,
-                (&ns, &name),
-                &route_hosts,
-                generation,
-                &mut attachments,
-            );
-            if !cond.status {
-                cx.warn(
-                    &ctx,
-                    format!(
-                        "parentRef Gateway {pns}/{}: not attached: {}",
-                        pr.name, cond.message
-                    ),
-                );
-            }
-            status(&g.controller, vec![cond]);
         }
         let resolved = build_entries(cx, r, (&ns, &name), &ctx, generation, &attachments, entries);
         for s in &mut route_status[first_status..] {
             s.conditions.push(resolved.clone());
         }
     }
+}
+
+/// One parentRef of a route. A Gateway this proxy serves gets the route attached to its
+/// listeners (recorded in `attachments`); the parent's status is returned as (parentRef,
+/// controller, `Accepted` condition). `None` when the status is not ours to write: a mesh
+/// (Service) parent, an unsupported kind, a Gateway of another class or another proxy.
+fn attach_to_parent(
+    cx: &mut Ctx<'_>,
+    gws: &mut [Gw<'_>],
+    route: &RouteRef<'_>,
+    pr: &HttpRouteParentRefs,
+    default_controller: &str,
+    attachments: &mut Vec<(u16, Vec<String>)>,
+) -> Option<(ParentRef, String, Condition)> {
+    let group = pr.group.clone().unwrap_or_else(|| GATEWAY_GROUP.into());
+    let kind = pr.kind.clone().unwrap_or_else(|| "Gateway".into());
+    let pns = pr.namespace.clone().unwrap_or_else(|| route.ns.to_string());
+    if kind == "Service" && (group.is_empty() || group == "core") {
+        // A mesh (GAMMA) route: the sidecars' outbound side serves it (`translate_sidecar`),
+        // a gateway does not.
+        return None;
+    }
+    if group != GATEWAY_GROUP || kind != "Gateway" {
+        cx.warn(
+            route.ctx,
+            format!(
+                "parentRef {kind} {pns}/{}: only Gateway and Service (mesh) parents are supported; not attached",
+                pr.name
+            ),
+        );
+        return None;
+    }
+    let parent_ref = ParentRef {
+        group,
+        kind,
+        namespace: pns.clone(),
+        name: pr.name.clone(),
+        section_name: pr.section_name.clone(),
+        port: pr.port,
+    };
+    let Some(g) = gws.iter_mut().find(|g| g.ns == pns && g.name == pr.name) else {
+        let exists = cx.res.gateways.iter().any(|g| {
+            ns_name(&g.metadata, &cx.opts.default_namespace) == (pns.clone(), pr.name.clone())
+        });
+        if exists {
+            // A Gateway of another class, or one another proxy serves.
+            return None;
+        }
+        let m = format!("Gateway {pns}/{} does not exist", pr.name);
+        cx.warn(route.ctx, format!("{m}; not attached"));
+        let cond = Condition::new(
+            Ct::Accepted,
+            false,
+            Reason::NoMatchingParent,
+            m,
+            route.generation,
+        );
+        return Some((parent_ref, default_controller.to_string(), cond));
+    };
+    if !route.problems.is_empty() {
+        let m = route
+            .problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let cond = Condition::new(
+            Ct::Accepted,
+            false,
+            Reason::UnsupportedValue,
+            m,
+            route.generation,
+        );
+        return Some((parent_ref, g.controller.clone(), cond));
+    }
+    let cond = attach_to_listeners(
+        cx,
+        g,
+        pr,
+        (route.ns, route.name),
+        route.hosts,
+        route.generation,
+        attachments,
+    );
+    if !cond.status {
+        cx.warn(
+            route.ctx,
+            format!(
+                "parentRef Gateway {pns}/{}: not attached: {}",
+                pr.name, cond.message
+            ),
+        );
+    }
+    Some((parent_ref, g.controller.clone(), cond))
 }
 
 /// Attaches the route to the listeners of `g` its parentRef `pr` selects (by sectionName and

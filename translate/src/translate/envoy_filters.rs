@@ -156,33 +156,10 @@ fn apply_at_gateways(cx: &mut Ctx<'_>, gws: &[Gw<'_>], patch: &Patch<'_>) {
 /// emulated on the backends of the Services in scope, one bucket per Service scaled by its
 /// endpoint count.
 fn apply_at_backends(cx: &mut Ctx<'_>, gws: &[Gw<'_>], patch: &Patch<'_>) {
-    let (p, ns, in_root, selector) = (patch.p, patch.ns, patch.in_root, patch.selector);
+    let (p, ns, in_root) = (patch.p, patch.ns, patch.in_root);
     let (base, pctx, fill) = (&patch.base, &patch.pctx, &patch.fill);
-    // service → (backend names, distinct endpoints)
-    let mut services: BTreeMap<(String, String), (Vec<String>, BTreeSet<String>)> = BTreeMap::new();
-    for (bn, b) in &cx.backends {
-        if !(in_root || b.service.0 == ns) {
-            continue;
-        }
-        if let Some(port) = p.port {
-            let target_match = b.backend.endpoints.iter().any(|e| {
-                e.rsplit_once(':')
-                    .and_then(|(_, pt)| pt.parse::<u32>().ok())
-                    == Some(port)
-            });
-            if u32::from(b.service_port) != port && !target_match {
-                continue;
-            }
-        }
-        let s = services.entry(b.service.clone()).or_default();
-        s.0.push(bn.clone());
-        for e in &b.backend.endpoints {
-            let host = e.rsplit_once(':').map(|(h, _)| h).unwrap_or(e);
-            s.1.insert(host.to_string());
-        }
-    }
     let mut applied = Vec::new();
-    for ((sns, sname), (bns, eps)) in services {
+    for ((sns, sname), (bns, eps)) in services_in_scope(cx, patch) {
         let n = eps.len().max(1) as u64;
         let lname = format!("{base}/{sns}/{sname}");
         let mut any = false;
@@ -208,26 +185,7 @@ fn apply_at_backends(cx: &mut Ctx<'_>, gws: &[Gw<'_>], patch: &Patch<'_>) {
             ));
         }
     }
-    let sel = match &selector {
-        Some(s) => {
-            let selects_gateway = gws.iter().any(|g| {
-                let labels = gateway_labels(cx, g);
-                s.iter().all(|(k, v)| labels.get(k) == Some(v))
-            });
-            if selects_gateway {
-                format!(
-                    "its workloadSelector {} selects the ingress gateway, which has no SIDECAR_INBOUND listener (in Istio this patch applies to nothing there); the selector is not used",
-                    fmt_labels(s)
-                )
-            } else {
-                format!(
-                    "its workloadSelector {} is not used (there are no sidecars yet to select)",
-                    fmt_labels(s)
-                )
-            }
-        }
-        None => "it has no workloadSelector".to_string(),
-    };
+    let sel = selector_note(cx, gws, patch.selector);
     let scope = if in_root {
         "every namespace (root namespace)".to_string()
     } else {
@@ -248,5 +206,66 @@ fn apply_at_backends(cx: &mut Ctx<'_>, gws: &[Gw<'_>], patch: &Patch<'_>) {
                 applied.join(", ")
             ),
         );
+    }
+}
+
+/// Service (namespace, name) → (its backends' names, its distinct endpoint addresses).
+type ServiceBackends = BTreeMap<(String, String), (Vec<String>, BTreeSet<String>)>;
+
+/// The Services in the patch's scope (its namespace, or every namespace from a root
+/// namespace; with `match.listener.portNumber`, the Service or target port), with their
+/// backends and endpoints.
+fn services_in_scope(cx: &Ctx<'_>, patch: &Patch<'_>) -> ServiceBackends {
+    let (p, ns, in_root) = (patch.p, patch.ns, patch.in_root);
+    let mut services = ServiceBackends::new();
+    for (bn, b) in &cx.backends {
+        if !(in_root || b.service.0 == ns) {
+            continue;
+        }
+        if let Some(port) = p.port {
+            let target_match = b.backend.endpoints.iter().any(|e| {
+                e.rsplit_once(':')
+                    .and_then(|(_, pt)| pt.parse::<u32>().ok())
+                    == Some(port)
+            });
+            if u32::from(b.service_port) != port && !target_match {
+                continue;
+            }
+        }
+        let s = services.entry(b.service.clone()).or_default();
+        s.0.push(bn.clone());
+        for e in &b.backend.endpoints {
+            let host = e.rsplit_once(':').map(|(h, _)| h).unwrap_or(e);
+            s.1.insert(host.to_string());
+        }
+    }
+    services
+}
+
+/// What the warning says about the workloadSelector of a SIDECAR_INBOUND patch.
+fn selector_note(
+    cx: &Ctx<'_>,
+    gws: &[Gw<'_>],
+    selector: &Option<BTreeMap<String, String>>,
+) -> String {
+    match selector {
+        Some(s) => {
+            let selects_gateway = gws.iter().any(|g| {
+                let labels = gateway_labels(cx, g);
+                s.iter().all(|(k, v)| labels.get(k) == Some(v))
+            });
+            if selects_gateway {
+                format!(
+                    "its workloadSelector {} selects the ingress gateway, which has no SIDECAR_INBOUND listener (in Istio this patch applies to nothing there); the selector is not used",
+                    fmt_labels(s)
+                )
+            } else {
+                format!(
+                    "its workloadSelector {} is not used (there are no sidecars yet to select)",
+                    fmt_labels(s)
+                )
+            }
+        }
+        None => "it has no workloadSelector".to_string(),
     }
 }

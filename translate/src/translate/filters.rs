@@ -2,8 +2,8 @@
 //! mirrors.
 
 use gateway_api::apis::standard::httproutes::{
-    HttpRouteRulesBackendRefsFilters, HttpRouteRulesFilters,
-    HttpRouteRulesFiltersRequestRedirectScheme, HttpRouteRulesFiltersType as Ft,
+    HttpRouteRulesFilters, HttpRouteRulesFiltersRequestRedirectScheme,
+    HttpRouteRulesFiltersType as Ft,
 };
 use mesh_config::{
     BackendTarget, Filter, HeaderModifier, HeaderValue, Mirror, PathRewrite, Redirect, UrlRewrite,
@@ -12,15 +12,6 @@ use mesh_config::{
 use super::Ctx;
 use super::backends::resolve_backend;
 use crate::status::Reason;
-
-/// The same filter, read as a rule-level filter (the two generated types have one shape).
-pub(crate) fn backend_filter_as_rule_filter(
-    f: &HttpRouteRulesBackendRefsFilters,
-) -> HttpRouteRulesFilters {
-    serde_json::to_value(f)
-        .and_then(serde_json::from_value)
-        .expect("backendRef filters and rule filters have the same schema")
-}
 
 #[derive(Default)]
 pub(super) struct Converted {

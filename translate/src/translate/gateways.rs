@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use gateway_api::apis::standard::gateways::{
     Gateway, GatewayListeners, GatewayListenersAllowedRoutesNamespacesFrom as From,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use kube::core::{Selector, SelectorExt};
 use mesh_wire::names::GATEWAY_NAME_LABEL;
 
 use super::{Ctx, GATEWAY_GROUP};
@@ -242,38 +243,19 @@ pub(super) fn namespace_allowed(
                 match_labels: sel.match_labels.clone(),
                 match_expressions: sel.match_expressions.as_ref().map(|es| {
                     es.iter()
-                        .map(|e| {
-                            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
-                                key: e.key.clone(),
-                                operator: e.operator.clone(),
-                                values: e.values.clone(),
-                            }
+                        .map(|e| LabelSelectorRequirement {
+                            key: e.key.clone(),
+                            operator: e.operator.clone(),
+                            values: e.values.clone(),
                         })
                         .collect()
                 }),
             };
-            selector_matches(&sel, &labels)
+            // kube's selector semantics; one that does not convert (an unknown operator)
+            // selects nothing.
+            Selector::try_from(sel).is_ok_and(|s| s.matches(&labels))
         }
     }
-}
-
-pub(crate) fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let ml = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let me = sel.match_expressions.iter().flatten().all(|e| {
-        let vals = e.values.as_deref().unwrap_or(&[]);
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    ml && me
 }
 
 pub(super) fn gateway_labels(cx: &Ctx<'_>, g: &Gw<'_>) -> BTreeMap<String, String> {

@@ -27,9 +27,8 @@ mod mesh_options;
 mod policies;
 mod routes;
 
-// The sidecar translation and validation share these steps.
+// The sidecar translation shares these steps.
 pub(crate) use backends::resolve_backend;
-pub(crate) use filters::backend_filter_as_rule_filter;
 pub(crate) use mesh_options::access_log;
 pub(crate) use policies::fmt_labels;
 pub(crate) use routes::build_routes;

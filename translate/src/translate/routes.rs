@@ -15,9 +15,10 @@ use mesh_config::{
 
 use super::Ctx;
 use super::backends::resolve_backend;
-use super::filters::{backend_filter_as_rule_filter, convert_filters};
+use super::filters::convert_filters;
 use crate::precedence::PrecedenceKey;
 use crate::status::Reason;
+use crate::typed::backend_filter_as_rule_filter;
 
 pub(crate) type Built = (
     Vec<(PrecedenceKey, Route, Option<String>)>,

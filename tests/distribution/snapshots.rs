@@ -1,7 +1,4 @@
-//! Config distribution in-process, without the API server: the control plane's server
-//! ([`meshctl::controlplane::Hub`]) fed with worlds the test publishes, and the proxy's client
-//! ([`mesh_proxy::distribution::run_client`]) over real TLS and HTTP/2. Plus the scale test
-//! (1,000 HTTPRoutes, 10,000 endpoints) that prints its numbers.
+//! Snapshots, ACK/NACK, reconnects, per-pod sidecar configs and the scale test.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -11,122 +8,11 @@ use std::time::{Duration, Instant};
 use mesh_proxy::config::{Listener, ListenerKind, ProxyConfig};
 use mesh_proxy::distribution::{ClientOptions, NodeIdentity, Update, run_client};
 use mesh_translate::{LoadOptions, Resources, TranslateOptions};
-use meshctl::controlplane::auth::ProxyAuth;
-use meshctl::controlplane::certs::{self, CertSource};
-use meshctl::controlplane::{Hub, World};
-use tokio::sync::{mpsc, watch};
+use meshctl::controlplane::Hub;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/seed-walkthrough");
-
-fn seed_resources(myapp_weights: (u32, u32)) -> Resources {
-    let mut text = String::new();
-    for f in ["gateway.yaml", "httproute-otherapp.yaml"] {
-        text.push_str(&std::fs::read_to_string(format!("{SEED}/{f}")).unwrap());
-        text.push_str("\n---\n");
-    }
-    text.push_str(
-        &std::fs::read_to_string(format!("{SEED}/httproute-myapp.yaml"))
-            .unwrap()
-            .replace("weight: 80", &format!("weight: {}", myapp_weights.0))
-            .replace("weight: 20", &format!("weight: {}", myapp_weights.1)),
-    );
-    text.push_str("\n---\n");
-    for svc in ["myapp-v1", "myapp-v2", "otherapp"] {
-        write!(
-            text,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 5678}}]\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-abc\n  labels: {{kubernetes.io/service-name: {svc}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 5678}}]\nendpoints: [{{addresses: [10.244.0.9], conditions: {{ready: true}}}}]\n---\n"
-        )
-        .unwrap();
-    }
-    mesh_translate::load_str(
-        "seed.yaml",
-        &text,
-        &LoadOptions {
-            default_namespace: "demo".into(),
-        },
-    )
-    .unwrap()
-    .resources
-}
-
-struct Server {
-    hub: Arc<Hub>,
-    worlds: watch::Sender<Option<Arc<World>>>,
-    addr: std::net::SocketAddr,
-    ca: std::path::PathBuf,
-    shutdown: CancellationToken,
-    generation: u64,
-}
-
-impl Server {
-    async fn start(dir: &std::path::Path, port: u16) -> Server {
-        mesh_tls::install_default();
-        let tls = certs::load(&CertSource::Generated {
-            dir: dir.to_path_buf(),
-            sans: vec!["meshd.mesh-system.svc".into()],
-        })
-        .unwrap();
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (worlds, rx) = watch::channel(None);
-        // Authentication needs the API server (TokenReview): tested in tests/e2e/proxy_auth.rs.
-        let hub = Hub::new(rx, TranslateOptions::default(), ProxyAuth::Disabled);
-        let shutdown = CancellationToken::new();
-        tokio::spawn(
-            hub.clone()
-                .serve(listener, tls.server_config, shutdown.clone()),
-        );
-        Server {
-            hub,
-            worlds,
-            addr,
-            ca: tls.ca_path,
-            shutdown,
-            generation: 0,
-        }
-    }
-
-    fn publish(&mut self, resources: Resources, replicas: BTreeMap<String, u32>) -> u64 {
-        self.generation += 1;
-        self.worlds.send_replace(Some(Arc::new(World::new(
-            self.generation,
-            Arc::new(resources),
-            replicas,
-        ))));
-        self.generation
-    }
-
-    fn client(&self, backoff: Duration) -> (mpsc::Receiver<Update>, CancellationToken) {
-        let mut options = ClientOptions::new(
-            self.addr.to_string(),
-            self.ca.clone(),
-            NodeIdentity::Gateway {
-                namespace: "demo".into(),
-                name: "istio-gwapi".into(),
-                pod: Some("gw-0".into()),
-            },
-        );
-        options.server_name = "meshd.mesh-system.svc".into();
-        options.min_backoff = backoff;
-        options.max_backoff = backoff * 4;
-        let (tx, rx) = mpsc::channel(1);
-        let stop = CancellationToken::new();
-        tokio::spawn(run_client(options, tx, stop.clone()));
-        (rx, stop)
-    }
-}
-
-async fn next(rx: &mut mpsc::Receiver<Update>) -> Update {
-    tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .expect("a snapshot within 20 s")
-        .expect("client running")
-}
+use super::{SERVER_NAME, Server, WALKTHROUGH, next, walkthrough_resources};
 
 fn weights(config: &ProxyConfig) -> Vec<u32> {
     backend_weights(&serde_json::to_value(config).unwrap(), "myapp")
@@ -183,7 +69,7 @@ async fn snapshot_ack_nack_and_push_on_change_only() {
             .is_err()
     );
     wait_report(&server.hub, "proxy registered", |r| r.proxies.len() == 1).await;
-    let g1 = server.publish(seed_resources((80, 20)), BTreeMap::new());
+    let g1 = server.publish(walkthrough_resources((80, 20)), BTreeMap::new());
     let u = next(&mut rx).await;
     assert_eq!(u.version, g1.to_string());
     assert_eq!(u.config.version, u.version);
@@ -197,7 +83,7 @@ async fn snapshot_ack_nack_and_push_on_change_only() {
     .await;
 
     // A world that changes nothing for this proxy: no snapshot.
-    server.publish(seed_resources((80, 20)), BTreeMap::new());
+    server.publish(walkthrough_resources((80, 20)), BTreeMap::new());
     assert!(
         tokio::time::timeout(Duration::from_millis(300), rx.recv())
             .await
@@ -206,7 +92,7 @@ async fn snapshot_ack_nack_and_push_on_change_only() {
     );
 
     // Weights change: pushed; the proxy rejects it: NACK with the error.
-    let g3 = server.publish(seed_resources((50, 50)), BTreeMap::new());
+    let g3 = server.publish(walkthrough_resources((50, 50)), BTreeMap::new());
     let u = next(&mut rx).await;
     assert_eq!(u.version, g3.to_string());
     assert_eq!(weights(&u.config), vec![50]);
@@ -230,7 +116,7 @@ async fn client_reconnects_after_the_control_plane_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), 0).await;
     let port = server.addr.port();
-    server.publish(seed_resources((80, 20)), BTreeMap::new());
+    server.publish(walkthrough_resources((80, 20)), BTreeMap::new());
     let (mut rx, _stop) = server.client(Duration::from_millis(100));
     let u = next(&mut rx).await;
     u.reply.send(Ok(())).unwrap();
@@ -245,7 +131,7 @@ async fn client_reconnects_after_the_control_plane_comes_back() {
     );
     // It comes back on the same port with the same CA (kept in the directory).
     let mut server = Server::start(dir.path(), port).await;
-    let g = server.publish(seed_resources((50, 50)), BTreeMap::new());
+    let g = server.publish(walkthrough_resources((50, 50)), BTreeMap::new());
     let u = next(&mut rx).await;
     assert_eq!(u.version, g.to_string());
     assert_eq!(weights(&u.config), vec![50]);
@@ -260,7 +146,7 @@ async fn client_reconnects_after_the_control_plane_comes_back() {
 async fn distributed_rate_limits_follow_gateway_replicas() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), 0).await;
-    let mut resources = seed_resources((80, 20));
+    let mut resources = walkthrough_resources((80, 20));
     let policy = mesh_translate::load_str(
         "rlp.yaml",
         "apiVersion: policy.meshctl.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: shared, namespace: demo}\n\
@@ -304,7 +190,7 @@ async fn scale_1000_routes_10000_endpoints() {
         };
         let mut all = mesh_translate::load_str(
             "gateway.yaml",
-            &std::fs::read_to_string(format!("{SEED}/gateway.yaml")).unwrap(),
+            &std::fs::read_to_string(format!("{WALKTHROUGH}/gateway.yaml")).unwrap(),
             &options,
         )
         .unwrap()
@@ -476,7 +362,7 @@ fn mesh_resources(weights: (u32, u32)) -> Resources {
 fn sidecar_client(server: &Server, pod: &str, ip: &str) -> mpsc::Receiver<Update> {
     let mut options = ClientOptions::new(
         server.addr.to_string(),
-        server.ca.clone(),
+        server.ca_path.clone(),
         NodeIdentity::Sidecar {
             namespace: "demo".into(),
             pod: pod.into(),
@@ -484,7 +370,7 @@ fn sidecar_client(server: &Server, pod: &str, ip: &str) -> mpsc::Receiver<Update
             ip: Some(ip.parse().unwrap()),
         },
     );
-    options.server_name = "meshd.mesh-system.svc".into();
+    options.server_name = SERVER_NAME.into();
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(run_client(options, tx, CancellationToken::new()));
     rx

@@ -1,5 +1,5 @@
-//! The seed walkthrough end to end on the real API server, with the real binaries:
-//! `meshctl control-plane` (outside the cluster, `--kubeconfig`) watches the objects the seed
+//! The walkthrough end to end on the real API server, with the real binaries: `meshctl
+//! control-plane` (outside the cluster, `--kubeconfig`) watches the objects the walkthrough
 //! applies, deploys the Gateway (Deployment + Service, run by kwok), writes Gateway API
 //! status, and pushes config to a real `mesh-proxy run --control-plane` gateway process.
 //!
@@ -7,386 +7,39 @@
 //! network namespace (a veth pair to the host) and runs the gateway proxy inside it. In that
 //! namespace, iptables DNAT sends each pod IP:5678 from the EndpointSlices (10.244.x.y, what
 //! the control plane pushes, unchanged) to a small HTTP server of the test on the host end
-//! of the veth, which answers like the seed's app (`myapp v1`, `myapp v2`, `otherapp`). The
+//! of the veth, which answers like the walkthrough's app (`myapp v1`, `myapp v2`, `otherapp`). The
 //! proxy, the config and the addresses are exactly what a cluster would have; only the pod
 //! behind each IP is a process of the test. Needs root (CAP_NET_ADMIN) for `unshare`, `ip`
 //! and `iptables`.
 //!
-//! Step 1 is the seed's, through our installer: the real `meshctl install -y -f
+//! Step 1 is the walkthrough's, through our installer: the real `meshctl install -y -f
 //! istio-gwapi.yaml` with `--set profile=remote --set webhook.url=https://127.0.0.1:PORT/inject`
 //! (the cluster side only: CRDs — Gateway API, ours and Istio's EnvoyFilter —, the injection
 //! config, the webhook certificate and the MutatingWebhookConfiguration in URL mode), then the
 //! test's `meshctl control-plane` serves that webhook on PORT with the installer's certificate
-//! and injection config, so the seed's pods get the real sidecar injected. The test holds
+//! and injection config, so the walkthrough's pods get the real sidecar injected. The test holds
 //! `MESH_INSTALL` for writing while the install's webhook is registered and runs
 //! `meshctl uninstall -y` at the end (also on panic).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use gateway_api::apis::standard::{
     gatewayclasses::GatewayClass, gateways::Gateway, httproutes::HttpRoute,
 };
-use http_body_util::{BodyExt, Empty};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use mesh_testenv::{TestEnv, eventually};
-use serde_json::{Value, json};
+use serde_json::json;
 
-const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/seed-walkthrough");
+mod harness;
 
-fn seed(file: &str) -> String {
-    format!("{SEED}/{file}")
-}
-
-async fn sh(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| format!("{program}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{program} {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A network namespace held by `unshare --net sh -c read` (it ends, and with it the
-/// namespace and the veth pair, when the test process goes away and the pipe closes).
-struct NetNs {
-    holder: tokio::process::Child,
-    pid: u32,
-    host_ip: String,
-    ns_ip: String,
-}
-
-impl NetNs {
-    async fn create() -> NetNs {
-        let holder = tokio::process::Command::new("unshare")
-            .args(["--net", "--", "sh", "-c", "read x"])
-            .stdin(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("unshare (needs root)");
-        let pid = holder.id().unwrap();
-        let k = 16 + (std::process::id() % 200);
-        let (host_if, ns_if) = (format!("mcph{k}"), format!("mcpn{k}"));
-        let (host_ip, ns_ip) = (format!("100.88.{k}.1"), format!("100.88.{k}.2"));
-        let netns = format!("--net=/proc/{pid}/ns/net");
-        // A route is needed for the pod IPs (the DNAT in OUTPUT happens after routing).
-        // The namespace exists once unshare has exec'ed sh.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let _ = sh("ip", &["link", "del", &host_if]).await;
-        sh(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
-            ],
-        )
-        .await
-        .unwrap();
-        sh("ip", &["link", "set", &ns_if, "netns", &pid.to_string()])
-            .await
-            .unwrap();
-        sh(
-            "ip",
-            &["addr", "add", &format!("{host_ip}/30"), "dev", &host_if],
-        )
-        .await
-        .unwrap();
-        sh("ip", &["link", "set", &host_if, "up"]).await.unwrap();
-        let script = format!(
-            "ip link set lo up && ip addr add {ns_ip}/30 dev {ns_if} && ip link set {ns_if} up && \
-             ip route add default via {host_ip}"
-        );
-        sh("nsenter", &[&netns, "sh", "-c", &script]).await.unwrap();
-        NetNs {
-            holder,
-            pid,
-            host_ip,
-            ns_ip,
-        }
-    }
-
-    fn nsenter_arg(&self) -> String {
-        format!("--net=/proc/{}/ns/net", self.pid)
-    }
-
-    /// Inside the namespace, connections to `pod_ip:port` go to `to`.
-    async fn dnat(&self, pod_ip: &str, port: u16, to: SocketAddr) {
-        sh(
-            "nsenter",
-            &[
-                &self.nsenter_arg(),
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-d",
-                pod_ip,
-                "-p",
-                "tcp",
-                "--dport",
-                &port.to_string(),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &to.to_string(),
-            ],
-        )
-        .await
-        .unwrap();
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = self.holder.start_kill();
-    }
-}
-
-/// The seed's app: answers every request with its name.
-async fn backend(ip: &str, name: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(move || async move { name });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Resp {
-    status: u16,
-    headers: http::HeaderMap,
-    body: String,
-}
-
-async fn get(url: &str) -> Result<Resp, String> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Empty<Bytes>>();
-    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
-        .await
-        .map_err(|_| "timeout".to_string())?
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok(Resp {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-/// The seed's `check_canary.py`: 100 sequential GETs, count the bodies naming v1 and v2.
-const CANARY_SAMPLES: u32 = 400;
-
-/// `CANARY_SAMPLES` sequential GETs, counted by the version that answered. The bands the
-/// callers assert are 4.5 binomial standard deviations wide: a correct split falls outside
-/// in fewer than 1 in 100,000 runs, a split 10 points off still fails.
-async fn canary(url: &str) -> (u32, u32) {
-    let (mut v1, mut v2) = (0, 0);
-    for _ in 0..CANARY_SAMPLES {
-        let r = get(url).await.unwrap();
-        if r.body.contains("v1") {
-            v1 += 1;
-        } else if r.body.contains("v2") {
-            v2 += 1;
-        }
-    }
-    (v1, v2)
-}
-
-/// `seq 1 100 | xargs -P100 curl ...`: 100 parallel GETs, responses by status.
-async fn parallel(url: &str) -> (BTreeMap<u16, u32>, Vec<Resp>) {
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let url = url.to_string();
-            tokio::spawn(async move { get(&url).await.unwrap() })
-        })
-        .collect();
-    let mut counts = BTreeMap::new();
-    let mut limited = Vec::new();
-    for t in tasks {
-        let r = t.await.unwrap();
-        *counts.entry(r.status).or_insert(0) += 1;
-        if r.status == 429 {
-            limited.push(r);
-        }
-    }
-    (counts, limited)
-}
-
-fn mesh_proxy_binary() -> PathBuf {
-    // target/debug/deps/e2e-HASH → target/debug/mesh-proxy, built here if needed.
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args(["build", "-p", "mesh-proxy", "--bin", "mesh-proxy"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building mesh-proxy");
-    dir.join("mesh-proxy")
-}
-
-fn condition<'a>(conds: &'a Value, t: &str) -> Option<&'a Value> {
-    conds.as_array()?.iter().find(|c| c["type"] == t)
-}
-
-/// The route's status entry for our controller: (Accepted, ResolvedRefs).
-async fn route_conditions(routes: &Api<HttpRoute>, name: &str) -> Option<(Value, Value, i64)> {
-    let r = routes.get(name).await.ok()?;
-    let generation = r.metadata.generation.unwrap_or(0);
-    let status = serde_json::to_value(&r.status).ok()?;
-    let parent = status["parents"]
-        .as_array()?
-        .iter()
-        .find(|p| p["controllerName"] == "istio.io/gateway-controller")?
-        .clone();
-    Some((
-        condition(&parent["conditions"], "Accepted")?.clone(),
-        condition(&parent["conditions"], "ResolvedRefs")?.clone(),
-        generation,
-    ))
-}
-
-struct Child {
-    child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl Child {
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-fn spawn_logged(mut cmd: tokio::process::Command, log: &Path) -> Child {
-    let file = std::fs::File::create(log).unwrap();
-    let child = cmd
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    Child {
-        child,
-        log: log.to_path_buf(),
-    }
-}
-
-fn control_plane(
-    env: &TestEnv,
-    dir: &Path,
-    webhook: &str,
-    dist: &str,
-    admin: &str,
-    log: &str,
-) -> Child {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshctl"));
-    cmd.args([
-        "control-plane",
-        // The webhook the installer registered (URL mode), with its certificate and the
-        // injection config it rendered.
-        "--webhook-addr",
-        webhook,
-        "--tls-cert",
-        dir.join("webhook/tls.crt").to_str().unwrap(),
-        "--tls-key",
-        dir.join("webhook/tls.key").to_str().unwrap(),
-        "--injection-config",
-        dir.join("webhook/injection-config.yaml").to_str().unwrap(),
-        "--kubeconfig",
-        env.kubeconfig().to_str().unwrap(),
-        "--distribution-addr",
-        dist,
-        "--admin-addr",
-        admin,
-        "--distribution-cert-dir",
-        dir.join("pki").to_str().unwrap(),
-        // What the seed profile (istio-gwapi.yaml) asks for: a NodePort ingress gateway.
-        "--gateway-service-type",
-        "NodePort",
-        "--hub",
-        "registry.example/meshctl",
-        "--tag",
-        "e2e",
-    ])
-    .env("RUST_LOG", "info,meshctl=debug,kube=warn");
-    spawn_logged(cmd, &dir.join(log))
-}
-
-async fn config_dump(ns_ip: &str) -> Option<Value> {
-    let r = get(&format!("http://{ns_ip}:15000/config_dump"))
-        .await
-        .ok()?;
-    serde_json::from_str(&r.body).ok()
-}
-
-fn meshctl(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// `meshctl uninstall -y` when the test ends, also on panic (CRDs stay: no `--purge`).
-struct Uninstall {
-    kubeconfig: String,
-}
-
-impl Drop for Uninstall {
-    fn drop(&mut self) {
-        let t = Instant::now();
-        let out = meshctl(&["uninstall", "-y", "--kubeconfig", &self.kubeconfig]);
-        eprintln!(
-            "meshctl uninstall -y: {} in {:?}\n{}{}",
-            out.status,
-            t.elapsed(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if !out.status.success() && !std::thread::panicking() {
-            panic!("meshctl uninstall failed");
-        }
-    }
-}
-
-fn names(list: &Option<Vec<k8s_openapi::api::core::v1::Container>>) -> Vec<String> {
-    list.iter().flatten().map(|c| c.name.clone()).collect()
-}
+use harness::*;
 
 #[tokio::test]
-async fn seed_walkthrough_through_the_control_plane() {
+async fn walkthrough_through_the_control_plane() {
     // The install's webhook matches every injection-labelled namespace of the shared server.
     let _exclusive = crate::MESH_INSTALL.write().await;
     let env = TestEnv::shared();
@@ -403,7 +56,7 @@ async fn seed_walkthrough_through_the_control_plane() {
         "install",
         "-y",
         "-f",
-        &seed("istio-gwapi.yaml"),
+        &walkthrough("istio-gwapi.yaml"),
         "--set",
         "profile=remote",
         "--set",
@@ -460,7 +113,7 @@ async fn seed_walkthrough_through_the_control_plane() {
 
     // Step 3: the apps; their pods get the sidecar and run (kwok).
     let t = Instant::now();
-    env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed("deployment.yaml")])
+    env.kubectl_ok(&["apply", "-n", &ns, "-f", &walkthrough("deployment.yaml")])
         .await
         .unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -498,13 +151,13 @@ async fn seed_walkthrough_through_the_control_plane() {
         t.elapsed()
     );
 
-    // The rest of the seed (`kubectl -n demo ...`).
+    // The rest of the walkthrough (`kubectl -n demo ...`).
     for f in [
         "gateway.yaml",
         "httproute-myapp.yaml",
         "httproute-otherapp.yaml",
     ] {
-        env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed(f)])
+        env.kubectl_ok(&["apply", "-n", &ns, "-f", &walkthrough(f)])
             .await
             .unwrap();
     }
@@ -561,15 +214,25 @@ async fn seed_walkthrough_through_the_control_plane() {
         "gateway pod injected: {:?}",
         names(&gw_spec.init_containers)
     );
-    let container = &gw_deploy
+    let pod_template = gw_deploy
         .spec
         .as_ref()
         .unwrap()
         .template
         .spec
         .as_ref()
-        .unwrap()
-        .containers[0];
+        .unwrap();
+    // Hardened like the installer's ingress gateway (one pod builder for both).
+    let pod_security = pod_template.security_context.as_ref().unwrap();
+    assert_eq!(
+        pod_security
+            .seccomp_profile
+            .as_ref()
+            .map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    let container = &pod_template.containers[0];
     assert_eq!(
         container.image.as_deref(),
         Some("registry.example/meshctl/mesh-proxy:e2e")
@@ -768,9 +431,15 @@ async fn seed_walkthrough_through_the_control_plane() {
     assert!((44..=116).contains(&v2), "v1 {v1} v2 {v2}");
 
     // Step 7: the EnvoyFilter; 100 parallel requests per path.
-    env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed("istio-envoy-filter.yaml")])
-        .await
-        .unwrap();
+    env.kubectl_ok(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &walkthrough("istio-envoy-filter.yaml"),
+    ])
+    .await
+    .unwrap();
     eventually(Duration::from_secs(30), "rate limits pushed", || async {
         Ok(config_dump(&netns.ns_ip).await.filter(|d| {
             d["config"]["rateLimits"]
@@ -793,9 +462,15 @@ async fn seed_walkthrough_through_the_control_plane() {
     assert_eq!(h["x-mesh"], "istio");
 
     // Take the limit away again for the traffic checks below.
-    env.kubectl_ok(&["delete", "-n", &ns, "-f", &seed("istio-envoy-filter.yaml")])
-        .await
-        .unwrap();
+    env.kubectl_ok(&[
+        "delete",
+        "-n",
+        &ns,
+        "-f",
+        &walkthrough("istio-envoy-filter.yaml"),
+    ])
+    .await
+    .unwrap();
     eventually(Duration::from_secs(30), "rate limits removed", || async {
         Ok(config_dump(&netns.ns_ip).await.filter(|d| {
             d["config"]["rateLimits"]
@@ -907,9 +582,15 @@ async fn seed_walkthrough_through_the_control_plane() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(get(&format!("{base}/other")).await.unwrap().status, 200);
     let _cp2 = control_plane(env, dir, &webhook, &dist, &admin, "control-plane-2.log");
-    env.kubectl_ok(&["apply", "-n", &ns, "-f", &seed("httproute-myapp.yaml")])
-        .await
-        .unwrap();
+    env.kubectl_ok(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &walkthrough("httproute-myapp.yaml"),
+    ])
+    .await
+    .unwrap();
     eventually(
         Duration::from_secs(60),
         "/ routed again after the restart",

@@ -3,148 +3,13 @@
 //! the connection cap. A real proxy client (`mesh_proxy::distribution::run_client`) is served
 //! throughout, and its long-lived stream is never cut by the idle timeout.
 
-#[path = "common/silent.rs"]
-mod silent;
-
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_proxy::distribution::{ClientOptions, NodeIdentity, Update, run_client};
-use mesh_translate::{LoadOptions, Resources, TranslateOptions};
-use meshctl::controlplane::auth::ProxyAuth;
-use meshctl::controlplane::certs::{self, CertSource};
-use meshctl::controlplane::{Hub, World};
 use meshctl::net_limits::ConnectionLimits;
-use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/seed-walkthrough");
-const SERVER_NAME: &str = "meshd.mesh-system.svc";
-
-/// The walkthrough's Gateway and one HTTPRoute whose backend weight is `weight`, so each
-/// world gives the proxy a different config.
-fn resources(weight: u32) -> Resources {
-    let mut text = std::fs::read_to_string(format!("{SEED}/gateway.yaml")).unwrap();
-    text.push_str("\n---\n");
-    text.push_str(
-        &std::fs::read_to_string(format!("{SEED}/httproute-myapp.yaml"))
-            .unwrap()
-            .replace("weight: 80", &format!("weight: {weight}")),
-    );
-    mesh_translate::load_str(
-        "walkthrough.yaml",
-        &text,
-        &LoadOptions {
-            default_namespace: "demo".into(),
-        },
-    )
-    .unwrap()
-    .resources
-}
-
-struct Server {
-    hub: Arc<Hub>,
-    worlds: watch::Sender<Option<Arc<World>>>,
-    addr: std::net::SocketAddr,
-    ca_path: std::path::PathBuf,
-    ca_pem: String,
-    generation: u64,
-    _dir: tempfile::TempDir,
-    _shutdown: tokio_util::sync::DropGuard,
-}
-
-impl Server {
-    async fn start(limits: ConnectionLimits) -> Server {
-        mesh_tls::install_default();
-        let dir = tempfile::tempdir().unwrap();
-        let tls = certs::load(&CertSource::Generated {
-            dir: dir.path().to_path_buf(),
-            sans: vec![SERVER_NAME.into()],
-        })
-        .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (worlds, rx) = watch::channel(None);
-        let hub = Hub::new(rx, TranslateOptions::default(), ProxyAuth::Disabled);
-        let shutdown = CancellationToken::new();
-        tokio::spawn(hub.clone().serve_with_limits(
-            listener,
-            tls.server_config,
-            limits,
-            shutdown.clone(),
-        ));
-        Server {
-            hub,
-            worlds,
-            addr,
-            ca_path: tls.ca_path,
-            ca_pem: tls.ca_pem,
-            generation: 0,
-            _dir: dir,
-            _shutdown: shutdown.drop_guard(),
-        }
-    }
-
-    fn publish(&mut self, weight: u32) -> String {
-        self.generation += 1;
-        self.worlds.send_replace(Some(Arc::new(World::new(
-            self.generation,
-            Arc::new(resources(weight)),
-            BTreeMap::new(),
-        ))));
-        self.generation.to_string()
-    }
-
-    /// A gateway proxy's subscription, as `mesh-proxy` runs it.
-    fn proxy(&self) -> (mpsc::Receiver<Update>, CancellationToken) {
-        let mut options = ClientOptions::new(
-            self.addr.to_string(),
-            self.ca_path.clone(),
-            NodeIdentity::Gateway {
-                namespace: "demo".into(),
-                name: "istio-gwapi".into(),
-                pod: Some("gw-0".into()),
-            },
-        );
-        options.server_name = SERVER_NAME.into();
-        options.min_backoff = Duration::from_millis(50);
-        options.max_backoff = Duration::from_millis(200);
-        let (tx, rx) = mpsc::channel(1);
-        let stop = CancellationToken::new();
-        tokio::spawn(run_client(options, tx, stop.clone()));
-        (rx, stop)
-    }
-
-    /// A TLS client config trusting the control plane's CA, offering HTTP/2 as proxies do.
-    fn client_tls(&self) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut self.ca_pem.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let provider = mesh_tls::provider();
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Arc::new(config)
-    }
-
-    /// The ids of the connected proxies (a reconnect gets a new id).
-    fn proxy_ids(&self) -> Vec<u64> {
-        self.hub.report().proxies.iter().map(|p| p.id).collect()
-    }
-}
-
-async fn next(rx: &mut mpsc::Receiver<Update>) -> Update {
-    tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .expect("a snapshot within 20 s")
-        .expect("client running")
-}
+use super::{SERVER_NAME, Server, next, silent, walkthrough_resources};
 
 /// About 1,000 connections that never open a stream (plain TCP that never starts TLS, TLS
 /// handshaken then silent, TLS with the HTTP/2 preface and nothing more) are closed once the
@@ -154,15 +19,17 @@ async fn next(rx: &mut mpsc::Receiver<Update>) -> Update {
 async fn silent_connections_are_closed_and_proxy_streams_are_kept() {
     let headers = Duration::from_secs(3);
     let idle = Duration::from_millis(500);
-    let mut server = Server::start(ConnectionLimits {
+    let mut server = Server::with_limits(ConnectionLimits {
         tls_handshake_timeout: headers,
         request_headers_timeout: headers,
         idle_timeout: idle,
         max_connections: 4096,
     })
     .await;
-    let v1 = server.publish(80);
-    let (mut rx, _stop) = server.proxy();
+    let v1 = server
+        .publish(walkthrough_resources((80, 20)), BTreeMap::new())
+        .to_string();
+    let (mut rx, _stop) = server.client(Duration::from_millis(50));
     let u = next(&mut rx).await;
     assert_eq!(u.version, v1);
     u.reply.send(Ok(())).unwrap();
@@ -198,7 +65,9 @@ async fn silent_connections_are_closed_and_proxy_streams_are_kept() {
     // The proxy's stream outlived many idle timeouts on its one connection, and still works.
     assert!(stream_opened.elapsed() > idle * 4);
     assert_eq!(server.proxy_ids(), ids, "the proxy had to reconnect");
-    let v2 = server.publish(50);
+    let v2 = server
+        .publish(walkthrough_resources((50, 50)), BTreeMap::new())
+        .to_string();
     let u = next(&mut rx).await;
     assert_eq!(u.version, v2);
     u.reply.send(Ok(())).unwrap();
@@ -209,7 +78,7 @@ async fn silent_connections_are_closed_and_proxy_streams_are_kept() {
 #[tokio::test]
 async fn connection_without_open_streams_is_closed_after_the_idle_timeout() {
     let idle = Duration::from_millis(1500);
-    let server = Server::start(ConnectionLimits {
+    let server = Server::with_limits(ConnectionLimits {
         tls_handshake_timeout: Duration::from_secs(5),
         request_headers_timeout: Duration::from_secs(5),
         idle_timeout: idle,
@@ -261,7 +130,7 @@ async fn connection_without_open_streams_is_closed_after_the_idle_timeout() {
 async fn proxies_over_the_cap_wait_until_a_connection_closes() {
     let long = Duration::from_secs(60);
     let cap = 5;
-    let mut server = Server::start(ConnectionLimits {
+    let mut server = Server::with_limits(ConnectionLimits {
         tls_handshake_timeout: long,
         request_headers_timeout: long,
         idle_timeout: long,
@@ -270,8 +139,10 @@ async fn proxies_over_the_cap_wait_until_a_connection_closes() {
     .await;
     let addr = server.addr;
     let mut holders = silent::open_many(cap, cap, |_| silent::tcp(addr)).await;
-    let v1 = server.publish(80);
-    let (mut rx, _stop) = server.proxy();
+    let v1 = server
+        .publish(walkthrough_resources((80, 20)), BTreeMap::new())
+        .to_string();
+    let (mut rx, _stop) = server.client(Duration::from_millis(50));
     assert!(
         tokio::time::timeout(Duration::from_secs(1), rx.recv())
             .await

@@ -1,4 +1,4 @@
-//! The user's reference scenario (../shared/seed-walkthrough) loads as is and translates to
+//! The walkthrough (../shared/seed-walkthrough) loads as is and translates to
 //! the expected config.
 
 use std::path::{Path, PathBuf};
@@ -9,8 +9,8 @@ use mesh_config::{
 };
 use mesh_translate::{LoadOptions, TranslateOptions, load, translate};
 
-/// The repository's verbatim copy of the seed (what `meshctl demo` embeds).
-fn seed_dir() -> PathBuf {
+/// The repository's verbatim copy of the walkthrough (what `meshctl demo` embeds).
+fn walkthrough_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed-walkthrough")
 }
 
@@ -18,14 +18,14 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn seed_options() -> LoadOptions {
+fn walkthrough_options() -> LoadOptions {
     LoadOptions {
         default_namespace: "demo".into(),
     }
 }
 
 #[test]
-fn fixture_copy_equals_shared_seed() {
+fn fixture_copy_equals_shared_walkthrough() {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/seed-walkthrough");
     if !shared.is_dir() {
         eprintln!("{} not found; skipping", shared.display());
@@ -45,12 +45,12 @@ fn fixture_copy_equals_shared_seed() {
         v.sort();
         v
     };
-    assert_eq!(yaml(&seed_dir()), yaml(&shared));
+    assert_eq!(yaml(&walkthrough_dir()), yaml(&shared));
 }
 
 #[test]
-fn seed_loads_as_is_with_warnings_for_unused_kinds() {
-    let loaded = load(&[seed_dir()], &seed_options()).unwrap();
+fn walkthrough_loads_as_is_with_warnings_for_unused_kinds() {
+    let loaded = load(&[walkthrough_dir()], &walkthrough_options()).unwrap();
     let r = &loaded.resources;
     assert_eq!(r.gateway_classes.len(), 1);
     assert_eq!(r.gateways.len(), 1);
@@ -70,10 +70,10 @@ fn seed_loads_as_is_with_warnings_for_unused_kinds() {
     assert_eq!(r.gateway_classes[0].metadata.namespace, None);
 }
 
-fn seed_translation() -> mesh_translate::Translation {
+fn walkthrough_translation() -> mesh_translate::Translation {
     let loaded = load(
-        &[seed_dir(), fixtures().join("seed-endpoints")],
-        &seed_options(),
+        &[walkthrough_dir(), fixtures().join("seed-endpoints")],
+        &walkthrough_options(),
     )
     .unwrap();
     translate(
@@ -86,8 +86,8 @@ fn seed_translation() -> mesh_translate::Translation {
 }
 
 #[test]
-fn seed_translates_to_expected_config() {
-    let t = seed_translation();
+fn walkthrough_translates_to_expected_config() {
+    let t = walkthrough_translation();
     let c = &t.config;
     c.validate().unwrap();
     assert_eq!(c.access_log.path.as_deref(), Some("/dev/stdout"));
@@ -204,8 +204,8 @@ fn seed_translates_to_expected_config() {
 }
 
 #[test]
-fn seed_warnings_explain_emulation_and_operator() {
-    let t = seed_translation();
+fn walkthrough_warnings_explain_emulation_and_operator() {
+    let t = walkthrough_translation();
     let w: Vec<String> = t.warnings.iter().map(|w| w.to_string()).collect();
     let sidecar = w
         .iter()
@@ -229,8 +229,8 @@ fn seed_warnings_explain_emulation_and_operator() {
 }
 
 #[test]
-fn seed_without_endpoint_slices_has_empty_endpoints() {
-    let loaded = load(&[seed_dir()], &seed_options()).unwrap();
+fn walkthrough_without_endpoint_slices_has_empty_endpoints() {
+    let loaded = load(&[walkthrough_dir()], &walkthrough_options()).unwrap();
     let t = translate(&loaded.resources, &TranslateOptions::default());
     t.config.validate().unwrap();
     assert!(t.config.backends.iter().all(|b| b.endpoints.is_empty()));
