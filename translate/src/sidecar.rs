@@ -19,7 +19,9 @@
 //!   Without Pod objects, the pod's labels are taken to be those of the selectors of the
 //!   Services it backs (unless given). As in gateway mode, a workloadSelector that selects the
 //!   ingress gateway (the seed's EnvoyFilter) is not used: the limit applies to every sidecar
-//!   in its scope.
+//!   in its scope. Its `mtls` (what it accepts, per port) is resolved from the
+//!   PeerAuthentications that apply to the pod's namespace and labels.
+//! - Backends of meshed pods carry their identities (see `identity`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
