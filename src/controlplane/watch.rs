@@ -1,7 +1,7 @@
 //! Reflectors for everything the translator reads, and the debounced publisher of
-//! [`World`]s. Kinds whose CRD is absent (EnvoyFilter, RateLimitPolicy, even Gateway API)
-//! are tolerated: their watcher retries with backoff and starts delivering once the CRD is
-//! installed.
+//! [`World`]s. Kinds whose CRD is absent (EnvoyFilter, PeerAuthentication, RateLimitPolicy,
+//! even Gateway API) are tolerated: their watcher retries with backoff and starts delivering
+//! once the CRD is installed.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -22,7 +22,7 @@ use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
-use mesh_translate::{EnvoyFilter, RateLimitPolicy, Resources};
+use mesh_translate::{EnvoyFilter, PeerAuthentication, RateLimitPolicy, Resources};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
@@ -45,8 +45,9 @@ pub struct Stores {
     pub envoy_filters: Store<EnvoyFilter>,
     /// Gateway Deployments (label `gateway.networking.k8s.io/gateway-name`): ready replicas.
     pub gateway_deployments: Store<Deployment>,
-    /// Labels of meshed pods.
-    pub pod_labels: super::pods::PodLabels,
+    pub peer_authentications: Store<PeerAuthentication>,
+    /// Labels and service accounts of meshed pods.
+    pub pods: super::pods::MeshedPods,
 }
 
 fn all<T>(store: &Store<T>) -> Vec<T>
@@ -70,6 +71,8 @@ impl Stores {
             rate_limit_policies: all(&self.rate_limit_policies),
             envoy_filters: all(&self.envoy_filters),
             operators: Vec::new(),
+            peer_authentications: all(&self.peer_authentications),
+            pods: self.pods.snapshot(),
         }
     }
 
@@ -184,7 +187,7 @@ pub fn start(client: &Client, changes: mpsc::UnboundedSender<()>) -> (Stores, Pe
     let pending = Pending::default();
     let c = || watcher::Config::default();
     let stores = Stores {
-        pod_labels: super::pods::start(client, changes.clone(), pending.clone()),
+        pods: super::pods::start(client, changes.clone(), pending.clone()),
         gateway_classes: reflect(
             Api::all(client.clone()),
             c(),
@@ -239,6 +242,12 @@ pub fn start(client: &Client, changes: mpsc::UnboundedSender<()>) -> (Stores, Pe
             changes.clone(),
             pending.clone(),
         ),
+        peer_authentications: reflect(
+            Api::all(client.clone()),
+            c(),
+            changes.clone(),
+            pending.clone(),
+        ),
         gateway_deployments: reflect(
             Api::all(client.clone()),
             c().labels(GATEWAY_NAME_LABEL),
@@ -270,8 +279,7 @@ pub async fn publish_worlds(
             generation,
             Arc::new(stores.resources()),
             stores.gateway_replicas(),
-        )
-        .with_pod_labels(stores.pod_labels.snapshot());
+        );
         tracing::debug!(generation, "new world");
         worlds.send_replace(Some(Arc::new(world)));
     }
