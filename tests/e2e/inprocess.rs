@@ -34,6 +34,20 @@ impl ControlPlane {
         controller_names: Vec<String>,
         gateway_deployments: Option<GatewayDeploymentOptions>,
     ) -> ControlPlane {
+        let translate = mesh_translate::TranslateOptions {
+            controller_names,
+            ..Default::default()
+        };
+        Self::start_with(env, translate, gateway_deployments).await
+    }
+
+    /// [`ControlPlane::start`] with translation options of the test's own (e.g. a mesh root
+    /// namespace of its own, so its mesh-wide policies reach no other test's proxies).
+    pub async fn start_with(
+        env: &TestEnv,
+        translate: mesh_translate::TranslateOptions,
+        gateway_deployments: Option<GatewayDeploymentOptions>,
+    ) -> ControlPlane {
         mesh_testenv::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let config = ControlPlaneConfig {
@@ -43,10 +57,7 @@ impl ControlPlane {
                 dir: dir.path().join("pki"),
                 sans: vec!["127.0.0.1".into()],
             },
-            translate: mesh_translate::TranslateOptions {
-                controller_names,
-                ..Default::default()
-            },
+            translate,
             gateway_deployments,
             write_status: false,
             debounce: Duration::from_millis(100),

@@ -7,6 +7,7 @@ mod gateway_controlplane;
 mod gateway_drift;
 mod injection_webhook;
 mod inprocess;
+mod peer_authentication;
 mod proxy_auth;
 mod ssa;
 mod translation_fanout;
