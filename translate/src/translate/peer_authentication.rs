@@ -126,24 +126,31 @@ impl<'a> Peers<'a> {
         peers
     }
 
-    /// The inbound modes of a pod of namespace `ns` with `labels`.
-    pub(crate) fn resolve(&self, ns: &str, labels: &BTreeMap<String, String>) -> Resolved {
+    /// The mesh, namespace and workload policies that apply to a pod of namespace `ns` with
+    /// `labels`, widest first.
+    fn scopes(&self, ns: &str, labels: &BTreeMap<String, String>) -> [Option<&Policy>; 3] {
         let workload = self.workloads.get(ns).and_then(|ps| {
             ps.iter()
                 .find(|p| p.selector.as_ref().is_some_and(|s| s.matches(labels)))
         });
-        let mut mode = MtlsMode::Permissive;
-        let mut from = Vec::new();
-        for p in [self.mesh.as_ref(), self.namespaces.get(ns), workload]
-            .into_iter()
+        [self.mesh.as_ref(), self.namespaces.get(ns), workload]
+    }
+
+    /// The pod-wide mode: the narrowest scope's that is not `UNSET`, else `PERMISSIVE`.
+    fn mode(scopes: &[Option<&Policy>; 3]) -> MtlsMode {
+        scopes
+            .iter()
+            .rev()
             .flatten()
-        {
-            from.push(p.name.clone());
-            if let Some(m) = p.valid.mode.resolved() {
-                mode = m;
-            }
-        }
-        let ports = workload
+            .find_map(|p| p.valid.mode.resolved())
+            .unwrap_or(MtlsMode::Permissive)
+    }
+
+    /// The inbound modes of a pod of namespace `ns` with `labels`.
+    pub(crate) fn resolve(&self, ns: &str, labels: &BTreeMap<String, String>) -> Resolved {
+        let scopes = self.scopes(ns, labels);
+        let mode = Self::mode(&scopes);
+        let ports = scopes[2]
             .map(|p| {
                 p.valid
                     .ports
@@ -154,8 +161,18 @@ impl<'a> Peers<'a> {
             .unwrap_or_default();
         Resolved {
             mtls: InboundMtls { mode, ports },
-            from,
+            from: scopes.iter().flatten().map(|p| p.name.clone()).collect(),
         }
+    }
+
+    /// The mode of one port of a pod ([`Peers::resolve`] without building the whole answer:
+    /// it is asked once per endpoint of every backend).
+    fn mode_at(&self, ns: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
+        let scopes = self.scopes(ns, labels);
+        let mode = Self::mode(&scopes);
+        scopes[2]
+            .and_then(|p| p.valid.ports.get(&port))
+            .map_or(mode, |m| m.resolved().unwrap_or(mode))
     }
 
     /// The identity the endpoint of pod `namespace/name` on `port` presents, when that pod
@@ -166,8 +183,7 @@ impl<'a> Peers<'a> {
         if !is_meshed(&pod.labels) {
             return None;
         }
-        let mode = self.resolve(namespace, &pod.labels).mtls.mode_for(port);
-        (mode != MtlsMode::Disable)
+        (self.mode_at(namespace, &pod.labels, port) != MtlsMode::Disable)
             .then(|| spiffe_id(&self.trust_domain, namespace, &pod.service_account))
     }
 }
