@@ -30,8 +30,75 @@ pub struct InboundMtls {
     #[serde(default)]
     pub mode: MtlsMode,
     /// Per-port modes (the app's port, as the captured connection's original port).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "port_keys::deserialize"
+    )]
     pub ports: BTreeMap<u16, MtlsMode>,
+}
+
+/// JSON writes the port keys of [`InboundMtls::ports`] as strings (`"8080"`). serde_json
+/// reads them back into `u16` itself, but not once the config is inside an internally tagged
+/// message (the distribution protocol's `{"type": "snapshot", ...}`), where serde buffers it
+/// and hands the key over as a string: accept a string holding a port number, or a number.
+mod port_keys {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+    use super::MtlsMode;
+
+    struct Port(u16);
+
+    impl<'de> de::Deserialize<'de> for Port {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Port, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Port;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a port number (0-65535)")
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Port, E> {
+                    u16::try_from(v)
+                        .map(Port)
+                        .map_err(|_| E::custom(format!("{v} is not a port number")))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Port, E> {
+                    u64::try_from(v)
+                        .map_err(|_| E::custom(format!("{v} is not a port number")))
+                        .and_then(|v| self.visit_u64(v))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Port, E> {
+                    v.parse()
+                        .map(Port)
+                        .map_err(|_| E::custom(format!("{v:?} is not a port number")))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<u16, MtlsMode>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BTreeMap<u16, MtlsMode>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of port numbers to modes")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((Port(p), mode)) = map.next_entry::<Port, MtlsMode>()? {
+                    out.insert(p, mode);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl InboundMtls {

@@ -251,6 +251,8 @@ impl DistributionArgs {
         };
         let translate = mesh_translate::TranslateOptions {
             controller_names: self.controller_names.clone(),
+            // The identities endpoints must present are the ones the mesh CA issues.
+            trust_domain: self.mesh_ca.trust_domain.clone(),
             http: mesh_config::HttpOptions {
                 path_normalization: self.path_normalization,
                 ..Default::default()

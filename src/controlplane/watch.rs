@@ -1,7 +1,7 @@
 //! Reflectors for everything the translator reads, and the debounced publisher of
-//! [`World`]s. Kinds whose CRD is absent (EnvoyFilter, RateLimitPolicy, even Gateway API)
-//! are tolerated: their watcher retries with backoff and starts delivering once the CRD is
-//! installed.
+//! [`World`]s. Kinds whose CRD is absent (EnvoyFilter, PeerAuthentication, RateLimitPolicy,
+//! even Gateway API) are tolerated: their watcher retries with backoff and starts delivering
+//! once the CRD is installed.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -21,11 +21,11 @@ use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
-use mesh_translate::{EnvoyFilter, RateLimitPolicy, Resources};
+use mesh_translate::{EnvoyFilter, PeerAuthentication, RateLimitPolicy, Resources};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
-use super::pods::{self, PodLabels};
+use super::pods;
 use super::unlisted::Unlisted;
 use super::world::World;
 
@@ -46,8 +46,9 @@ pub struct Stores {
     pub envoy_filters: Store<EnvoyFilter>,
     /// Gateway Deployments (label `gateway.networking.k8s.io/gateway-name`): ready replicas.
     pub gateway_deployments: Store<Deployment>,
-    /// Labels of meshed pods.
-    pub pod_labels: PodLabels,
+    pub peer_authentications: Store<PeerAuthentication>,
+    /// Labels and service accounts of meshed pods.
+    pub pods: pods::MeshedPods,
 }
 
 fn all<T>(store: &Store<T>) -> Vec<T>
@@ -71,6 +72,8 @@ impl Stores {
             rate_limit_policies: all(&self.rate_limit_policies),
             envoy_filters: all(&self.envoy_filters),
             operators: Vec::new(),
+            peer_authentications: all(&self.peer_authentications),
+            pods: self.pods.snapshot(),
         }
     }
 
@@ -165,7 +168,7 @@ pub fn start(client: &Client, changes: mpsc::UnboundedSender<()>) -> (Stores, Un
     let pending = Unlisted::default();
     let c = || watcher::Config::default();
     let stores = Stores {
-        pod_labels: pods::start(client, changes.clone(), pending.clone()),
+        pods: pods::start(client, changes.clone(), pending.clone()),
         gateway_classes: reflect(
             Api::all(client.clone()),
             c(),
@@ -220,6 +223,12 @@ pub fn start(client: &Client, changes: mpsc::UnboundedSender<()>) -> (Stores, Un
             changes.clone(),
             pending.clone(),
         ),
+        peer_authentications: reflect(
+            Api::all(client.clone()),
+            c(),
+            changes.clone(),
+            pending.clone(),
+        ),
         gateway_deployments: reflect(
             Api::all(client.clone()),
             c().labels(GATEWAY_NAME_LABEL),
@@ -251,8 +260,7 @@ pub async fn publish_worlds(
             generation,
             Arc::new(stores.resources()),
             stores.gateway_replicas(),
-        )
-        .with_pod_labels(stores.pod_labels.snapshot());
+        );
         tracing::debug!(generation, "new world");
         worlds.send_replace(Some(Arc::new(world)));
     }

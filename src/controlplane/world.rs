@@ -22,8 +22,6 @@ pub struct World {
     pub resources: Arc<Resources>,
     /// Ready replicas of the Deployment of each Gateway (`namespace/name`) we manage.
     pub gateway_replicas: BTreeMap<String, u32>,
-    /// Labels of meshed pods (`namespace/name`).
-    pub pod_labels: HashMap<String, Arc<BTreeMap<String, String>>>,
     cache: Mutex<HashMap<CacheKey, Arc<Entry>>>,
 }
 
@@ -165,17 +163,8 @@ impl World {
             generation,
             resources,
             gateway_replicas,
-            pod_labels: HashMap::new(),
             cache: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn with_pod_labels(
-        mut self,
-        pod_labels: HashMap<String, Arc<BTreeMap<String, String>>>,
-    ) -> World {
-        self.pod_labels = pod_labels;
-        self
     }
 
     /// The config of a proxy: for a gateway, the translation of its Gateway with
@@ -220,12 +209,9 @@ impl World {
                     pod_namespace: namespace.clone(),
                     pod_name: pod.clone(),
                     pod_ip: *ip,
-                    // The API server's labels; a pod not seen (yet) gets the selectors of the
-                    // Services it backs.
-                    pod_labels: self
-                        .pod_labels
-                        .get(&format!("{namespace}/{pod}"))
-                        .map(|l| (**l).clone()),
+                    // The API server's labels, from the resources' meshed pods; a pod not
+                    // seen (yet) gets the selectors of the Services it backs.
+                    pod_labels: None,
                     // `mesh-proxy sidecar`'s defaults; a sidecar started with other ports puts
                     // its own on.
                     inbound_port: ports::SIDECAR_INBOUND,
@@ -311,13 +297,15 @@ endpoints: [{addresses: [10.244.0.2]}, {addresses: [10.244.0.3]}]
         assert_eq!(inbound(&a), [8080]);
         assert!(inbound(&client).is_empty());
         // Labels known from the API server make a different key.
-        let labelled = World::new(2, world.resources.clone(), BTreeMap::new()).with_pod_labels(
-            [(
-                "demo/server-b".to_string(),
-                Arc::new(BTreeMap::from([("app".to_string(), "server".to_string())])),
-            )]
-            .into(),
+        let mut res = (*world.resources).clone();
+        res.pods.insert(
+            "demo/server-b".to_string(),
+            Arc::new(mesh_translate::MeshedPod {
+                labels: BTreeMap::from([("app".to_string(), "server".to_string())]),
+                service_account: "default".into(),
+            }),
         );
+        let labelled = World::new(2, Arc::new(res), BTreeMap::new());
         let a2 = labelled
             .config_for(&sidecar("server-a", "10.244.0.2"), 1, &base)
             .await;
@@ -330,7 +318,7 @@ endpoints: [{addresses: [10.244.0.2]}, {addresses: [10.244.0.3]}]
     /// Pods `server-a` and `server-b` of one workload (both back `server`), with the labels
     /// the API server would report.
     fn labelled_world(objects: &str, generation: u64) -> World {
-        let res = mesh_translate::load_str(
+        let mut res = mesh_translate::load_str(
             "objects.yaml",
             objects,
             &mesh_translate::LoadOptions {
@@ -339,21 +327,23 @@ endpoints: [{addresses: [10.244.0.2]}, {addresses: [10.244.0.3]}]
         )
         .unwrap()
         .resources;
-        let labels = |pod: &str| {
-            Arc::new(BTreeMap::from([
-                ("app".to_string(), "server".to_string()),
-                (
-                    "statefulset.kubernetes.io/pod-name".to_string(),
-                    pod.to_string(),
-                ),
-            ]))
+        let pod = |pod: &str| {
+            Arc::new(mesh_translate::MeshedPod {
+                labels: BTreeMap::from([
+                    ("app".to_string(), "server".to_string()),
+                    (
+                        "statefulset.kubernetes.io/pod-name".to_string(),
+                        pod.to_string(),
+                    ),
+                ]),
+                service_account: "server".into(),
+            })
         };
-        World::new(generation, Arc::new(res), BTreeMap::new()).with_pod_labels(
-            ["server-a", "server-b"]
-                .into_iter()
-                .map(|p| (format!("demo/{p}"), labels(p)))
-                .collect(),
-        )
+        res.pods = ["server-a", "server-b"]
+            .into_iter()
+            .map(|p| (format!("demo/{p}"), pod(p)))
+            .collect();
+        World::new(generation, Arc::new(res), BTreeMap::new())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

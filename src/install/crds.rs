@@ -6,10 +6,11 @@
 //! - `manifests/gateway-api/`: the Gateway API standard channel, generated from the
 //!   `gateway-api` crate 0.22 (kopium-generated from the upstream Gateway API v1.5.1
 //!   standard-channel CRDs; see `manifests/gateway-api/README.md` for what that loses).
-//! - `manifests/istio/`: Istio's EnvoyFilter CRD (`networking.istio.io`), so the walkthrough's
-//!   `istio-envoy-filter.yaml` applies on a cluster without Istio. Like Istio's own, the spec
-//!   is open (`x-kubernetes-preserve-unknown-fields`); the control plane validates the local
-//!   rate-limit subset it understands. Applied, like the Gateway API CRDs, only when absent
+//! - `manifests/istio/`: Istio's EnvoyFilter (`networking.istio.io`) and PeerAuthentication
+//!   (`security.istio.io`) CRDs, so the walkthrough's `istio-envoy-filter.yaml` and Istio's mTLS
+//!   policies apply on a cluster without Istio. Like Istio's own, the spec is open
+//!   (`x-kubernetes-preserve-unknown-fields`); the control plane validates the subset it
+//!   understands and reports the rest. Applied, like the Gateway API CRDs, only when absent
 //!   or installed by meshctl earlier.
 
 use kube::CustomResourceExt;
@@ -17,6 +18,7 @@ use serde_json::Value;
 
 const HEADER_OURS: &str = "# Generated from mesh_translate::RateLimitPolicy (translate/src/policy.rs) by\n# meshctl's install::crds; do not edit. Regenerate: UPDATE_GOLDEN=1 cargo test --lib crds_are_current\n";
 const HEADER_ISTIO: &str = "# Istio's EnvoyFilter CRD (networking.istio.io v1alpha3 storage, v1 served; open spec as\n# Istio's own), written by meshctl's install::crds; do not edit.\n# Regenerate: UPDATE_GOLDEN=1 cargo test --lib crds_are_current\n";
+const HEADER_ISTIO_PA: &str = "# Istio's PeerAuthentication CRD (security.istio.io v1beta1 storage, v1 served; open spec as\n# Istio's own), written by meshctl's install::crds; do not edit.\n# Regenerate: UPDATE_GOLDEN=1 cargo test --lib crds_are_current\n";
 const HEADER_GWAPI: &str = "# Gateway API v1.5.1 standard channel, generated from the Rust types of the gateway-api\n# crate 0.22.0 (kopium output of the upstream CRDs) by meshctl's install::crds; do not edit.\n# Regenerate: UPDATE_GOLDEN=1 cargo test --lib crds_are_current\n";
 
 /// (path under `manifests/`, generated text) for every CRD.
@@ -71,38 +73,77 @@ pub fn generate() -> Vec<(&'static str, String)> {
             serde_saphyr::to_string(&v).expect("CRD renders")
         )
     };
-    let istio = (
-        "istio/envoyfilters.networking.istio.io.yaml",
-        format!(
-            "{HEADER_ISTIO}{}",
-            serde_saphyr::to_string(&envoy_filter_crd()).expect("CRD renders")
+    let istio = [
+        (
+            "istio/envoyfilters.networking.istio.io.yaml",
+            format!(
+                "{HEADER_ISTIO}{}",
+                serde_saphyr::to_string(&envoy_filter_crd()).expect("CRD renders")
+            ),
         ),
-    );
+        (
+            "istio/peerauthentications.security.istio.io.yaml",
+            format!(
+                "{HEADER_ISTIO_PA}{}",
+                serde_saphyr::to_string(&peer_authentication_crd()).expect("CRD renders")
+            ),
+        ),
+    ];
     ours.into_iter()
         .map(|(p, c)| (p, render(HEADER_OURS, c)))
         .chain(gwapi.into_iter().map(|(p, c)| (p, render(HEADER_GWAPI, c))))
-        .chain([istio])
+        .chain(istio)
         .collect()
+}
+
+/// One served version of an Istio CRD: an open spec and status, a status subresource.
+fn istio_version(name: &str, storage: bool) -> Value {
+    serde_json::json!({
+        "name": name,
+        "served": true,
+        "storage": storage,
+        "schema": {"openAPIV3Schema": {
+            "type": "object",
+            "properties": {
+                "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+            },
+        }},
+        "subresources": {"status": {}},
+    })
+}
+
+/// Istio's PeerAuthentication CRD: namespaced, `v1beta1` (storage) and `v1` (served), an
+/// open spec (the control plane reports what it does not understand) and a status
+/// subresource, as Istio ships it (minus its printer columns).
+fn peer_authentication_crd() -> Value {
+    serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": "peerauthentications.security.istio.io",
+            "labels": {"app": "istio-pilot", "chart": "istio", "heritage": "Tiller", "istio": "security", "release": "istio"},
+        },
+        "spec": {
+            "group": "security.istio.io",
+            "names": {
+                "categories": ["istio-io", "security-istio-io"],
+                "kind": "PeerAuthentication",
+                "listKind": "PeerAuthenticationList",
+                "plural": "peerauthentications",
+                "shortNames": ["pa"],
+                "singular": "peerauthentication",
+            },
+            "scope": "Namespaced",
+            "versions": [istio_version("v1beta1", true), istio_version("v1", false)],
+        },
+    })
 }
 
 /// Istio's EnvoyFilter CRD: namespaced, `v1alpha3` (storage) and `v1` (served), an open
 /// spec and a status subresource, as Istio ships it (minus its printer columns).
 fn envoy_filter_crd() -> Value {
-    let version = |name: &str, storage: bool| {
-        serde_json::json!({
-            "name": name,
-            "served": true,
-            "storage": storage,
-            "schema": {"openAPIV3Schema": {
-                "type": "object",
-                "properties": {
-                    "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-                },
-            }},
-            "subresources": {"status": {}},
-        })
-    };
+    let version = istio_version;
     serde_json::json!({
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -140,10 +181,11 @@ pub const GATEWAY_API: &[&str] = &[
     include_str!("../../manifests/gateway-api/listenersets.yaml"),
 ];
 
-/// Istio's CRDs the walkthrough's files need (EnvoyFilter), applied like [`GATEWAY_API`].
-pub const ISTIO: &[&str] = &[include_str!(
-    "../../manifests/istio/envoyfilters.networking.istio.io.yaml"
-)];
+/// Istio's CRDs we read (EnvoyFilter, PeerAuthentication), applied like [`GATEWAY_API`].
+pub const ISTIO: &[&str] = &[
+    include_str!("../../manifests/istio/envoyfilters.networking.istio.io.yaml"),
+    include_str!("../../manifests/istio/peerauthentications.security.istio.io.yaml"),
+];
 
 pub fn parse(texts: &[&str]) -> Vec<Value> {
     texts

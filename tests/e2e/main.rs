@@ -8,6 +8,7 @@ mod gateway_drift;
 mod injection_webhook;
 mod inprocess;
 mod mesh_ca;
+mod peer_authentication;
 mod proxy_auth;
 mod ssa;
 mod translation_fanout;

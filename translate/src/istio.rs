@@ -153,6 +153,14 @@ impl IstioOperator {
             .filter(|s| !s.is_empty())
     }
 
+    /// `spec.meshConfig.trustDomain`, if set and valid (validated on load).
+    pub fn trust_domain(&self) -> Option<&str> {
+        self.spec
+            .pointer("/meshConfig/trustDomain")
+            .and_then(Value::as_str)
+            .filter(|s| crate::identity::valid_trust_domain(s))
+    }
+
     /// `spec.meshConfig.pathNormalization.normalization`, if set (validated on load).
     pub fn path_normalization(&self) -> Option<mesh_config::PathNormalization> {
         self.spec

@@ -15,8 +15,10 @@
 use std::fmt;
 
 mod hostname;
+pub mod identity;
 pub mod istio;
 mod load;
+pub mod peer_authentication;
 pub mod policy;
 mod precedence;
 mod resources;
@@ -28,11 +30,13 @@ mod validate;
 pub mod yaml;
 
 pub use hostname::{intersect as intersect_hostnames, matches as hostname_matches};
+pub use identity::MeshedPod;
 pub use istio::{EnvoyFilter, IstioOperator};
 pub use load::{LoadError, LoadOptions, LoadProblem, Loaded, load, load_str};
+pub use peer_authentication::PeerAuthentication;
 pub use policy::RateLimitPolicy;
 pub use precedence::PrecedenceKey;
-pub use resources::Resources;
+pub use resources::{Resources, pod_key};
 pub use sidecar::{SidecarKey, SidecarOptions, sidecar_key, translate_sidecar};
 pub use translate::{TranslateOptions, Translation, translate};
 pub use yaml::{YamlDocument, YamlError, split_yaml_stream};

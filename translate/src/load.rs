@@ -5,11 +5,15 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::resources::Resources;
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::identity::{MESHED_POD_LABEL, MESHED_POD_LABEL_VALUE, MeshedPod};
+use crate::resources::{Resources, ns_name, pod_key};
 use crate::typed::from_value;
 use crate::{FieldProblem, Warning, validate};
 
@@ -145,6 +149,8 @@ enum Kind {
     Namespace,
     RateLimitPolicy,
     EnvoyFilter,
+    PeerAuthentication,
+    Pod,
     Operator,
     List,
 }
@@ -169,6 +175,8 @@ fn classify(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
         ("discovery.k8s.io", "EndpointSlice") => Kind::EndpointSlice,
         ("policy.meshctl.io", "RateLimitPolicy") => Kind::RateLimitPolicy,
         ("networking.istio.io", "EnvoyFilter") => Kind::EnvoyFilter,
+        ("security.istio.io", "PeerAuthentication") => Kind::PeerAuthentication,
+        ("", "Pod") => Kind::Pod,
         ("install.istio.io", "IstioOperator") | ("install.meshctl.io", "MeshOperator") => {
             Kind::Operator
         }
@@ -178,9 +186,12 @@ fn classify(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
         Kind::GatewayClass | Kind::Gateway | Kind::HttpRoute | Kind::ReferenceGrant => {
             matches!(version, "v1" | "v1beta1")
         }
-        Kind::Service | Kind::Namespace | Kind::List | Kind::EndpointSlice => version == "v1",
+        Kind::Service | Kind::Namespace | Kind::List | Kind::EndpointSlice | Kind::Pod => {
+            version == "v1"
+        }
         Kind::RateLimitPolicy | Kind::Operator => version == "v1alpha1",
         Kind::EnvoyFilter => matches!(version, "v1alpha3" | "v1"),
+        Kind::PeerAuthentication => matches!(version, "v1" | "v1beta1"),
     };
     if ok {
         Ok(Some(k))
@@ -190,11 +201,12 @@ fn classify(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
             match k {
                 Kind::GatewayClass | Kind::Gateway | Kind::HttpRoute | Kind::ReferenceGrant =>
                     "gateway.networking.k8s.io/v1, v1beta1",
-                Kind::Service | Kind::Namespace | Kind::List => "v1",
+                Kind::Service | Kind::Namespace | Kind::List | Kind::Pod => "v1",
                 Kind::EndpointSlice => "discovery.k8s.io/v1",
                 Kind::RateLimitPolicy => "policy.meshctl.io/v1alpha1",
                 Kind::Operator => "v1alpha1",
                 Kind::EnvoyFilter => "networking.istio.io/v1alpha3, v1",
+                Kind::PeerAuthentication => "security.istio.io/v1, v1beta1",
             }
         ))
     }
@@ -422,6 +434,30 @@ impl<'a> Loader<'a> {
             Kind::EnvoyFilter => parse(v, &mut res.envoy_filters, |ef| {
                 crate::istio::local_rate_limits(ef).errors
             }),
+            Kind::PeerAuthentication => parse(
+                v,
+                &mut res.peer_authentications,
+                crate::peer_authentication::problems,
+            ),
+            Kind::Pod => match from_value::<Pod>(v, "", &["apiVersion", "kind"]) {
+                // Only meshed pods matter: their labels and service accounts.
+                Ok(pod) => {
+                    let (ns, name) = ns_name(&pod.metadata, &self.options.default_namespace);
+                    match MeshedPod::of(&pod) {
+                        Some(m) => {
+                            res.pods.insert(pod_key(&ns, &name), Arc::new(m));
+                        }
+                        None => self.out.warnings.push(Warning::new(
+                            doc_context(doc, label.as_deref()),
+                            format!(
+                                "not a meshed pod (no label {MESHED_POD_LABEL}: {MESHED_POD_LABEL_VALUE}); ignored"
+                            ),
+                        )),
+                    }
+                    Vec::new()
+                }
+                Err(problems) => problems,
+            },
             Kind::Operator => parse(v, &mut res.operators, validate::operator),
             Kind::List => unreachable!("handled above"),
         };

@@ -7,8 +7,12 @@ use gateway_api::apis::standard::{
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use std::collections::HashMap;
+use std::sync::Arc;
 
+use crate::identity::MeshedPod;
 use crate::istio::{EnvoyFilter, IstioOperator};
+use crate::peer_authentication::PeerAuthentication;
 use crate::policy::RateLimitPolicy;
 
 /// Everything the translator reads, as typed objects. The loader fills it from files; the
@@ -27,6 +31,11 @@ pub struct Resources {
     /// `IstioOperator` / `MeshOperator` install profiles (only `meshConfig.accessLogFile` is
     /// used by the proxy).
     pub operators: Vec<IstioOperator>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// Meshed pods by `namespace/name`: their labels (workload selectors) and service
+    /// accounts (identities of their endpoints). From `kind: Pod` objects in files, or the
+    /// control plane's watch of meshed pods.
+    pub pods: HashMap<String, Arc<MeshedPod>>,
 }
 
 impl Resources {
@@ -42,7 +51,14 @@ impl Resources {
         self.rate_limit_policies.extend(other.rate_limit_policies);
         self.envoy_filters.extend(other.envoy_filters);
         self.operators.extend(other.operators);
+        self.peer_authentications.extend(other.peer_authentications);
+        self.pods.extend(other.pods);
     }
+}
+
+/// The key of a pod in [`Resources::pods`].
+pub fn pod_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
 }
 
 /// `namespace/name` of an object, the namespace defaulted.

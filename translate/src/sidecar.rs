@@ -18,8 +18,10 @@
 //!   `ANY`) whose workloadSelector matches the pod limits the port it names, or every port.
 //!   Without Pod objects, the pod's labels are taken to be those of the selectors of the
 //!   Services it backs (unless given). As in gateway mode, a workloadSelector that selects the
-//!   ingress gateway (the walkthrough's EnvoyFilter) is not used: the limit applies to every
-//!   sidecar in its scope.
+//!   ingress gateway (the walkthrough's EnvoyFilter) is not used: the limit applies to every sidecar
+//!   in its scope. Its `mtls` (what it accepts, per port) is resolved from the
+//!   PeerAuthentications that apply to the pod's namespace and labels.
+//! - Backends of meshed pods carry their identities (see `identity`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -35,7 +37,9 @@ use crate::istio::PatchContext;
 use crate::policy::RateLimitPolicyMode;
 use crate::precedence::PrecedenceKey;
 use crate::resources::{Resources, ns_name};
-use crate::translate::{Ctx, access_log, build_routes, fmt_labels, resolve_backend, slice_service};
+use crate::translate::{
+    Ctx, access_log, build_routes, fmt_labels, inbound_mtls, resolve_backend, slice_service,
+};
 use crate::{TranslateOptions, Translation, validate};
 
 /// Listener names in a sidecar's config.
@@ -85,14 +89,21 @@ pub fn sidecar_key(res: &Resources, o: &SidecarOptions) -> SidecarKey {
     SidecarKey {
         namespace: o.pod_namespace.clone(),
         // The labels matter only through the EnvoyFilter workloadSelectors
-        // ([`inbound_envoy_filters`]): the others (`pod-template-hash`, a StatefulSet's
-        // `statefulset.kubernetes.io/pod-name`) would make replicas differ for nothing.
-        labels: o.pod_labels.as_ref().map(|labels| {
+        // ([`inbound_envoy_filters`]) and the PeerAuthentication selectors: the others
+        // (`pod-template-hash`, a StatefulSet's `statefulset.kubernetes.io/pod-name`) would
+        // make replicas differ for nothing.
+        labels: known_pod_labels(res, o).map(|labels| {
             let selected: BTreeSet<&String> = res
                 .envoy_filters
                 .iter()
                 .filter_map(|f| f.spec.workload_selector.as_ref())
                 .flat_map(|s| s.labels.keys())
+                .chain(
+                    res.peer_authentications
+                        .iter()
+                        .filter_map(|p| p.spec.selector.as_ref())
+                        .flat_map(|s| s.match_labels.keys()),
+                )
                 .collect();
             labels
                 .iter()
@@ -105,12 +116,21 @@ pub fn sidecar_key(res: &Resources, o: &SidecarOptions) -> SidecarKey {
     }
 }
 
+/// The pod's labels: given, or those of the pod among the resources' meshed pods.
+fn known_pod_labels(res: &Resources, o: &SidecarOptions) -> Option<BTreeMap<String, String>> {
+    o.pod_labels.clone().or_else(|| {
+        res.pods
+            .get(&crate::pod_key(&o.pod_namespace, &o.pod_name))
+            .map(|p| p.labels.clone())
+    })
+}
+
 /// Translates the objects into the config of the sidecar of one pod.
 pub fn translate_sidecar(res: &Resources, o: &SidecarOptions) -> Translation {
     let mut cx = Ctx::new(res, &o.base);
     let services = outbound_services(&mut cx, o);
     let backed = backed_services(res, &o.base.default_namespace, o);
-    let labels = o.pod_labels.clone().unwrap_or_else(|| {
+    let labels = known_pod_labels(res, o).unwrap_or_else(|| {
         let mut l = BTreeMap::new();
         for b in &backed {
             if let Some(sel) = service(&cx, &b.ns, &b.name)
@@ -137,6 +157,7 @@ pub fn translate_sidecar(res: &Resources, o: &SidecarOptions) -> Translation {
         &mut inbound_limits,
         &mut listener_limit,
     );
+    let mtls = inbound_mtls(&mut cx, &o.pod_namespace, &o.pod_name, &labels);
     let access_log = access_log(&mut cx);
 
     let outbound = Listener {
@@ -153,7 +174,7 @@ pub fn translate_sidecar(res: &Resources, o: &SidecarOptions) -> Translation {
         inbound_ports: Vec::new(),
     };
     let inbound = Listener {
-        mtls: Default::default(),
+        mtls: (!mtls.is_default()).then_some(mtls),
         name: INBOUND_LISTENER.into(),
         address: None,
         port: o.inbound_port,

@@ -557,6 +557,18 @@ pub(crate) fn operator(op: &IstioOperator) -> Problems {
     }
     if let Some(v) = op
         .spec
+        .pointer("/meshConfig/trustDomain")
+        .filter(|v| !v.is_null())
+        && !v.as_str().is_some_and(crate::identity::valid_trust_domain)
+    {
+        push(
+            &mut out,
+            "spec.meshConfig.trustDomain".into(),
+            "must be a trust domain: lowercase letters, digits, '.', '-' and '_' (e.g. cluster.local)",
+        );
+    }
+    if let Some(v) = op
+        .spec
         .pointer("/meshConfig/pathNormalization/normalization")
         .filter(|v| !v.is_null())
     {

@@ -173,6 +173,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_snapshot_with_per_port_mtls_modes_round_trips() {
+        // Port-keyed maps are written as JSON strings; inside the tagged message they must
+        // still read back.
+        let mut config = mesh_config::ProxyConfig::default();
+        config.listeners.push(
+            serde_json::from_value(serde_json::json!({
+                "name": "sidecar-inbound", "port": 15006, "kind": "sidecarInbound",
+                "mtls": {"mode": "PERMISSIVE", "ports": {"8080": "STRICT", "9090": "DISABLE"}},
+            }))
+            .unwrap(),
+        );
+        let m = ControlPlaneMessage::Snapshot {
+            version: "1".into(),
+            config: Box::new(config),
+        };
+        let mut d = FrameDecoder::default();
+        d.push(&encode(&m));
+        assert_eq!(d.next_message::<ControlPlaneMessage>().unwrap(), Some(m));
+    }
+
+    #[test]
     fn frames_round_trip_split_anywhere() {
         let a = ProxyMessage::Hello {
             node: NodeIdentity::Gateway {

@@ -1,9 +1,10 @@
 //! backendRefs → the proxy's backends: kind and ReferenceGrant checks, the Service port,
 //! and its ready endpoints from EndpointSlices.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::discovery::v1::Endpoint;
 use mesh_config::Backend;
 
 use super::{BackendEntry, Ctx, GATEWAY_GROUP};
@@ -79,12 +80,12 @@ pub(crate) fn resolve_backend(
     };
     let backend_name = format!("{ns}/{name}:{port}");
     if !cx.backends.contains_key(&backend_name) {
-        let endpoints = endpoints(cx, svc, ns, name, sp, ports.len());
+        let (endpoints, mtls_identities) = endpoints(cx, svc, ns, name, sp, ports.len());
         cx.backends.insert(
             backend_name.clone(),
             BackendEntry {
                 backend: Backend {
-                    mtls_identities: Default::default(),
+                    mtls_identities,
                     name: backend_name.clone(),
                     endpoints,
                     load_balancer: Default::default(),
@@ -108,6 +109,8 @@ fn upstream_protocol(sp: &ServicePort) -> mesh_config::UpstreamProtocol {
     }
 }
 
+/// The ready endpoints of a Service port, and the identities of those that are meshed pods
+/// (found by the endpoint's `targetRef`).
 fn endpoints(
     cx: &Ctx<'_>,
     svc: &Service,
@@ -115,12 +118,13 @@ fn endpoints(
     name: &str,
     sp: &ServicePort,
     service_ports: usize,
-) -> Vec<String> {
+) -> (Vec<String>, BTreeMap<String, String>) {
+    let mut identities = BTreeMap::new();
     let spec = svc.spec.as_ref();
     if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName")
         && let Some(host) = spec.and_then(|s| s.external_name.as_deref())
     {
-        return vec![format!("{host}:{}", sp.port)];
+        return (vec![format!("{host}:{}", sp.port)], identities);
     }
     let want = sp.name.as_deref().unwrap_or("");
     let mut out: Vec<String> = Vec::new();
@@ -146,9 +150,23 @@ fn endpoints(
                 format!("{addr}:{port}")
             };
             if seen.insert(e.clone()) {
+                if let Some(id) = endpoint_identity(cx, ns, ep, port) {
+                    identities.insert(e.clone(), id);
+                }
                 out.push(e);
             }
         }
     }
-    out
+    (out, identities)
+}
+
+/// The identity of an endpoint whose `targetRef` is a meshed pod (`Peers::identity`).
+fn endpoint_identity(cx: &Ctx<'_>, slice_ns: &str, ep: &Endpoint, port: i32) -> Option<String> {
+    let t = ep.target_ref.as_ref()?;
+    if t.kind.as_deref() != Some("Pod") {
+        return None;
+    }
+    let pod_ns = t.namespace.as_deref().unwrap_or(slice_ns);
+    cx.peers
+        .identity(pod_ns, t.name.as_deref()?, u16::try_from(port).ok()?)
 }

@@ -1,10 +1,43 @@
 //! Mesh-wide options from the install profiles (`IstioOperator` and kin): HTTP options
-//! (path normalization) and the access log.
+//! (path normalization), the access log and the trust domain.
 
 use mesh_config::{AccessLog, HttpOptions, PathNormalization};
 
 use super::Ctx;
-use crate::resources::ns_name;
+use crate::resources::{Resources, ns_name};
+use crate::{TranslateOptions, Warning};
+
+/// The trust domain of workload identities: `meshConfig.trustDomain` of the first install
+/// profile (by namespace and name) that sets it, else the options'. Profiles that set
+/// another one are reported.
+pub(super) fn trust_domain(res: &Resources, opts: &TranslateOptions) -> (String, Vec<Warning>) {
+    let mut ops: Vec<_> = res.operators.iter().collect();
+    ops.sort_by_key(|o| ns_name(&o.metadata, &opts.default_namespace));
+    let mut chosen: Option<(String, String)> = None;
+    let mut warnings = Vec::new();
+    for op in ops {
+        let Some(td) = op.trust_domain() else {
+            continue;
+        };
+        let (ns, name) = ns_name(&op.metadata, &opts.default_namespace);
+        let kind = if op.kind.is_empty() {
+            "IstioOperator"
+        } else {
+            op.kind.as_str()
+        };
+        let ctx = format!("{kind} {ns}/{name}");
+        match &chosen {
+            None => chosen = Some((td.to_string(), ctx)),
+            Some((c, first)) if c != td => warnings.push(Warning::new(
+                ctx,
+                format!("trustDomain {td} ignored: {first} already sets {c}"),
+            )),
+            _ => {}
+        }
+    }
+    let td = chosen.map_or_else(|| opts.trust_domain.clone(), |(td, _)| td);
+    (td, warnings)
+}
 
 /// The proxy's HTTP options from the install profiles: `meshConfig.pathNormalization` (the
 /// first profile, by namespace and name, that sets it wins).
@@ -69,7 +102,7 @@ pub(crate) fn access_log(cx: &mut Ctx<'_>) -> AccessLog {
         cx.warn(
             &ctx,
             format!(
-                "the proxy only uses spec.meshConfig.accessLogFile ({used}) and spec.meshConfig.pathNormalization; the rest (profile, values, components, other meshConfig) is the installer's business (meshctl install)"
+                "the proxy only uses spec.meshConfig.accessLogFile ({used}), spec.meshConfig.pathNormalization and spec.meshConfig.trustDomain; the rest (profile, values, components, other meshConfig) is the installer's business (meshctl install)"
             ),
         );
         if let Some(f) = file {

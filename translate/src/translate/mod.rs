@@ -24,12 +24,14 @@ mod filters;
 mod gateways;
 mod listeners;
 mod mesh_options;
+mod peer_authentication;
 mod policies;
 mod routes;
 
 // The sidecar translation shares these steps.
 pub(crate) use backends::resolve_backend;
 pub(crate) use mesh_options::access_log;
+pub(crate) use peer_authentication::{Peers, inbound_mtls, report_peer_authentications};
 pub(crate) use policies::fmt_labels;
 pub(crate) use routes::build_routes;
 
@@ -73,6 +75,10 @@ pub struct TranslateOptions {
     /// The mesh's HTTP options (the control plane's `--path-normalization`, from the
     /// profile's `meshConfig`); an install profile among the resources wins.
     pub http: HttpOptions,
+    /// The trust domain of workload identities (`spiffe://<trust domain>/ns/..`): the
+    /// profile's `meshConfig.trustDomain`; an install profile among the resources wins.
+    /// Default `cluster.local`.
+    pub trust_domain: String,
 }
 
 impl Default for TranslateOptions {
@@ -88,6 +94,7 @@ impl Default for TranslateOptions {
             gateway_labels: BTreeMap::from([("istio".into(), "ingressgateway".into())]),
             root_namespaces: vec!["istio-system".into(), "mesh-system".into()],
             http: HttpOptions::default(),
+            trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.into(),
         }
     }
 }
@@ -121,6 +128,9 @@ pub(crate) struct Ctx<'a> {
     services: HashMap<(String, String), &'a Service>,
     /// EndpointSlices by (namespace, `kubernetes.io/service-name`), sorted by name.
     slices: HashMap<(String, String), Vec<&'a EndpointSlice>>,
+    /// PeerAuthentications by scope and the trust domain: the mTLS modes and identities of
+    /// meshed pods.
+    pub(crate) peers: Peers<'a>,
 }
 
 impl<'a> Ctx<'a> {
@@ -182,6 +192,7 @@ impl<'a> Ctx<'a> {
             port_limits: BTreeMap::new(),
             services,
             slices,
+            peers: Peers::new(res, opts),
         }
     }
 
@@ -228,6 +239,7 @@ pub fn translate(res: &Resources, opts: &TranslateOptions) -> Translation {
     attach_routes(&mut cx, &mut gws, &mut entries, &mut route_status);
     apply_policies(&mut cx, &gws, &mut entries);
     apply_envoy_filters(&mut cx, &gws);
+    report_peer_authentications(&mut cx);
     let listeners = build_listeners(&mut cx, &gws, entries);
     let access_log = access_log(&mut cx);
     let gateway_status = gateway_status(&gws);

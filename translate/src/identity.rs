@@ -1,0 +1,104 @@
+//! Which pods are meshed workloads, and as whom: what the translator needs to know of a pod
+//! so that its endpoints are reached over mutual TLS with the identity it must present.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+
+pub use mesh_wire::names::MESHED_POD_LABEL;
+
+/// Istio's label on pods injected by Istio's sidecar injector.
+pub const ISTIO_MESHED_POD_LABEL: &str = "security.istio.io/tlsMode";
+/// The value of [`MESHED_POD_LABEL`] / [`ISTIO_MESHED_POD_LABEL`] on a pod whose proxy speaks
+/// mutual TLS (Istio's; `disabled` opts a pod out).
+pub const MESHED_POD_LABEL_VALUE: &str = "istio";
+/// The service account of a pod whose `spec.serviceAccountName` is empty.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// The trust domain of workload identities unless the install profile says otherwise.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// What the translator keeps of a pod with a sidecar: its labels (policies select workloads
+/// by them) and its service account (its identity). Nothing else, so that a control plane
+/// watching every meshed pod of a cluster stays small.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshedPod {
+    pub labels: BTreeMap<String, String>,
+    /// `spec.serviceAccountName`, [`DEFAULT_SERVICE_ACCOUNT`] when empty.
+    pub service_account: String,
+}
+
+impl MeshedPod {
+    /// What matters of `pod`, or `None` when it is not meshed.
+    pub fn of(pod: &Pod) -> Option<MeshedPod> {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        is_meshed(&labels).then(|| MeshedPod {
+            labels,
+            service_account: service_account(
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.as_deref()),
+            ),
+        })
+    }
+}
+
+/// The service account a pod runs as: `name`, or `default` when it is unset or empty.
+pub fn service_account(name: Option<&str>) -> String {
+    name.filter(|n| !n.is_empty())
+        .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
+        .to_string()
+}
+
+/// Whether a pod with these labels has a proxy that speaks mutual TLS: injection labels it
+/// `security.meshctl.io/tlsMode: istio` (Istio's injector: `security.istio.io/tlsMode: istio`).
+pub fn is_meshed(labels: &BTreeMap<String, String>) -> bool {
+    [MESHED_POD_LABEL, ISTIO_MESHED_POD_LABEL]
+        .iter()
+        .any(|l| labels.get(*l).map(String::as_str) == Some(MESHED_POD_LABEL_VALUE))
+}
+
+/// The SPIFFE ID of a workload: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+/// Whether `td` can be a trust domain: lowercase letters, digits, `.`, `-` and `_` (the
+/// SPIFFE ID specification), not empty.
+pub fn valid_trust_domain(td: &str) -> bool {
+    !td.is_empty()
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn meshed_by_either_label_with_value_istio() {
+        assert!(is_meshed(&labels(&[(MESHED_POD_LABEL, "istio")])));
+        assert!(is_meshed(&labels(&[(ISTIO_MESHED_POD_LABEL, "istio")])));
+        assert!(!is_meshed(&labels(&[(MESHED_POD_LABEL, "disabled")])));
+        assert!(!is_meshed(&labels(&[("app", "web")])));
+    }
+
+    #[test]
+    fn identity_shape() {
+        assert_eq!(
+            spiffe_id("cluster.local", "shop", &service_account(Some(""))),
+            "spiffe://cluster.local/ns/shop/sa/default"
+        );
+        assert!(mesh_config::is_spiffe_id(&spiffe_id("td", "a", "b")));
+        assert!(valid_trust_domain("example.org"));
+        assert!(!valid_trust_domain("Example.org"));
+        assert!(!valid_trust_domain("a/b"));
+        assert!(!valid_trust_domain(""));
+    }
+}
