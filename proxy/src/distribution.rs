@@ -372,6 +372,8 @@ async fn stream_once(
             send(&ProxyMessage::Certificate {
                 identity: info.identity,
                 expires_at_unix: info.expires_at_unix,
+                root_sha256: info.root_sha256,
+                trust_bundle_sha256: info.trust_bundle_sha256,
             });
         }
     };

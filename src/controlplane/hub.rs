@@ -66,6 +66,10 @@ pub struct CertificateState {
     pub identity: String,
     /// `notAfter`, milliseconds since the Unix epoch.
     pub expires_at_ms: u64,
+    /// The root its chain leads to (SHA-256 of the DER, hex).
+    pub root_sha256: String,
+    /// The roots the proxy trusts.
+    pub trust_bundle_sha256: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -572,12 +576,16 @@ impl Hub {
             ProxyMessage::Certificate {
                 identity,
                 expires_at_unix,
+                root_sha256,
+                trust_bundle_sha256,
             } => {
-                tracing::debug!(id, %identity, expires_at_unix, "workload certificate");
+                tracing::debug!(id, %identity, expires_at_unix, %root_sha256, "workload certificate");
                 self.update(id, |p| {
                     p.certificate = Some(CertificateState {
                         identity,
                         expires_at_ms: expires_at_unix.saturating_mul(1000),
+                        root_sha256,
+                        trust_bundle_sha256,
                     });
                 });
             }

@@ -102,6 +102,13 @@ pub enum ProxyMessage {
         identity: String,
         /// `notAfter`, seconds since the Unix epoch.
         expires_at_unix: u64,
+        /// Lowercase hex SHA-256 of the root its chain leads to (root rotation waits for
+        /// every proxy to be on the new root).
+        #[serde(default)]
+        root_sha256: String,
+        /// Fingerprints of the roots the proxy trusts now.
+        #[serde(default)]
+        trust_bundle_sha256: Vec<String>,
     },
 }
 
