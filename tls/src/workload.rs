@@ -134,7 +134,7 @@ pub struct WorkloadCertificates {
     ttl: Option<Duration>,
     server: Arc<ServerConfig>,
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
-    /// Counts installed certificates, for whoever reports them.
+    /// Counts installed certificates and trust bundles, for whoever reports them.
     installed: tokio::sync::watch::Sender<u64>,
 }
 
@@ -186,7 +186,7 @@ impl WorkloadCertificates {
         self.current.load().as_ref().map(|c| c.identity.clone())
     }
 
-    /// Changes each time a new certificate is put in use.
+    /// Changes each time a new certificate or trust bundle is put in use.
     pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
         self.installed.subscribe()
     }
@@ -240,6 +240,7 @@ impl WorkloadCertificates {
             let bundle = TrustBundle::from_pem(pem)?;
             tracing::info!(roots = ?bundle.fingerprints(), "trust bundle updated");
             self.trust.store(Arc::new(bundle));
+            self.installed.send_modify(|n| *n += 1);
         }
         if !signing_root_sha256.is_empty() && **self.signing_root.load() != signing_root_sha256 {
             self.signing_root
