@@ -104,6 +104,7 @@ pub fn mesh(s: Scenario, port: u16, backends: [u16; 2]) -> c::ProxyConfig {
         mesh_identity: Default::default(),
         version: "bench".into(),
         listeners: vec![c::Listener {
+            passthrough_identities: Default::default(),
             mtls: Default::default(),
             name: "bench/http".into(),
             address: Some("127.0.0.1".into()),

@@ -93,6 +93,11 @@ pub struct Listener {
     /// destination are passed through to it unchanged (HTTP is still observed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<MeshService>,
+    /// `sidecarOutbound` only: destinations reached by passthrough (a pod IP dialed
+    /// directly) that are meshed pods, `ip:port` → the SPIFFE ID they must prove: reached
+    /// over mutual TLS like a mesh Service's endpoints. Others get plaintext.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub passthrough_identities: std::collections::BTreeMap<String, String>,
     /// `sidecarInbound` only: per-port settings of the local app (ports not listed are still
     /// forwarded, without a port limit).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

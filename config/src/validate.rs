@@ -208,6 +208,24 @@ impl ProxyConfig {
                 }
                 check_limit(&mut err, format!("{pp}.rateLimit"), &ip.rate_limit);
             }
+            for (dst, id) in &l.passthrough_identities {
+                let p = format!("{lp}.passthroughIdentities[{dst:?}]");
+                if l.kind != ListenerKind::SidecarOutbound {
+                    err(
+                        p.clone(),
+                        "only a sidecarOutbound listener passes through".into(),
+                    );
+                }
+                if dst.parse::<std::net::SocketAddr>().is_err() {
+                    err(p.clone(), format!("{dst:?} is not ip:port"));
+                }
+                if !crate::is_spiffe_id(id) {
+                    err(
+                        p,
+                        format!("{id:?} is not spiffe://<trust domain>/ns/<namespace>/sa/<name>"),
+                    );
+                }
+            }
             if l.mtls.is_some() && l.kind == ListenerKind::SidecarOutbound {
                 err(
                     format!("{lp}.mtls"),

@@ -494,6 +494,8 @@ pub struct ListenerTable {
     /// Mutual TLS from other proxies (sidecar inbound: unset is PERMISSIVE; gateway: unset
     /// takes none).
     pub mtls: Option<config::InboundMtls>,
+    /// Sidecar outbound: meshed pods dialed directly, and the identity each must prove.
+    passthrough_identities: HashMap<std::net::SocketAddr, Arc<SpiffeId>>,
 }
 
 /// One mesh Service port of a sidecar outbound listener, compiled.
@@ -536,6 +538,11 @@ impl ListenerTable {
     /// Sidecar inbound: the rate limit of an app port.
     pub fn inbound_limit(&self, port: u16) -> Option<&RateLimiter> {
         self.inbound_limits.get(&port)
+    }
+
+    /// Sidecar outbound: the identity of a meshed pod dialed directly.
+    pub fn passthrough_identity(&self, dst: std::net::SocketAddr) -> Option<&Arc<SpiffeId>> {
+        self.passthrough_identities.get(&dst)
     }
 }
 
@@ -662,6 +669,12 @@ impl RouteTable {
                 services,
                 inbound_limits,
                 mtls: l.mtls.clone(),
+                // Validation checked both sides of every entry.
+                passthrough_identities: l
+                    .passthrough_identities
+                    .iter()
+                    .filter_map(|(dst, id)| Some((dst.parse().ok()?, Arc::new(id.parse().ok()?))))
+                    .collect(),
             }));
         }
         Ok(RouteTable {
@@ -852,6 +865,7 @@ impl CompiledRoute {
         endpoint: std::net::SocketAddr,
         rate_limit: Option<RateLimiter>,
         connect_timeout: Duration,
+        identity: Option<Arc<SpiffeId>>,
     ) -> CompiledRoute {
         let upstream = Upstream {
             name: name.clone(),
@@ -861,7 +875,7 @@ impl CompiledRoute {
             protocol: UpstreamProtocol::Http1,
             connect_timeout,
             rate_limit: None,
-            identities: vec![None],
+            identities: vec![identity],
             next: AtomicUsize::new(0),
         };
         CompiledRoute {

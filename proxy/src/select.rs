@@ -41,6 +41,7 @@ pub fn destination(table: &ListenerTable, original_dst: Option<SocketAddr>) -> D
                 dst,
                 None,
                 Backend::default_connect_timeout(),
+                table.passthrough_identity(dst).cloned(),
             ))),
         },
         (ListenerKind::SidecarInbound, Some(dst)) => {
@@ -49,6 +50,7 @@ pub fn destination(table: &ListenerTable, original_dst: Option<SocketAddr>) -> D
                 SocketAddr::new(INBOUND_APP_IP, dst.port()),
                 table.inbound_limit(dst.port()).cloned(),
                 Backend::default_connect_timeout(),
+                None,
             )))
         }
         (_, None) => Destination::Unknown,

@@ -257,7 +257,7 @@ async fn serve_tcp(mut c: Conn, down: DownstreamIo, dst: SocketAddr) {
                 "passthrough".into(),
                 dst.to_string(),
                 Backend::default_connect_timeout(),
-                None,
+                st.table.passthrough_identity(dst).cloned(),
             ),
         },
     };

@@ -162,6 +162,7 @@ pub fn translate_sidecar(res: &Resources, o: &SidecarOptions) -> Translation {
 
     let outbound = Listener {
         mtls: Default::default(),
+        passthrough_identities: crate::translate::meshed_endpoints(&cx),
         name: OUTBOUND_LISTENER.into(),
         address: None,
         port: o.outbound_port,
@@ -175,6 +176,7 @@ pub fn translate_sidecar(res: &Resources, o: &SidecarOptions) -> Translation {
     };
     let inbound = Listener {
         mtls: (!mtls.is_default()).then_some(mtls),
+        passthrough_identities: Default::default(),
         name: INBOUND_LISTENER.into(),
         address: None,
         port: o.inbound_port,

@@ -199,6 +199,38 @@ fn meshed_endpoints_carry_their_pods_identity_in_sidecar_and_gateway_backends() 
         backend(&t.config, "shop/db:5432").mtls_identities,
         ids(&[("10.0.1.5:5432", "spiffe://cluster.local/ns/shop/sa/db")])
     );
+    // Dialed by pod IP (passthrough), the same pods are reached over mutual TLS too, on
+    // every port their EndpointSlices name; the others are not listed.
+    let outbound = t
+        .config
+        .listeners
+        .iter()
+        .find(|l| l.kind == mesh_config::ListenerKind::SidecarOutbound)
+        .unwrap();
+    for (endpoint, id) in ids(WEB_IDS) {
+        assert_eq!(
+            outbound.passthrough_identities.get(&endpoint),
+            Some(&id),
+            "{endpoint}"
+        );
+    }
+    assert_eq!(
+        outbound
+            .passthrough_identities
+            .get("10.0.1.5:5432")
+            .map(String::as_str),
+        Some("spiffe://cluster.local/ns/shop/sa/db")
+    );
+    for plain in web
+        .endpoints
+        .iter()
+        .filter(|e| !web.mtls_identities.contains_key(*e))
+    {
+        assert!(
+            !outbound.passthrough_identities.contains_key(plain),
+            "{plain} is not meshed"
+        );
+    }
     // The gateway originates mutual TLS to the same pods.
     let g = translate(&res, &TranslateOptions::default());
     g.config.validate().unwrap();

@@ -160,6 +160,40 @@ fn endpoints(
     (out, identities)
 }
 
+/// Every endpoint (`ip:port`, of every EndpointSlice port) that is a meshed pod, with the
+/// identity it proves: a sidecar reaches these over mutual TLS also when its app dials the
+/// pod's IP directly (passthrough), not through a Service.
+pub(crate) fn meshed_endpoints(cx: &Ctx<'_>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for s in &cx.res.endpoint_slices {
+        let ns = s
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(&cx.opts.default_namespace);
+        for ep in s.endpoints.iter().flatten() {
+            if ep.target_ref.is_none() {
+                continue;
+            }
+            for p in s.ports.iter().flatten() {
+                let Some(port) = p.port else { continue };
+                let Some(id) = endpoint_identity(cx, ns, ep, port) else {
+                    continue;
+                };
+                for addr in &ep.addresses {
+                    let key = if addr.contains(':') {
+                        format!("[{addr}]:{port}")
+                    } else {
+                        format!("{addr}:{port}")
+                    };
+                    out.insert(key, id.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The identity of an endpoint whose `targetRef` is a meshed pod (`Peers::identity`).
 fn endpoint_identity(cx: &Ctx<'_>, slice_ns: &str, ep: &Endpoint, port: i32) -> Option<String> {
     let t = ep.target_ref.as_ref()?;

@@ -81,6 +81,7 @@ pub(super) fn build_listeners(
             format!("port-{port}")
         };
         listeners.push(Listener {
+            passthrough_identities: Default::default(),
             mtls: Default::default(),
             name,
             address: None,

@@ -29,7 +29,7 @@ mod policies;
 mod routes;
 
 // The sidecar translation shares these steps.
-pub(crate) use backends::resolve_backend;
+pub(crate) use backends::{meshed_endpoints, resolve_backend};
 pub(crate) use mesh_options::access_log;
 pub(crate) use peer_authentication::{Peers, inbound_mtls, report_peer_authentications};
 pub(crate) use policies::fmt_labels;
