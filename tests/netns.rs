@@ -6,7 +6,8 @@
 //! where the test applies the Services, EndpointSlices, the mesh HTTPRoute and the EnvoyFilter
 //! with kubectl.
 //!
-//! Needs root, `ip` (iproute2), iptables, `setpriv`, `unshare` and `mount` (util-linux), and
+//! Needs root, `ip` (iproute2), iptables, `setpriv`, `unshare` and `mount` (util-linux),
+//! `tcpdump` (what crosses the veth between the pods), and
 //! the mesh-testenv binaries; `.ci/run` provides them. Without the tools the test fails,
 //! unless `MESHCTL_SKIP_NETNS=1`.
 //!
@@ -98,7 +99,17 @@ mod helper {
                                     .and_then(|v| v.to_str().ok())
                                     .unwrap_or("-")
                                     .to_string();
-                                let body = format!("{tag} {} x-route={route}", req.uri().path());
+                                // `/whoami`: who the mesh says called (the sidecar's
+                                // X-Forwarded-Client-Cert).
+                                let body = if req.uri().path() == "/whoami" {
+                                    req.headers()
+                                        .get("x-forwarded-client-cert")
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("-")
+                                        .to_string()
+                                } else {
+                                    format!("{tag} {} x-route={route}", req.uri().path())
+                                };
                                 Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(
                                     body,
                                 ))))
@@ -361,6 +372,7 @@ fn missing_prerequisites() -> Vec<String> {
         "setpriv",
         "unshare",
         "mount",
+        "tcpdump",
     ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -519,21 +531,21 @@ kind: EndpointSlice
 metadata: {name: server-v1-abc, namespace: demo, labels: {kubernetes.io/service-name: server-v1}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.200.1.2]}]
+endpoints: [{addresses: [10.200.1.2], targetRef: {kind: Pod, name: server-0, namespace: demo}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: server-v2-abc, namespace: demo, labels: {kubernetes.io/service-name: server-v2}}
 addressType: IPv4
 ports: [{name: http, port: 8081}]
-endpoints: [{addresses: [10.200.1.2]}]
+endpoints: [{addresses: [10.200.1.2], targetRef: {kind: Pod, name: server-0, namespace: demo}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: echo-abc, namespace: demo, labels: {kubernetes.io/service-name: echo}}
 addressType: IPv4
 ports: [{name: tcp-echo, port: 9000}]
-endpoints: [{addresses: [10.200.1.2]}]
+endpoints: [{addresses: [10.200.1.2], targetRef: {kind: Pod, name: server-0, namespace: demo}}]
 ---
 # GAMMA: a mesh route on the Service `server`: 80/20 split, a header filter, a timeout.
 apiVersion: gateway.networking.k8s.io/v1
@@ -550,7 +562,7 @@ spec:
         - {name: server-v2, port: 80, weight: 20}
       timeouts: {request: 5s}
 ---
-# The seed's kind of limit: Istio local rate limit in the sidecars' inbound, port 8082 only, for
+# The walkthrough's kind of limit: Istio local rate limit in the sidecars' inbound, port 8082 only, for
 # the pods labelled tier=server-tier (a label only the Pod object has, no Service selector).
 apiVersion: networking.istio.io/v1alpha3
 kind: EnvoyFilter
@@ -792,6 +804,7 @@ fn sidecars_in_network_namespaces() {
         "manifests/gateway-api/gatewayclasses.yaml",
         "manifests/gateway-api/referencegrants.yaml",
         "manifests/istio/envoyfilters.networking.istio.io.yaml",
+        "manifests/istio/peerauthentications.security.istio.io.yaml",
         "manifests/crds/ratelimitpolicies.policy.meshctl.io.yaml",
     ] {
         kubectl(
@@ -1234,6 +1247,131 @@ fn sidecars_in_network_namespaces() {
         (m50 - d50) / 2.0,
         (r50 - d50) / 2.0
     );
+
+    // 7. Mutual TLS between the pods, with nothing configured: each sidecar got a workload
+    //    certificate from the control plane's CA for its pod's service account.
+    let client_id = "spiffe://cluster.local/ns/demo/sa/client";
+    let server_id = "spiffe://cluster.local/ns/demo/sa/server";
+    let sm = server.app.metrics(15090);
+    assert!(
+        counter(
+            &sm,
+            "mesh_mtls_requests_total",
+            &[&format!("source_principal=\"{client_id}\"")]
+        ) >= 300,
+        "the server's sidecar saw no mutual TLS from the client:\n{sm}\n{}",
+        show_logs()
+    );
+    // The app learns who called (Istio's X-Forwarded-Client-Cert), by pod IP and by Service.
+    for target in [format!("{SERVER_IP}:8080"), split_svc.clone()] {
+        let who = client.app.http(&target, "/whoami", 1);
+        let xfcc = who.bodies.keys().next().cloned().unwrap_or_default();
+        assert!(
+            xfcc.starts_with(&format!("By={server_id};Hash="))
+                && xfcc.ends_with(&format!(";URI={client_id}")),
+            "{target}: {who:?}"
+        );
+    }
+    // On the wire between the pods: TLS only, no request line, header or body in the clear.
+    // Every packet on the server pod's side of the veth, payload printed as text.
+    let capture = dir.path().join("pods.txt");
+    let capture_err = dir.path().join("tcpdump.log");
+    let mut dump = Command::new("ip")
+        .args([
+            "netns", "exec", &sns, "tcpdump", "-i", "eth0", "-n", "-l", "-A", "-s", "0",
+        ])
+        .arg("tcp")
+        .stdout(std::fs::File::create(&capture).unwrap())
+        .stderr(std::fs::File::create(&capture_err).unwrap())
+        .spawn()
+        .unwrap();
+    eventually(10, "tcpdump to start", || {
+        std::fs::read_to_string(&capture_err)
+            .ok()
+            .filter(|l| l.contains("listening on"))
+            .map(|_| ())
+    });
+    let canary = "wire-canary-7d1f";
+    let by_ip = client
+        .app
+        .http(&format!("{SERVER_IP}:8080"), &format!("/{canary}"), 5);
+    let by_svc = client.app.http(&split_svc, &format!("/{canary}"), 5);
+    assert_eq!(by_ip.statuses.get("200"), Some(&5), "{by_ip:?}");
+    assert_eq!(by_svc.statuses.get("200"), Some(&5), "{by_svc:?}");
+    let echoed = client
+        .app
+        .cmd(&format!("tcp {SERVER_IP}:9000 {canary}-tcp"));
+    assert_eq!(echoed["echo"], format!("{canary}-tcp"));
+    std::thread::sleep(Duration::from_millis(1000));
+    run(Command::new("kill").args(["-INT", &dump.id().to_string()]));
+    let _ = dump.wait();
+    let text = std::fs::read_to_string(&capture).unwrap();
+    let packets = text
+        .lines()
+        .filter(|l| l.contains(&format!("{CLIENT_IP}.")) && l.contains(" > "))
+        .count();
+    assert!(
+        packets >= 20,
+        "only {packets} packets from the client pod captured:\n{text}\n{}",
+        std::fs::read_to_string(&capture_err).unwrap_or_default()
+    );
+    for plain in [canary, "HTTP/1.1", "x-route", "user-agent", "host:"] {
+        assert!(
+            !text
+                .to_ascii_lowercase()
+                .contains(&plain.to_ascii_lowercase()),
+            "{plain:?} crossed the veth in plaintext"
+        );
+    }
+    // A client outside the mesh (the node, plaintext): served under the default PERMISSIVE,
+    // refused once the namespace's PeerAuthentication says STRICT; the meshed client and the
+    // kubelet's probes still get through.
+    let node_plain = || -> String {
+        use std::io::Read;
+        let Ok(mut s) = std::net::TcpStream::connect("10.201.2.2:8080") else {
+            return String::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = write!(
+            s,
+            "GET / HTTP/1.1\r\nhost: server\r\nconnection: close\r\n\r\n"
+        );
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let plain = node_plain();
+    assert!(plain.starts_with("HTTP/1.1 200"), "PERMISSIVE: {plain:?}");
+    kubectl_apply(
+        env,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: default, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n",
+    );
+    eventually(30, "STRICT to reach the server's sidecar", || {
+        node_plain().is_empty().then_some(())
+    });
+    let strict = client.app.http(&format!("{SERVER_IP}:8080"), "/", 20);
+    assert_eq!(strict.statuses.get("200"), Some(&20), "{strict:?}");
+    let ready = node_get("/app-health/server/readyz");
+    assert!(
+        ready.starts_with("HTTP/1.1 200"),
+        "probe under STRICT: {ready}"
+    );
+    // proxy-status shows each sidecar's SPIFFE ID and certificate expiry.
+    let status = run(Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["proxy-status", "--control-plane-admin"])
+        .arg(format!("http://127.0.0.1:{admin_port}")));
+    for (pod, id) in [
+        ("sidecar demo/client-0", client_id),
+        ("sidecar demo/server-0", server_id),
+    ] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(pod) && l.contains(id) && l.contains(" in 23h")),
+            "{pod} without its identity or certificate expiry:\n{status}"
+        );
+    }
 
     // Cleanup: rules removed by the same subcommand, then everything else by the guard.
     for ns in [&cns, &sns] {

@@ -209,7 +209,10 @@ pub fn inject_template(
     // Labels and annotations: only add what is absent, record what we added.
     let labels = meta.labels.get_or_insert_with(BTreeMap::new);
     if !labels.contains_key(template::TLS_MODE_LABEL) {
-        labels.insert(template::TLS_MODE_LABEL.into(), "mesh".into());
+        labels.insert(
+            template::TLS_MODE_LABEL.into(),
+            mesh_wire::names::MESHED_POD_LABEL_VALUE.into(),
+        );
         status.labels.push(template::TLS_MODE_LABEL.into());
     }
     let ann = meta.annotations.get_or_insert_with(BTreeMap::new);

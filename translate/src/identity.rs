@@ -9,9 +9,8 @@ pub use mesh_wire::names::MESHED_POD_LABEL;
 
 /// Istio's label on pods injected by Istio's sidecar injector.
 pub const ISTIO_MESHED_POD_LABEL: &str = "security.istio.io/tlsMode";
-/// The value of [`MESHED_POD_LABEL`] / [`ISTIO_MESHED_POD_LABEL`] on a pod whose proxy speaks
-/// mutual TLS (Istio's; `disabled` opts a pod out).
-pub const MESHED_POD_LABEL_VALUE: &str = "istio";
+/// The value of [`ISTIO_MESHED_POD_LABEL`] on a pod whose proxy speaks mutual TLS.
+pub const ISTIO_MESHED_POD_LABEL_VALUE: &str = "istio";
 /// The service account of a pod whose `spec.serviceAccountName` is empty.
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// The trust domain of workload identities unless the install profile says otherwise.
@@ -50,11 +49,15 @@ pub fn service_account(name: Option<&str>) -> String {
 }
 
 /// Whether a pod with these labels has a proxy that speaks mutual TLS: injection labels it
-/// `security.meshctl.io/tlsMode: istio` (Istio's injector: `security.istio.io/tlsMode: istio`).
+/// `security.meshctl.io/tlsMode: mesh` (any value but `disabled`); Istio's injector
+/// `security.istio.io/tlsMode: istio`.
 pub fn is_meshed(labels: &BTreeMap<String, String>) -> bool {
-    [MESHED_POD_LABEL, ISTIO_MESHED_POD_LABEL]
-        .iter()
-        .any(|l| labels.get(*l).map(String::as_str) == Some(MESHED_POD_LABEL_VALUE))
+    use mesh_wire::names::MESHED_POD_LABEL_DISABLED;
+    labels
+        .get(MESHED_POD_LABEL)
+        .is_some_and(|v| v != MESHED_POD_LABEL_DISABLED)
+        || labels.get(ISTIO_MESHED_POD_LABEL).map(String::as_str)
+            == Some(ISTIO_MESHED_POD_LABEL_VALUE)
 }
 
 /// The SPIFFE ID of a workload: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
@@ -84,6 +87,11 @@ mod tests {
     #[test]
     fn meshed_by_either_label_with_value_istio() {
         assert!(is_meshed(&labels(&[(MESHED_POD_LABEL, "istio")])));
+        assert!(is_meshed(&labels(&[(
+            MESHED_POD_LABEL,
+            mesh_wire::names::MESHED_POD_LABEL_VALUE
+        )])));
+        assert!(!is_meshed(&labels(&[(ISTIO_MESHED_POD_LABEL, "disabled")])));
         assert!(is_meshed(&labels(&[(ISTIO_MESHED_POD_LABEL, "istio")])));
         assert!(!is_meshed(&labels(&[(MESHED_POD_LABEL, "disabled")])));
         assert!(!is_meshed(&labels(&[("app", "web")])));

@@ -12,10 +12,11 @@ use serde_json::Value;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::identity::{MESHED_POD_LABEL, MESHED_POD_LABEL_VALUE, MeshedPod};
+use crate::identity::{MESHED_POD_LABEL, MeshedPod};
 use crate::resources::{Resources, ns_name, pod_key};
 use crate::typed::from_value;
 use crate::{FieldProblem, Warning, validate};
+use mesh_wire::names::MESHED_POD_LABEL_VALUE;
 
 /// How files are read.
 #[derive(Debug, Clone)]

@@ -13,6 +13,11 @@ pub const INIT_CONTAINER: &str = "mesh-init";
 
 /// The label injection puts on meshed pods; the control plane watches pods by it.
 pub const MESHED_POD_LABEL: &str = "security.meshctl.io/tlsMode";
+/// The value injection gives [`MESHED_POD_LABEL`]: the pod's proxy speaks mutual TLS. Any
+/// value but [`MESHED_POD_LABEL_DISABLED`] counts (Istio's `istio` too).
+pub const MESHED_POD_LABEL_VALUE: &str = "mesh";
+/// The value of [`MESHED_POD_LABEL`] that opts a pod's proxy out of mutual TLS.
+pub const MESHED_POD_LABEL_DISABLED: &str = "disabled";
 /// The annotation injection writes: what it added, so it can be undone or redone.
 pub const STATUS_ANNOTATION: &str = "sidecar.meshctl.io/status";
 /// The Gateway API label on a gateway's Deployment, pods and Service: the Gateway's name.
