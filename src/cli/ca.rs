@@ -262,6 +262,10 @@ fn progress_line(
     new: &str,
 ) -> String {
     let head = format!("phase {phase}: waiting for {}", phase.waits_for());
+    if phase == Phase::Requested {
+        // No new root yet: nothing to count.
+        return head;
+    }
     match proxies {
         Err(e) => format!("{head}; proxies unknown ({e:#})"),
         Ok(list) => {

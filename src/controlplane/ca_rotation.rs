@@ -558,6 +558,8 @@ impl CaFollower {
         );
         // The last Secret (name, resourceVersion) whose CA was looked at.
         let mut seen: Option<(String, String)> = None;
+        // The mesh-ca-secret version whose rotation request was refused in the log.
+        let mut warned_plugin: Option<String> = None;
         loop {
             tokio::select! {
                 _ = wake.notified() => {}
@@ -599,13 +601,16 @@ impl CaFollower {
             }
             match (&plugin, &ours) {
                 (None, Some(ours)) => self.rotate(&api, ours).await,
-                (Some(_), Some(ours)) => {
-                    if RotationState::of(ours).is_ok_and(|s| s.in_progress()) {
+                (Some(_), Some(ours)) if RotationState::of(ours).is_ok_and(|s| s.in_progress()) => {
+                    // Said once per request, not every second.
+                    let rv = ours.metadata.resource_version.clone();
+                    if warned_plugin != rv {
                         tracing::warn!(
                             namespace = %self.namespace,
                             "a rotation of {MESH_CA_SECRET} is asked for, but the mesh CA is the \
                              user's {PLUGIN_CA_SECRET}: rotate it by updating {PLUGIN_CA_SECRET}"
                         );
+                        warned_plugin = rv;
                     }
                 }
                 _ => {}
@@ -774,7 +779,7 @@ mod tests {
 
         // remove: the old root leaves the bundle.
         assert_eq!(RotationState::of(&s).unwrap().phase, Some(Phase::Remove));
-        assert_eq!(roots_of(&s), [new.clone()]);
+        assert_eq!(roots_of(&s), std::slice::from_ref(&new));
         assert!(step(&s, "mesh-system", &moved).unwrap().is_none());
         let s = step(
             &s,
