@@ -374,7 +374,7 @@ async fn the_root_rotates_in_one_command_while_workloads_keep_talking() {
             .await
         }
     };
-    let (ok, out, err) = rotate("5s").await;
+    let (ok, out, err) = rotate("10s").await;
     assert!(!ok, "{out}{err}");
     assert!(out.contains("rotation requested"), "{out}");
     assert!(
@@ -382,7 +382,7 @@ async fn the_root_rotates_in_one_command_while_workloads_keep_talking() {
         "{out}"
     );
     assert!(
-        err.contains("timed out after 5s in phase add")
+        err.contains("timed out after 10s in phase add")
             && err.contains(&format!("not there yet: sidecar {ns}/app-b"))
             && err.contains("run `meshctl ca rotate` again"),
         "{err}"
