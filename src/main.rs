@@ -26,6 +26,8 @@ enum Command {
     ControlPlane(Box<cli::control_plane::ControlPlaneArgs>),
     /// Show every proxy connected to the control plane and its config sync state.
     ProxyStatus(cli::proxy_status::ProxyStatusArgs),
+    /// The mesh CA: its roots (`status`), and replacing the root in one command (`rotate`).
+    Ca(cli::ca::CaArgs),
     /// Render the install manifests.
     Manifest(cli::manifest::ManifestArgs),
     /// Install or upgrade the mesh (server-side apply; prunes what the profile no longer has).
@@ -64,6 +66,7 @@ fn main() -> std::process::ExitCode {
         Command::Inject(args) => cli::inject::run(args),
         Command::ControlPlane(args) => cli::control_plane::run(*args),
         Command::ProxyStatus(args) => cli::proxy_status::run(args),
+        Command::Ca(args) => cli::ca::run(args),
         Command::Manifest(args) => cli::manifest::run(args),
         Command::Install(args) => cli::install::install(args),
         Command::VerifyInstall(args) => cli::install::verify(args),

@@ -1,5 +1,6 @@
 //! Subcommand handlers (the anyhow edge of the program).
 
+pub mod ca;
 pub mod config_args;
 pub mod control_plane;
 pub mod demo;

@@ -41,7 +41,8 @@ pub fn run(args: ProxyStatusArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn fetch(base: &str) -> Result<String> {
+/// The body of `GET <base>/debug/proxies`.
+pub async fn fetch(base: &str) -> Result<String> {
     let url = format!("{}/debug/proxies", base.trim_end_matches('/'));
     let uri: http::Uri = url.parse().with_context(|| format!("{url:?}"))?;
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();

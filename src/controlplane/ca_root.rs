@@ -3,7 +3,8 @@
 //! (key `root-cert.pem`) in every namespace, as Istio does with `istio-ca-root-cert`: injected
 //! sidecars mount it (`MESH_CA_ROOT_PATH`, the injection config's `caRootConfigMap`), gateway
 //! Deployments too. Written with server-side apply; a namespace created later gets it on the
-//! next pass (every world change and every 30 s).
+//! next pass (every world change and every 30 s), and every namespace gets it again when the
+//! mesh CA's roots change (a rotation).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -56,6 +57,16 @@ impl CaPublisher {
             ca_pem,
             written: HashMap::new(),
             last_pass: None,
+        }
+    }
+
+    /// The text to publish from now on; a change is written into every namespace again, at
+    /// once (a root rotation must reach workloads without waiting).
+    pub fn set_ca_pem(&mut self, ca_pem: String) {
+        if ca_pem != self.ca_pem {
+            self.ca_pem = ca_pem;
+            self.written.clear();
+            self.last_pass = None;
         }
     }
 

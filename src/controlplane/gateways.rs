@@ -66,8 +66,9 @@ pub struct GatewayDeploymentOptions {
     pub pod_labels: BTreeMap<String, String>,
     /// Audience of the projected token gateway pods present (`--proxy-token-audience`).
     pub token_audience: String,
-    /// The CA PEM for [`CA_CONFIGMAP`] (none: not written).
-    pub ca_pem: Option<String>,
+    /// The CA PEM for [`CA_CONFIGMAP`] (none: not written); it changes when the mesh CA's
+    /// roots do (a rotation), and the next apply writes the new text.
+    pub ca_pem: Option<tokio::sync::watch::Receiver<String>>,
 }
 
 /// A Gateway of one of our classes.
@@ -247,7 +248,7 @@ pub fn desired(
         ),
     ];
     if let Some(ca) = &options.ca_pem {
-        out.push(("ConfigMap", super::ca_root::config_map(&ns, ca)));
+        out.push(("ConfigMap", super::ca_root::config_map(&ns, &ca.borrow())));
     }
     out
 }

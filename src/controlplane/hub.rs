@@ -119,10 +119,10 @@ pub struct Hub {
     proxies: Mutex<BTreeMap<u64, ProxyState>>,
     next_id: AtomicU64,
     metrics: DistributionMetrics,
-    /// Issues workload certificates; `None`: this server issues none.
-    mesh_ca: Option<Arc<MeshCa>>,
-    /// The trust bundle every snapshot carries.
-    mesh_identity: Option<Arc<MeshIdentity>>,
+    /// Issues workload certificates, and its trust bundle goes in every snapshot; `None`:
+    /// this server issues none. The CA in use changes while the server runs (a root
+    /// rotation, an updated `cacerts`: `ca_rotation`).
+    mesh_ca: Option<watch::Receiver<Arc<MeshCa>>>,
 }
 
 /// How long a certificate request's body may take to arrive.
@@ -154,9 +154,18 @@ impl Hub {
         auth: ProxyAuth,
         mesh_ca: Option<Arc<MeshCa>>,
     ) -> Arc<Hub> {
-        let mesh_identity = mesh_ca
-            .as_ref()
-            .map(|ca| Arc::new(ca.mesh_identity().clone()));
+        Hub::with_changing_mesh_ca(world, options, auth, mesh_ca.map(|ca| watch::channel(ca).1))
+    }
+
+    /// A server that issues from the CA `mesh_ca` holds now, and puts its trust bundle in
+    /// every snapshot. A change of CA reaches proxies with the next world (the one who
+    /// changes it publishes one).
+    pub fn with_changing_mesh_ca(
+        world: watch::Receiver<Option<Arc<World>>>,
+        options: TranslateOptions,
+        auth: ProxyAuth,
+        mesh_ca: Option<watch::Receiver<Arc<MeshCa>>>,
+    ) -> Arc<Hub> {
         Arc::new(Hub {
             world,
             options,
@@ -165,8 +174,17 @@ impl Hub {
             next_id: AtomicU64::new(1),
             metrics: DistributionMetrics::default(),
             mesh_ca,
-            mesh_identity,
         })
+    }
+
+    /// The CA in use now.
+    fn current_ca(&self) -> Option<Arc<MeshCa>> {
+        self.mesh_ca.as_ref().map(|rx| rx.borrow().clone())
+    }
+
+    /// The trust bundle snapshots carry now.
+    fn mesh_identity(&self) -> Option<Arc<MeshIdentity>> {
+        self.current_ca().map(|ca| ca.shared_identity())
     }
 
     /// Translation and push counters (`/metrics`).
@@ -463,7 +481,7 @@ impl Hub {
         if req.method() != http::Method::POST {
             return refuse(StatusCode::METHOD_NOT_ALLOWED, "use POST".into());
         }
-        let Some(ca) = self.mesh_ca.clone() else {
+        let Some(ca) = self.current_ca() else {
             return refuse(
                 StatusCode::NOT_FOUND,
                 "this control plane runs without a mesh CA".into(),
@@ -614,7 +632,7 @@ impl Hub {
                 let pending = tokio::task::spawn_blocking(move || {
                     world
                         .prepare(&node2, instances, &hub.options)
-                        .with_mesh_identity(hub.mesh_identity.clone())
+                        .with_mesh_identity(hub.mesh_identity())
                 })
                 .await
                 .expect("finding a config does not panic");

@@ -16,9 +16,15 @@
 //! The roots reach workloads three ways: in every issued certificate's answer, in every
 //! config snapshot (`ProxyConfig.meshIdentity`), and appended to the ConfigMap
 //! `mesh-ca-root-cert` in every namespace (after the CA that verifies the control plane).
+//!
+//! While it runs, the control plane follows both Secrets (`ca_rotation`): a `cacerts` the user
+//! updates (their own rotation: both roots in `root-cert.pem`, then the new signer), created
+//! or deleted, and the phases of `meshctl ca rotate` in `mesh-ca-secret`, are picked up and
+//! pushed to every proxy at once.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -115,7 +121,7 @@ pub fn valid_trust_domain(td: &str) -> bool {
 pub struct MeshCa {
     ca: CertificateAuthority,
     options: MeshCaOptions,
-    identity: MeshIdentity,
+    identity: Arc<MeshIdentity>,
 }
 
 impl std::fmt::Debug for MeshCa {
@@ -142,10 +148,10 @@ pub enum Refused {
 
 impl MeshCa {
     pub fn new(ca: CertificateAuthority, options: MeshCaOptions) -> MeshCa {
-        let identity = MeshIdentity {
+        let identity = Arc::new(MeshIdentity {
             trust_bundle_pem: ca.trust_bundle_pem(),
             signing_root_sha256: ca.signing_root_sha256(),
-        };
+        });
         MeshCa {
             ca,
             options,
@@ -190,6 +196,11 @@ impl MeshCa {
     /// What every config snapshot carries.
     pub fn mesh_identity(&self) -> &MeshIdentity {
         &self.identity
+    }
+
+    /// [`mesh_identity`](Self::mesh_identity), shared (what the hub puts in snapshots).
+    pub fn shared_identity(&self) -> Arc<MeshIdentity> {
+        self.identity.clone()
     }
 
     /// The lifetime to issue for a request: the default when it asks for none, at most the

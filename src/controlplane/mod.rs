@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod auth;
 pub mod ca_root;
+pub mod ca_rotation;
 pub mod certs;
 pub mod gateways;
 pub mod hub;
@@ -72,25 +73,18 @@ pub async fn run(
         )),
         None => None,
     };
-    // What proxies trust, published in every namespace: the CA that verifies the control
-    // plane first (proxies that read only the first certificate keep working), then the
-    // mesh's roots, for workloads that verify their peers.
-    let root_cert_pem = match &mesh_ca {
-        Some(ca) => format!(
-            "{}{}{}",
-            tls.ca_pem,
-            if tls.ca_pem.ends_with('\n') { "" } else { "\n" },
-            ca.mesh_identity().trust_bundle_pem
-        ),
-        None => tls.ca_pem.clone(),
-    };
+    // The CA in use; it changes while the control plane runs (ca_rotation).
+    let mesh_ca = mesh_ca.map(tokio_watch::channel);
+    let published_roots = root_cert_pem(&tls.ca_pem, mesh_ca.as_ref().map(|(_, rx)| rx));
+    // What gateway Deployments write into their namespace's ConfigMap follows it too.
+    let published_tx = tokio_watch::Sender::new(published_roots.clone());
     let listener = tokio::net::TcpListener::bind(config.distribution_addr)
         .await
         .with_context(|| format!("binding {}", config.distribution_addr))?;
     tracing::info!(addr = %listener.local_addr()?, ca = %tls.ca_path.display(), "config distribution listening (TLS, HTTP/2)");
 
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
-    let (stores, pending) = watch::start(&client, changes_tx);
+    let (stores, pending) = watch::start(&client, changes_tx.clone());
     let (world_tx, world_rx) = tokio_watch::channel(None);
     tokio::spawn(watch::publish_worlds(
         stores,
@@ -108,7 +102,30 @@ pub async fn run(
             auth::ProxyAuth::Disabled
         }
     };
-    let hub = Hub::with_mesh_ca(world_rx.clone(), config.translate.clone(), auth, mesh_ca);
+    let (ca_tx, ca_rx) = match mesh_ca {
+        Some((tx, rx)) => (Some(tx), Some(rx)),
+        None => (None, None),
+    };
+    let hub = Hub::with_changing_mesh_ca(
+        world_rx.clone(),
+        config.translate.clone(),
+        auth,
+        ca_rx.clone(),
+    );
+    // The CA Secrets are followed: an updated cacerts, and `meshctl ca rotate`'s phases.
+    if let (Some(ca), Some(options)) = (ca_tx, config.mesh_ca.clone())
+        && let mesh_ca::CaSource::Kubernetes { namespace } = &options.source
+    {
+        let follower = ca_rotation::CaFollower {
+            client: client.clone(),
+            namespace: namespace.clone(),
+            options: options.clone(),
+            ca,
+            hub: hub.clone(),
+            world_changed: changes_tx.clone(),
+        };
+        tokio::spawn(follower.run(shutdown.clone()));
+    }
     if let Some(addr) = config.admin_addr {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -120,7 +137,7 @@ pub async fn run(
     // Gateway Deployments: a controller of their own, driven by the Gateways and by what it
     // owns, so drift of a generated object is repaired at once.
     if let Some(mut g) = config.gateway_deployments.clone() {
-        g.ca_pem = Some(root_cert_pem.clone());
+        g.ca_pem = Some(published_tx.subscribe());
         tokio::spawn(gateways::run(
             client.clone(),
             g,
@@ -134,8 +151,9 @@ pub async fn run(
         let client = client.clone();
         let options = config.translate.clone();
         let mut status = config.write_status.then(status::StatusWriter::default);
-        let mut ca_root = ca_root::CaPublisher::new(client.clone(), root_cert_pem);
+        let mut ca_root = ca_root::CaPublisher::new(client.clone(), published_roots);
         let shutdown = shutdown.clone();
+        let tls_ca_pem = tls.ca_pem.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));
             loop {
@@ -144,6 +162,14 @@ pub async fn run(
                     _ = tick.tick() => {}
                     _ = shutdown.cancelled() => return,
                 }
+                // A changed CA comes with a new world: its roots go to every namespace again.
+                let roots = root_cert_pem(&tls_ca_pem, ca_rx.as_ref());
+                published_tx.send_if_modified(|p| {
+                    let changed = *p != roots;
+                    p.clone_from(&roots);
+                    changed
+                });
+                ca_root.set_ca_pem(roots);
                 ca_root.publish().await;
                 let Some(world) = world_rx.borrow_and_update().clone() else {
                     continue;
@@ -162,4 +188,26 @@ pub async fn run(
     )
     .await;
     Ok(())
+}
+
+/// What proxies trust, published in every namespace: the CA that verifies the control plane
+/// first (proxies that read only the first certificate keep working), then the mesh's roots,
+/// for workloads that verify their peers.
+fn root_cert_pem(
+    distribution_ca_pem: &str,
+    mesh_ca: Option<&tokio_watch::Receiver<std::sync::Arc<mesh_ca::MeshCa>>>,
+) -> String {
+    match mesh_ca {
+        Some(ca) => format!(
+            "{}{}{}",
+            distribution_ca_pem,
+            if distribution_ca_pem.ends_with('\n') {
+                ""
+            } else {
+                "\n"
+            },
+            ca.borrow().mesh_identity().trust_bundle_pem
+        ),
+        None => distribution_ca_pem.to_string(),
+    }
 }

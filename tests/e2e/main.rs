@@ -2,6 +2,7 @@
 //! controller-manager, scheduler, kwok) started by `mesh-testenv`. One environment is shared
 //! by every test in this binary; each test works in a namespace of its own.
 
+mod ca_rotation;
 mod control_plane;
 mod gateway_controlplane;
 mod gateway_drift;

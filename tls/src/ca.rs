@@ -247,6 +247,11 @@ fn rfc3339(secs: i64) -> String {
     )
 }
 
+/// `secs` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC), for messages and annotations.
+pub fn format_unix_utc(secs: i64) -> String {
+    rfc3339(secs)
+}
+
 /// A random positive 16-byte serial number.
 fn random_serial() -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
@@ -831,6 +836,43 @@ fn leaf_params(
     params.not_before = datetime(not_before);
     params.not_after = datetime(not_after);
     Ok(params)
+}
+
+/// What a certificate is, for people (`meshctl ca status`): its fingerprint, subject and
+/// expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSummary {
+    /// Lowercase hex SHA-256 of the DER.
+    pub sha256: String,
+    pub subject: String,
+    /// `notAfter`, seconds since the Unix epoch.
+    pub not_after_unix: i64,
+    /// The certificate, PEM.
+    pub pem: String,
+}
+
+impl CertificateSummary {
+    /// `notAfter` as `YYYY-MM-DDTHH:MM:SSZ`.
+    pub fn not_after(&self) -> String {
+        rfc3339(self.not_after_unix)
+    }
+}
+
+/// Every certificate of a PEM text (a trust bundle), summarized; `origin` names the text in
+/// errors.
+pub fn summarize_pem(pem: &str, origin: &str) -> Result<Vec<CertificateSummary>, CaError> {
+    Ok(parse_certs(pem, origin)?
+        .iter()
+        .map(|der| {
+            let c = x509(der);
+            CertificateSummary {
+                sha256: sha256_hex(der),
+                subject: c.subject().to_string(),
+                not_after_unix: c.validity().not_after.timestamp(),
+                pem: pem_of(der),
+            }
+        })
+        .collect())
 }
 
 fn pem_of(der: &CertificateDer<'_>) -> String {
