@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::StatusCode;
 use mesh_proxy::config::ProxyConfig;
 use mesh_proxy::{Proxy, ProxyHandle, ProxyOptions};
 use mesh_tls::ca::CertificateAuthority;
@@ -81,10 +82,9 @@ impl PlaintextAnswer {
         match self {
             PlaintextAnswer::Refused => "refused: connection closed, no response".to_string(),
             PlaintextAnswer::Answered(line) => format!("answered: {line}"),
-            PlaintextAnswer::NoAnswer => format!(
-                "no answer within {}s, connection left open",
-                WAIT.as_secs()
-            ),
+            PlaintextAnswer::NoAnswer => {
+                format!("no answer within {}s, connection left open", WAIT.as_secs())
+            }
         }
     }
 }
@@ -292,9 +292,7 @@ async fn negotiate(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .ok_or_else(|| fail("the server presented no certificate".into()))
-        .and_then(|leaf| {
-            mesh_tls::identity::identity_of(leaf).map_err(|e| fail(e.to_string()))
-        })?
+        .and_then(|leaf| mesh_tls::identity::identity_of(leaf).map_err(|e| fail(e.to_string())))?
         .to_string();
     // A clean close (close_notify), so the server sidecar sees a finished connection.
     let _ = tls.shutdown().await;
@@ -401,15 +399,20 @@ pub(super) async fn run(
         "     mesh CA: a fresh self-signed root, sha256 {}",
         &root_sha256[..root_sha256.len().min(16)]
     )?;
+    let width = client.id.to_string().len().max(server.id.to_string().len());
     writeln!(
         out,
-        "     {:<9} {}  sidecar outbound http://{} (plaintext, loopback)",
-        client.service, client.id, client.listener
+        "     {:<9} {:<width$}  sidecar outbound http://{} (plaintext, loopback)",
+        client.service,
+        client.id.to_string(),
+        client.listener
     )?;
     writeln!(
         out,
-        "     {:<9} {}  sidecar inbound  {} (mutual TLS, STRICT) -> http://{server_app}",
-        server.service, server.id, server.listener
+        "     {:<9} {:<width$}  sidecar inbound  {} (mutual TLS, STRICT) -> http://{server_app}",
+        server.service,
+        server.id.to_string(),
+        server.listener
     )?;
 
     // The client app calls the server through its sidecar, in plaintext as apps do.
@@ -419,10 +422,11 @@ pub(super) async fn run(
         client.listener
     )?;
     let (status, _, body) = get(client.listener, WHOAMI_PATH).await?;
-    let xfcc = String::from_utf8_lossy(&body)
-        .lines()
-        .last()
-        .map(str::to_string)
+    let body = String::from_utf8_lossy(&body);
+    // Only the app's own answer carries what it received; anything else is the proxy's.
+    let xfcc = (status == StatusCode::OK)
+        .then(|| body.lines().last().map(str::to_string))
+        .flatten()
         .filter(|l| !l.is_empty());
     let fields = xfcc.as_deref().map(xfcc_fields).unwrap_or_default();
     let client_id_seen = xfcc_field(&fields, "URI");
@@ -430,8 +434,18 @@ pub(super) async fn run(
     let client_hash = leaf_sha256(&client.certs);
     let xfcc_hash_is_client_certificate =
         client_hash.is_some() && xfcc_field(&fields, "Hash") == client_hash;
-    writeln!(out, "     {} {}", status.as_u16(), status.canonical_reason().unwrap_or(""))?;
+    writeln!(
+        out,
+        "     {} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )?;
     match &xfcc {
+        _ if status != StatusCode::OK => writeln!(
+            out,
+            "     {}: the request did not reach {server_service}",
+            body.trim()
+        )?,
         Some(value) => {
             writeln!(
                 out,
@@ -480,19 +494,28 @@ pub(super) async fn run(
     )?;
     writeln!(
         out,
-        "     the sidecars negotiated {}, key exchange {}",
+        "     the sidecars negotiated {}, key exchange {} (a handshake made as {client_service}'s sidecar makes them)",
         negotiated.version, negotiated.group
     )?;
 
     writeln!(
         out,
-        "10. a plaintext client straight to {server_service}'s sidecar, claiming to be {client_service}: curl http://{}{WHOAMI_PATH}",
+        "10. STRICT: a plaintext client dials {server_service}'s sidecar itself, claiming to be {client_service}"
+    )?;
+    writeln!(
+        out,
+        "     curl -H 'X-Forwarded-Client-Cert: URI={client_id}' http://{}{WHOAMI_PATH}",
         server.listener
     )?;
     let plaintext_direct = plaintext_request(server.listener, &client_id.to_string()).await?;
-    writeln!(out, "     {}", plaintext_direct.describe())?;
+    writeln!(
+        out,
+        "     {} (through {client_service}'s sidecar: {})",
+        plaintext_direct.describe(),
+        status.as_u16()
+    )?;
     if let Some(line) = refused_metric(&server.sidecar) {
-        writeln!(out, "     {server_service}'s sidecar: {line}")?;
+        writeln!(out, "     {server_service}'s sidecar counted it: {line}")?;
     }
 
     client.sidecar.shutdown(Duration::from_secs(1)).await;
@@ -524,7 +547,10 @@ mod tests {
         );
         assert_eq!(xfcc_field(&fields, "By").as_deref(), Some("spiffe://b"));
         assert_eq!(xfcc_field(&fields, "URI").as_deref(), Some("spiffe://c"));
-        assert_eq!(xfcc_field(&fields, "Subject").as_deref(), Some("CN=x;O=y,z"));
+        assert_eq!(
+            xfcc_field(&fields, "Subject").as_deref(),
+            Some("CN=x;O=y,z")
+        );
         assert_eq!(xfcc_field(&fields, "Hash").as_deref(), Some("ab12"));
         assert!(xfcc_fields("").is_empty());
     }
