@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use meshctl::demo::{DemoOptions, run};
+use meshctl::demo::{DemoApp, DemoOptions, PlaintextAnswer, WHOAMI_PATH, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_reproduces_the_walkthrough_results() {
@@ -55,6 +55,88 @@ async fn demo_reproduces_the_walkthrough_results() {
     assert_eq!(header("x-canary"), Some("v2-20pct"));
     assert_eq!(header("x-mesh"), Some("istio"));
     assert_eq!(report.limited_body, "local_rate_limited");
+
+    // Steps 8–10: otherapp calls myapp through their sidecars over mutual TLS.
+    let s = &report.security;
+    let otherapp = "spiffe://cluster.local/ns/demo/sa/otherapp";
+    let myapp = "spiffe://cluster.local/ns/demo/sa/myapp";
+    assert_eq!(
+        (s.client_id.as_str(), s.server_id.as_str()),
+        (otherapp, myapp)
+    );
+    assert_eq!(s.through_sidecar_status, 200, "{s:?}");
+    // The server app learnt who called from its sidecar: without mutual TLS there is no
+    // X-Forwarded-Client-Cert at all.
+    let xfcc = s
+        .xfcc
+        .as_deref()
+        .expect("myapp received an X-Forwarded-Client-Cert");
+    assert_eq!(s.client_id_seen.as_deref(), Some(otherapp), "{xfcc}");
+    assert_eq!(s.server_id_seen.as_deref(), Some(myapp), "{xfcc}");
+    assert!(s.xfcc_hash_is_client_certificate, "{xfcc}");
+    assert!(
+        text.contains(&format!("X-Forwarded-Client-Cert: {xfcc}")),
+        "{text}"
+    );
+    // The client's side: the identity its sidecar requires, proven by the server's sidecar.
+    assert_eq!(s.server_id_required, myapp);
+    assert_eq!(s.server_id_presented, myapp);
+    assert_eq!(s.tls_version, "TLSv1.3");
+    assert_eq!(s.key_exchange_group, "X25519MLKEM768");
+    // STRICT: plaintext straight to the server's sidecar gets nothing, however it introduces
+    // itself.
+    assert_eq!(s.plaintext_direct, PlaintextAnswer::Refused);
+    assert!(
+        text.contains("refused: connection closed, no response (through otherapp's sidecar: 200)"),
+        "{text}"
+    );
+}
+
+/// What the demo app reports on /whoami is the header it received, nothing made up: so the
+/// security part's XFCC is the sidecar's, and a missing one shows as missing.
+#[tokio::test]
+async fn the_demo_app_reports_the_client_certificate_header_it_received() {
+    let app = DemoApp::new("otherapp", "/other").start().await.unwrap();
+    assert_eq!(
+        raw_get(app.addr, WHOAMI_PATH, None).await,
+        (200, String::new())
+    );
+    let value = "By=spiffe://cluster.local/ns/demo/sa/a;Hash=00;Subject=\"\";URI=spiffe://cluster.local/ns/demo/sa/b";
+    assert_eq!(
+        raw_get(app.addr, WHOAMI_PATH, Some(value)).await,
+        (200, format!("{value}\n"))
+    );
+    // Its walkthrough behaviour is unchanged.
+    assert_eq!(raw_get(app.addr, "/", None).await.0, 404);
+    assert_eq!(
+        raw_get(app.addr, "/other", None).await,
+        (200, "otherapp\n".to_string())
+    );
+}
+
+/// One HTTP/1.1 GET over a plain socket: status and body.
+async fn raw_get(addr: std::net::SocketAddr, path: &str, xfcc: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let header = xfcc
+        .map(|v| format!("x-forwarded-client-cert: {v}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: app\r\n{header}connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.read_to_string(&mut raw),
+    )
+    .await
+    .expect("an answer within 5s")
+    .unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
 }
 
 #[test]
@@ -74,6 +156,9 @@ fn demo_binary_prints_the_walkthrough() {
         "seq 1 100 | xargs -P100 curl /other  10 200 / 90 429",
         "x-rate-limited: TOO_MANY_REQUESTS",
         "local_rate_limited",
+        "URI=  the caller:        spiffe://cluster.local/ns/demo/sa/otherapp",
+        "the sidecars negotiated TLSv1.3, key exchange X25519MLKEM768",
+        "refused: connection closed, no response",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }

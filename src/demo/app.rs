@@ -1,6 +1,9 @@
 //! The walkthrough's demo application (`rlawnsdud/demo`): a small HTTP server whose body names the
 //! app. It reads the same settings as the container does (`APP_NAME`, `GLOBAL_PREFIX`), so
 //! `meshctl demo` runs the walkthrough's three Deployments as local processes' worth of tasks.
+//!
+//! Beyond the image, it answers [`WHOAMI_PATH`] with the `X-Forwarded-Client-Cert` it received,
+//! so the demo's security part can show who the app's sidecar says called it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,6 +16,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+/// The path on which every demo app answers with the `X-Forwarded-Client-Cert` values it
+/// received (one per line; an empty body when there were none), whatever its prefix: it is
+/// how an app behind a sidecar learns its caller's identity.
+pub const WHOAMI_PATH: &str = "/whoami";
 
 /// What one demo app answers.
 #[derive(Debug, Clone)]
@@ -70,6 +78,9 @@ impl DemoApp {
 
     fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path();
+        if path == WHOAMI_PATH {
+            return text(StatusCode::OK, whoami(req));
+        }
         let prefix = self.prefix.trim_end_matches('/');
         let under_prefix = prefix.is_empty()
             || path == prefix
@@ -81,12 +92,27 @@ impl DemoApp {
         } else {
             (StatusCode::NOT_FOUND, "404 page not found\n".to_string())
         };
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = status;
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        resp
+        text(status, body)
     }
+}
+
+/// The `X-Forwarded-Client-Cert` values of a request, one per line.
+fn whoami(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get_all(X_FORWARDED_CLIENT_CERT)
+        .iter()
+        .map(|v| format!("{}\n", String::from_utf8_lossy(v.as_bytes())))
+        .collect()
+}
+
+const X_FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
 }

@@ -4,9 +4,12 @@
 //! the walkthrough's traffic is sent and what the walkthrough printed is printed.
 //!
 //! Steps follow the walkthrough's order: routes first and the canary check, then the EnvoyFilter
-//! (applied to the running proxy as a live update) and the parallel rate-limit check.
+//! (applied to the running proxy as a live update) and the parallel rate-limit check. Then a
+//! security part the walkthrough does not have: two of its apps with sidecars of their own
+//! and mutual TLS between them (`security`).
 
 mod app;
+mod security;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,7 +23,8 @@ use hyper_util::rt::TokioIo;
 use mesh_proxy::{Proxy, ProxyHandle, ProxyOptions};
 use mesh_translate::{LoadOptions, Resources, TranslateOptions};
 
-pub use app::{DemoApp, RunningApp};
+pub use app::{DemoApp, RunningApp, WHOAMI_PATH};
+pub use security::{PlaintextAnswer, SecurityReport};
 
 /// The walkthrough's files, embedded verbatim (examples/seed-walkthrough is a copy of
 /// ../shared/seed-walkthrough, checked by a test).
@@ -48,8 +52,20 @@ pub enum DemoError {
     Proxy(#[from] mesh_proxy::ServeError),
     #[error("the walkthrough's Gateway produced no listener")]
     NoListener,
+    #[error("the walkthrough has no app {0}")]
+    NoApp(&'static str),
+    #[error("the sidecar of {0} has no listener")]
+    NoSidecarListener(&'static str),
     #[error("request to {url}: {message}")]
     Request { url: String, message: String },
+    #[error("the demo's mesh CA: {0}")]
+    Ca(mesh_tls::ca::CaError),
+    #[error("the workload certificate of {id}: {message}")]
+    Certificate { id: String, message: String },
+    #[error("a sidecar's config: {0}")]
+    SidecarConfig(String),
+    #[error("mutual TLS handshake with the sidecar at {server}: {message}")]
+    Handshake { server: SocketAddr, message: String },
     #[error("writing the report: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -73,6 +89,8 @@ pub struct DemoReport {
     /// Step 7: the headers of one 429 answer on `/`, in order.
     pub limited_headers: Vec<(String, String)>,
     pub limited_body: String,
+    /// Steps 8–10: mutual TLS between two apps' own sidecars.
+    pub security: SecurityReport,
 }
 
 /// A running demo: the apps and the gateway. Dropping it stops everything.
@@ -377,12 +395,37 @@ pub async fn run(options: &DemoOptions, out: &mut impl Write) -> Result<DemoRepo
             writeln!(out, "  - {w}")?;
         }
     }
+
+    // otherapp calls myapp: myapp-v1 stands for myapp's pods. Each app gets a service account
+    // of its own (the walkthrough's pods all run as `default`), so the two sides have
+    // identities of their own; myapp-v1 and myapp-v2 would share `myapp`.
+    let server_app = demo
+        .apps
+        .iter()
+        .find(|(service, _)| *service == "myapp-v1")
+        .map(|(_, addr)| *addr)
+        .ok_or(DemoError::NoApp("myapp-v1"))?;
+    let security = security::run(
+        security::Meshed {
+            service: "otherapp",
+            service_account: "otherapp",
+        },
+        security::Meshed {
+            service: "myapp-v1",
+            service_account: "myapp",
+        },
+        server_app,
+        out,
+    )
+    .await;
     demo.stop().await;
+    let security = security?;
     Ok(DemoReport {
         canary,
         burst_root,
         burst_other,
         limited_headers,
         limited_body,
+        security,
     })
 }
