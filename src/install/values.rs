@@ -128,7 +128,7 @@ pub struct MeshConfigValues {
 }
 
 fn default_trust_domain() -> String {
-    crate::controlplane::mesh_ca::DEFAULT_TRUST_DOMAIN.to_string()
+    mesh_config::identity::DEFAULT_TRUST_DOMAIN.to_string()
 }
 
 /// `meshConfig.pathNormalization` (`{normalization: BASE}`), passed to the control plane's
@@ -262,14 +262,8 @@ impl MeshValues {
             ));
         }
         check_resources("components.controlPlane.resources", &cp.resources)?;
-        if !crate::controlplane::mesh_ca::valid_trust_domain(&self.mesh_config.trust_domain) {
-            return Err(bad(
-                "meshConfig.trustDomain",
-                format!(
-                    "{:?} is not a trust domain (lowercase letters, digits, '.', '-', '_')",
-                    self.mesh_config.trust_domain
-                ),
-            ));
+        if let Err(e) = mesh_config::identity::check_trust_domain(&self.mesh_config.trust_domain) {
+            return Err(bad("meshConfig.trustDomain", e.to_string()));
         }
         let gw = &self.components.ingress_gateway;
         if !is_dns_label(&gw.name) {
