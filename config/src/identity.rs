@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use crate::hostname::{is_dns_label, is_dns_subdomain};
+
 /// The trust domain when the install profile names none (Istio's default).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
@@ -61,20 +63,25 @@ impl<'a> SpiffeIdParts<'a> {
     }
 
     /// Checks each part: a trust domain (see [`check_trust_domain`]), a Kubernetes namespace
-    /// (a DNS label: lowercase letters, digits and '-', at most 63 characters) and a
-    /// Kubernetes service account name (a DNS subdomain: the same and '.', at most 253).
+    /// (an RFC 1123 label) and a Kubernetes service account name (an RFC 1123 subdomain).
     pub fn check(&self) -> Result<(), SpiffeIdError> {
         let fail = |problem: String| SpiffeIdError {
             id: self.to_string(),
             problem,
         };
         check_trust_domain(self.trust_domain).map_err(|e| fail(e.to_string()))?;
-        if let Some(why) = name_problem(self.namespace, false, 63) {
-            return Err(fail(format!("the namespace {:?} {why}", self.namespace)));
-        }
-        if let Some(why) = name_problem(self.service_account, true, 253) {
+        if !is_dns_label(self.namespace) {
             return Err(fail(format!(
-                "the service account {:?} {why}",
+                "the namespace {:?} is not a Kubernetes namespace name (lowercase letters, \
+                 digits and '-', at most 63 characters, starting and ending with a letter or digit)",
+                self.namespace
+            )));
+        }
+        if !is_dns_subdomain(self.service_account) {
+            return Err(fail(format!(
+                "the service account {:?} is not a Kubernetes object name (lowercase letters, \
+                 digits, '-' and '.', at most 253 characters, each part between dots starting \
+                 and ending with a letter or digit)",
                 self.service_account
             )));
         }
@@ -114,22 +121,6 @@ pub fn check_trust_domain(td: &str) -> Result<(), TrustDomainError> {
 /// Whether `td` can be a trust domain (see [`check_trust_domain`]).
 pub fn valid_trust_domain(td: &str) -> bool {
     check_trust_domain(td).is_ok()
-}
-
-/// What is wrong with a Kubernetes name, if anything: lowercase letters, digits, `-` (and
-/// `.` when `dots`), not empty, at most `max` characters.
-fn name_problem(name: &str, dots: bool, max: usize) -> Option<String> {
-    if name.is_empty() {
-        return Some("is empty".into());
-    }
-    if name.len() > max {
-        return Some(format!("is longer than {max} characters"));
-    }
-    name.chars()
-        .find(|&c| {
-            !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.'))
-        })
-        .map(|c| format!("holds {c:?}"))
 }
 
 /// The SPIFFE ID of a workload: `spiffe://<trust domain>/ns/<namespace>/sa/<service
@@ -217,21 +208,29 @@ mod tests {
             ("spiffe://cluster.local/sa/b/ns/a", "path is not /ns/"),
             (
                 "spiffe://cluster.local/ns/a/sa/",
-                "the service account \"\" is empty",
+                "the service account \"\" is not",
             ),
             ("spiffe:///ns/a/sa/b", "the trust domain \"\" is empty"),
             ("spiffe://Cluster.local/ns/a/sa/b", "holds 'C'"),
             (
                 "spiffe://cluster.local/ns/A/sa/b",
-                "the namespace \"A\" holds 'A'",
+                "the namespace \"A\" is not",
             ),
             (
                 "spiffe://cluster.local/ns/a.b/sa/c",
-                "the namespace \"a.b\" holds '.'",
+                "the namespace \"a.b\" is not",
             ),
             (
                 "spiffe://cluster.local/ns/a/sa/b_c",
-                "the service account \"b_c\" holds '_'",
+                "the service account \"b_c\" is not",
+            ),
+            (
+                "spiffe://cluster.local/ns/-a/sa/c",
+                "the namespace \"-a\" is not",
+            ),
+            (
+                "spiffe://cluster.local/ns/a/sa/b..c",
+                "the service account \"b..c\" is not",
             ),
         ] {
             let e = parse_spiffe_id(bad).expect_err(bad).to_string();
@@ -244,7 +243,7 @@ mod tests {
         }
         let long = "a".repeat(64);
         let e = checked_spiffe_id("td", &long, "b").unwrap_err();
-        assert!(e.problem.contains("longer than 63"), "{e}");
+        assert!(e.problem.contains("at most 63 characters"), "{e}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub mod identity;
 mod mtls;
 mod validate;
 pub use duration::{format_duration, parse_duration};
-pub use hostname::check_hostname;
+pub use hostname::{check_hostname, is_dns_label, is_dns_subdomain};
 pub use http::{HttpOptions, PathNormalization};
 pub use mtls::{InboundMtls, MeshIdentity, MtlsMode};
 pub use validate::ValidationError;

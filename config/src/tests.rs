@@ -137,7 +137,9 @@ fn a_backend_endpoint_identity_must_be_a_workload_identity() {
         "backends[0].mtlsIdentities[\"127.0.0.1:5678\"]"
     );
     assert!(
-        errs[0].message.contains("the namespace \"Shop\" holds 'S'"),
+        errs[0]
+            .message
+            .contains("the namespace \"Shop\" is not a Kubernetes namespace name"),
         "{}",
         errs[0].message
     );
