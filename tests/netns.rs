@@ -550,7 +550,7 @@ spec:
         - {name: server-v2, port: 80, weight: 20}
       timeouts: {request: 5s}
 ---
-# The seed's kind of limit: Istio local rate limit in the sidecars' inbound, port 8082 only, for
+# The walkthrough's kind of limit: Istio local rate limit in the sidecars' inbound, port 8082 only, for
 # the pods labelled tier=server-tier (a label only the Pod object has, no Service selector).
 apiVersion: networking.istio.io/v1alpha3
 kind: EnvoyFilter

@@ -3,7 +3,7 @@
 //! distribution server, served by [`Hub`](super::Hub)).
 //!
 //! Where the CA comes from, on start:
-//! - Secret `cacerts` in the control plane's namespace, when it exists: the user's CA in
+//! - Secret `cacerts` in the control plane's namespace, when it exists: an operator's own CA in
 //!   Istio's plug-in layout (`ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`),
 //!   used as it is. A broken one stops the control plane with the key and what is wrong,
 //!   rather than quietly issuing from another root.

@@ -10,4 +10,4 @@ mod http_features;
 mod lifecycle;
 mod reload;
 mod routing;
-mod seed;
+mod walkthrough;
