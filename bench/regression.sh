@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Cheap performance regression check for CI (< 2 minutes): callgrind counts the instructions
-# mesh-proxy (release) executes per request of the seed route and compares them with
+# mesh-proxy (release) executes per request of the walkthrough's route (scenario seed+ratelimit) and compares them with
 # bench/baseline.json (+15% allowed). `bench/regression.sh --update` rewrites the baseline.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 //! The backend every contender forwards to: hyper HTTP/1.1, keep-alive, a small fixed
-//! response naming the port's app (`myapp v1`, `myapp v2`, like the seed's apps).
+//! response naming the port's app (`myapp v1`, `myapp v2`, like the walkthrough's apps).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -12,10 +12,10 @@ use serde::Serialize;
 pub enum Scenario {
     /// One route (`/` prefix) to one backend.
     Plain,
-    /// The seed's route: `/` split 80/20 to two backends, `X-Mesh: istio` added and
+    /// The walkthrough's route: `/` split 80/20 to two backends, `X-Mesh: istio` added and
     /// `X-Canary: v2-20pct` set on the request and on the response.
     Seed,
-    /// The seed's route plus the seed's local rate limit, with a bucket so large it never
+    /// The walkthrough's route plus its local rate limit, with a bucket so large it never
     /// triggers: the cost of checking it.
     SeedRl,
 }

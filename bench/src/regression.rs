@@ -3,9 +3,9 @@
 //! with a checked-in baseline.
 //!
 //! mesh-proxy (release, one worker: a current-thread runtime) runs under callgrind twice,
-//! serving `small` and then `large` requests of the seed route (weights, both header
-//! modifiers, the rate-limit check) over one keep-alive connection; the difference of the two
-//! totals divided by `large - small` is the cost of one request with start-up and shutdown
+//! serving `small` and then `large` requests of the walkthrough's route (scenario
+//! `seed+ratelimit`: weights, both header modifiers, the rate-limit check) over one keep-alive
+//! connection; the difference of the two totals divided by `large - small` is the cost of one request with start-up and shutdown
 //! cancelled out.
 
 use std::net::SocketAddr;
@@ -21,7 +21,7 @@ use crate::http1;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Baseline {
-    /// Instructions per request of the seed route (+ rate limit) through mesh-proxy.
+    /// Instructions per request of the walkthrough's route (+ rate limit) through mesh-proxy.
     pub instructions_per_request: f64,
     /// Allowed growth before the check fails (0.15 = +15%).
     pub tolerance: f64,
@@ -201,14 +201,14 @@ pub fn run(opts: Opts) -> anyhow::Result<bool> {
     }
     let per = (b as f64 - a as f64) / (opts.large - opts.small) as f64;
     println!(
-        "mesh-proxy: {per:.0} instructions per request (seed route + rate limit; callgrind, {} vs {} requests: {a} / {b} Ir)",
+        "mesh-proxy: {per:.0} instructions per request (scenario seed+ratelimit; callgrind, {} vs {} requests: {a} / {b} Ir)",
         opts.small, opts.large
     );
     if opts.update {
         let base = Baseline {
             instructions_per_request: per.round(),
             tolerance: 0.15,
-            note: "bench/regression.sh --update; callgrind Ir per request of the seed route".into(),
+            note: "bench/regression.sh --update; callgrind Ir per request of the walkthrough's route (scenario seed+ratelimit)".into(),
         };
         write_baseline(&opts.baseline, &base)?;
         println!("baseline updated: {}", opts.baseline.display());

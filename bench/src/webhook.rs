@@ -6,15 +6,20 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-const SEED_DEPLOYMENT: &str = include_str!("../../tests/inject/seed-deployment.yaml");
+const WALKTHROUGH_DEPLOYMENTS: &str = include_str!("../../tests/inject/seed-deployment.yaml");
 
-/// The pod of the seed's first Deployment (`myapp-v1`).
-pub fn seed_pod() -> anyhow::Result<Value> {
-    let doc = SEED_DEPLOYMENT
-        .split("\n---")
-        .find(|d| d.contains("kind: Deployment"))
-        .context("no Deployment in the seed file")?;
-    let d: Value = serde_saphyr::from_str(doc).context("parsing the seed Deployment")?;
+/// The pod of the walkthrough's first Deployment (`myapp-v1`).
+pub fn walkthrough_pod() -> anyhow::Result<Value> {
+    let doc = mesh_translate::split_yaml_stream(WALKTHROUGH_DEPLOYMENTS)
+        .into_iter()
+        .find(|d| d.text.contains("kind: Deployment"))
+        .context("no Deployment in tests/inject/seed-deployment.yaml")?;
+    let d: Value = serde_saphyr::from_str(&doc.text).with_context(|| {
+        format!(
+            "parsing the Deployment of tests/inject/seed-deployment.yaml (line {})",
+            doc.line
+        )
+    })?;
     let t = &d["spec"]["template"];
     Ok(json!({"apiVersion": "v1", "kind": "Pod", "metadata": t["metadata"], "spec": t["spec"]}))
 }
@@ -93,4 +98,15 @@ fn rustls_certs(pem: &[u8]) -> anyhow::Result<Vec<rustls::pki_types::Certificate
     rustls::pki_types::CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .context("reading the CA PEM")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_walkthrough_pod_is_the_first_deployments_template() {
+        let pod = super::walkthrough_pod().unwrap();
+        assert_eq!(pod["kind"], "Pod");
+        assert_eq!(pod["metadata"]["labels"]["version"], "v1");
+        assert_eq!(pod["spec"]["containers"][0]["name"], "myapp");
+    }
 }

@@ -3,23 +3,29 @@
 //! Kubernetes objects with this rule and `ProxyConfig::validate` validates virtual hosts with
 //! it, so nothing the translator accepts is refused by a proxy, and the reverse.
 
-/// At most 253 characters; labels of 1 to 63 lowercase letters, digits and `-`, neither
-/// starting nor ending with `-`; optionally `*.` in front. A bare `*` is not a hostname (a
-/// virtual host's catch-all is checked for separately).
+/// An RFC 1123 label: 1 to 63 lowercase letters, digits and `-`, neither starting nor ending
+/// with `-` (Kubernetes namespaces, Service and port names).
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// An RFC 1123 subdomain: at most 253 characters, [`is_dns_label`]s joined by dots (most
+/// Kubernetes object names, service accounts among them).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// A DNS subdomain ([`is_dns_subdomain`]), optionally with `*.` in front, at most 253
+/// characters in all. A bare `*` is not a hostname (a virtual host's catch-all is checked for
+/// separately).
 pub fn check_hostname(h: &str) -> Result<(), String> {
     let rest = h.strip_prefix("*.").unwrap_or(h);
-    let ok = !rest.is_empty()
-        && h.len() <= 253
-        && rest.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    if ok {
+    if h.len() <= 253 && is_dns_subdomain(rest) {
         Ok(())
     } else {
         Err(format!(
@@ -30,7 +36,7 @@ pub fn check_hostname(h: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_hostname;
+    use super::*;
 
     #[test]
     fn dns_names_and_wildcards() {
@@ -60,6 +66,18 @@ mod tests {
         ] {
             let e = check_hostname(bad).unwrap_err();
             assert!(e.contains("is not a lowercase DNS name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_names_are_labels_or_subdomains() {
+        assert!(is_dns_label("shop-1"));
+        assert!(!is_dns_label("shop.1"));
+        assert!(!is_dns_label(&"a".repeat(64)));
+        assert!(is_dns_subdomain("build.bot"));
+        for bad in ["", "a..b", "-a", "a-", "A", "a_b"] {
+            assert!(!is_dns_label(bad), "{bad}");
+            assert!(!is_dns_subdomain(bad), "{bad}");
         }
     }
 }

@@ -32,12 +32,13 @@ use serde::{Deserialize, Serialize};
 mod duration;
 mod hostname;
 mod http;
+pub mod identity;
 mod mtls;
 mod validate;
 pub use duration::{format_duration, parse_duration};
-pub use hostname::check_hostname;
+pub use hostname::{check_hostname, is_dns_label, is_dns_subdomain};
 pub use http::{HttpOptions, PathNormalization};
-pub use mtls::{InboundMtls, MeshIdentity, MtlsMode, is_spiffe_id};
+pub use mtls::{InboundMtls, MeshIdentity, MtlsMode};
 pub use validate::ValidationError;
 
 /// Everything one proxy instance needs to serve traffic.

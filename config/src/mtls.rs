@@ -125,14 +125,3 @@ pub struct MeshIdentity {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub signing_root_sha256: String,
 }
-
-/// Whether `id` has the shape of a workload identity this mesh issues:
-/// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-pub fn is_spiffe_id(id: &str) -> bool {
-    let Some(rest) = id.strip_prefix("spiffe://") else {
-        return false;
-    };
-    let parts: Vec<&str> = rest.split('/').collect();
-    matches!(parts.as_slice(), [td, "ns", ns, "sa", sa]
-        if !td.is_empty() && !ns.is_empty() && !sa.is_empty())
-}

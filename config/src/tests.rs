@@ -117,3 +117,30 @@ fn endpoints_must_be_host_port() {
     assert!(!valid_host_port("host:0"));
     assert!(!valid_host_port(":80"));
 }
+
+#[test]
+fn a_backend_endpoint_identity_must_be_a_workload_identity() {
+    let mut c = sample();
+    c.backends[0].mtls_identities.insert(
+        "127.0.0.1:5678".into(),
+        "spiffe://cluster.local/ns/shop/sa/db".into(),
+    );
+    assert_eq!(c.validate(), Ok(()));
+    c.backends[0].mtls_identities.insert(
+        "127.0.0.1:5678".into(),
+        "spiffe://cluster.local/ns/Shop/sa/db".into(),
+    );
+    let errs = c.validate().unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_eq!(
+        errs[0].path,
+        "backends[0].mtlsIdentities[\"127.0.0.1:5678\"]"
+    );
+    assert!(
+        errs[0]
+            .message
+            .contains("the namespace \"Shop\" is not a Kubernetes namespace name"),
+        "{}",
+        errs[0].message
+    );
+}

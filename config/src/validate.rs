@@ -70,11 +70,8 @@ impl ProxyConfig {
                         format!("{e:?} is not one of the backend's endpoints"),
                     );
                 }
-                if !crate::is_spiffe_id(id) {
-                    err(
-                        ep,
-                        format!("{id:?} is not spiffe://<trust domain>/ns/<namespace>/sa/<name>"),
-                    );
+                if let Err(e) = crate::identity::parse_spiffe_id(id) {
+                    err(ep, e.to_string());
                 }
             }
         }
@@ -219,7 +216,7 @@ impl ProxyConfig {
                 if dst.parse::<std::net::SocketAddr>().is_err() {
                     err(p.clone(), format!("{dst:?} is not ip:port"));
                 }
-                if !crate::is_spiffe_id(id) {
+                if !crate::identity::is_spiffe_id(id) {
                     err(
                         p,
                         format!("{id:?} is not spiffe://<trust domain>/ns/<namespace>/sa/<name>"),

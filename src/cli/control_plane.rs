@@ -170,7 +170,7 @@ pub struct DistributionArgs {
 pub struct MeshCaArgs {
     /// Trust domain of workload identities, spiffe://<trust domain>/ns/<ns>/sa/<sa>
     /// (the profile's meshConfig.trustDomain).
-    #[arg(long, default_value = meshctl::controlplane::mesh_ca::DEFAULT_TRUST_DOMAIN)]
+    #[arg(long, default_value = mesh_config::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Lifetime of a workload certificate when the proxy asks for none (at least 1m).
     #[arg(long, default_value = "24h", value_parser = cert_ttl)]

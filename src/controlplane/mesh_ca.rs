@@ -3,7 +3,7 @@
 //! distribution server, served by [`Hub`](super::Hub)).
 //!
 //! Where the CA comes from, on start:
-//! - Secret `cacerts` in the control plane's namespace, when it exists: the user's CA in
+//! - Secret `cacerts` in the control plane's namespace, when it exists: an operator's own CA in
 //!   Istio's plug-in layout (`ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`),
 //!   used as it is. A broken one stops the control plane with the key and what is wrong,
 //!   rather than quietly issuing from another root.
@@ -32,14 +32,16 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 use mesh_config::MeshIdentity;
-use mesh_tls::ca::{CaError, CertificateAuthority, PluginFiles, VerifiedCsr, workload_identity};
+use mesh_config::identity::{
+    DEFAULT_TRUST_DOMAIN, SpiffeIdError, check_trust_domain, checked_spiffe_id, parse_spiffe_id,
+};
+use mesh_tls::ca::{CaError, CertificateAuthority, PluginFiles, VerifiedCsr};
 use mesh_wire::certificate::{CertificateRequest, IssuedCertificate};
 
 /// The Secret holding the CA the control plane generated.
 pub const MESH_CA_SECRET: &str = "mesh-ca-secret";
 /// The Secret of a user's CA (Istio's name and layout); it wins over [`MESH_CA_SECRET`].
 pub const PLUGIN_CA_SECRET: &str = "cacerts";
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_NAMESPACE: &str = "mesh-system";
 /// Lifetime of a workload certificate when the proxy does not ask for one (Istio's default).
 pub const DEFAULT_WORKLOAD_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -86,11 +88,8 @@ impl MeshCaOptions {
 
     /// Checks the settings against each other.
     pub fn validate(&self) -> Result<()> {
-        if !valid_trust_domain(&self.trust_domain) {
-            bail!(
-                "--trust-domain {:?}: a trust domain is a DNS-like name (lowercase letters, digits, '.', '-', '_')",
-                self.trust_domain
-            );
+        if let Err(e) = check_trust_domain(&self.trust_domain) {
+            bail!("--trust-domain: {e}");
         }
         if self.workload_cert_ttl < MIN_WORKLOAD_CERT_TTL
             || self.max_workload_cert_ttl < MIN_WORKLOAD_CERT_TTL
@@ -106,15 +105,6 @@ impl MeshCaOptions {
         }
         Ok(())
     }
-}
-
-/// SPIFFE trust domains: lowercase letters, digits, `.`, `-`, `_`.
-pub fn valid_trust_domain(td: &str) -> bool {
-    !td.is_empty()
-        && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
 }
 
 /// The loaded CA and the issuance policy.
@@ -212,8 +202,12 @@ impl MeshCa {
     }
 
     /// The identity a reviewed token proves, and nothing else.
-    pub fn identity_of(&self, namespace: &str, service_account: &str) -> Result<String, CaError> {
-        workload_identity(&self.options.trust_domain, namespace, service_account)
+    pub fn identity_of(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<String, SpiffeIdError> {
+        checked_spiffe_id(&self.options.trust_domain, namespace, service_account)
     }
 
     /// Issues the certificate of `identity` for `request`. `None`: no identity was proven
@@ -257,7 +251,12 @@ impl MeshCa {
         let csr = VerifiedCsr::parse(csr_pem).map_err(|e| (Refused::BadRequest, e.to_string()))?;
         let prefix = format!("spiffe://{}/", self.options.trust_domain);
         match csr.uris.as_slice() {
-            [one] if one.starts_with(&prefix) && mesh_config::is_spiffe_id(one) => Ok(one.clone()),
+            [one]
+                if parse_spiffe_id(one)
+                    .is_ok_and(|id| id.trust_domain == self.options.trust_domain) =>
+            {
+                Ok(one.clone())
+            }
             _ => Err((
                 Refused::BadRequest,
                 format!(

@@ -128,7 +128,7 @@ pub struct MeshConfigValues {
 }
 
 fn default_trust_domain() -> String {
-    crate::controlplane::mesh_ca::DEFAULT_TRUST_DOMAIN.to_string()
+    mesh_config::identity::DEFAULT_TRUST_DOMAIN.to_string()
 }
 
 /// `meshConfig.pathNormalization` (`{normalization: BASE}`), passed to the control plane's
@@ -167,20 +167,6 @@ fn bad(field: &str, message: impl Into<String>) -> FieldError {
         field: field.to_owned(),
         message: message.into(),
     }
-}
-
-/// RFC 1123 label (names of Services, Deployments, ports).
-pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn check_resources(field: &str, r: &Resources) -> Result<(), FieldError> {
@@ -262,17 +248,11 @@ impl MeshValues {
             ));
         }
         check_resources("components.controlPlane.resources", &cp.resources)?;
-        if !crate::controlplane::mesh_ca::valid_trust_domain(&self.mesh_config.trust_domain) {
-            return Err(bad(
-                "meshConfig.trustDomain",
-                format!(
-                    "{:?} is not a trust domain (lowercase letters, digits, '.', '-', '_')",
-                    self.mesh_config.trust_domain
-                ),
-            ));
+        if let Err(e) = mesh_config::identity::check_trust_domain(&self.mesh_config.trust_domain) {
+            return Err(bad("meshConfig.trustDomain", e.to_string()));
         }
         let gw = &self.components.ingress_gateway;
-        if !is_dns_label(&gw.name) {
+        if !mesh_config::is_dns_label(&gw.name) {
             return Err(bad(
                 "components.ingressGateway.name",
                 format!("{:?} is not a DNS label", gw.name),
@@ -290,7 +270,7 @@ impl MeshValues {
         }
         for (i, p) in gw.service.ports.iter().enumerate() {
             let f = format!("components.ingressGateway.service.ports[{i}]");
-            if !is_dns_label(&p.name) || p.name.len() > 15 {
+            if !mesh_config::is_dns_label(&p.name) || p.name.len() > 15 {
                 return Err(bad(
                     &format!("{f}.name"),
                     format!(
@@ -341,7 +321,7 @@ impl MeshValues {
         if !wh.ca_bundle.is_empty() && !wh.ca_bundle.contains("-----BEGIN CERTIFICATE-----") {
             return Err(bad("webhook.caBundle", "is not a PEM certificate"));
         }
-        if !is_dns_subdomain(&self.gateway_api.gateway_class_name) {
+        if !mesh_config::is_dns_subdomain(&self.gateway_api.gateway_class_name) {
             return Err(bad(
                 "gatewayApi.gatewayClassName",
                 format!(

@@ -42,7 +42,7 @@ const MESH_LABEL_HOOK: &str = "mesh-label.sidecar-injector.meshctl.io";
 const ISTIO_LABEL_HOOK: &str = "istio-label.sidecar-injector.meshctl.io";
 
 /// The walkthrough's Deployments and the pods the ReplicaSet controller makes for them.
-const SEED_APPS: [&str; 3] = ["myapp-v1", "myapp-v2", "otherapp"];
+const WALKTHROUGH_APPS: [&str; 3] = ["myapp-v1", "myapp-v2", "otherapp"];
 
 // ---------------------------------------------------------------------------------------
 // The webhook server, in process.
@@ -463,7 +463,7 @@ fn assert_running(pod: &Pod) {
 /// Waits until each walkthrough Deployment has exactly one pod, Running.
 async fn walkthrough_pods_running(pods: &Api<Pod>) -> Vec<Pod> {
     let mut out = Vec::new();
-    for app in SEED_APPS {
+    for app in WALKTHROUGH_APPS {
         let selector = if app == "otherapp" {
             "app=otherapp".to_owned()
         } else {

@@ -435,7 +435,7 @@ async fn a_cacerts_secret_is_used_as_it_is() {
     env.kubectl_ok(&["-n", &ns, "create", "serviceaccount", "a"])
         .await
         .unwrap();
-    // The user's PKI: a root (kept offline) and the cluster's intermediate CA.
+    // An operator's PKI: a root (kept offline) and the cluster's intermediate CA.
     let root = LocalCa::generate("Example Corp Root CA", None, None).unwrap();
     let root_issuer = rcgen::Issuer::from_ca_cert_pem(
         root.cert_pem(),
@@ -500,7 +500,7 @@ async fn a_cacerts_secret_is_used_as_it_is() {
     .await;
     assert_eq!(status, 200, "{text}");
     let issued: IssuedCertificate = serde_json::from_str(&text).unwrap();
-    // Leaf + the intermediate; the bundle is the user's root and nothing else.
+    // Leaf + the intermediate; the bundle is the operator's root and nothing else.
     let chain = pem_certs(&issued.cert_chain_pem);
     assert_eq!(chain.len(), 2);
     assert_eq!(chain[1], *intermediate.der());
@@ -512,7 +512,7 @@ async fn a_cacerts_secret_is_used_as_it_is() {
     assert_eq!(
         secret_text(env, &ns, MESH_CA_SECRET, "root-cert.pem").await,
         None,
-        "no root of our own is made when the user's CA is there"
+        "no root of our own is made when an operator's CA is there"
     );
 
     // A cacerts whose key is not the certificate's stops the control plane, naming it.

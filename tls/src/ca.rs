@@ -12,184 +12,53 @@
 //!   certificates of the mesh's own endpoints (the webhook, config distribution, the test
 //!   environment's API server), so every generated certificate is made the same way.
 //!
+//! Modules: `plugin` (the plug-in layout), `csr` (signing requests), `certs` (reading and
+//! checking certificates), `local` (the mesh's own endpoints), `error`.
+//!
 //! Certificates carry wall-clock times, so these functions read the system clock (or take
 //! `now`), not tokio's monotonic one.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use mesh_config::identity::SpiffeIdError;
 use mesh_wire::certificate::IssuedCertificate;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, UnixTime};
-use x509_parser::certificate::X509Certificate;
-use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::extensions::{GeneralName, ParsedExtension};
-use x509_parser::prelude::FromDer;
+use rustls::pki_types::CertificateDer;
 
-/// File (and Secret key) names of Istio's plug-in CA layout.
-pub const CA_CERT_FILE: &str = "ca-cert.pem";
-pub const CA_KEY_FILE: &str = "ca-key.pem";
-pub const CERT_CHAIN_FILE: &str = "cert-chain.pem";
-pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+mod certs;
+mod csr;
+mod error;
+mod local;
+mod plugin;
+
+pub use crate::identity::sha256_hex;
+pub use certs::{
+    CLOCK_SKEW, CertificateSummary, format_unix_utc, subject_alt_names, summarize_pem,
+    verify_workload_chain,
+};
+pub use csr::VerifiedCsr;
+pub use error::CaError;
+pub use local::{
+    KeyedCertificate, LeafSpec, LocalCa, ServingCertificate, ServingSpec, Usage, Validity,
+    serving_certificate,
+};
+pub use plugin::{CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, PluginFiles, ROOT_CERT_FILE};
+
+use certs::{
+    check_ca, check_current, datetime, is_self_signed, parse_certs, pem_of, random_serial, rfc3339,
+    unix, verify_chain, x509,
+};
+use error::material;
 
 /// Lifetime of a root made by [`CertificateAuthority::generate_root`].
 pub const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// How far back a workload certificate's `notBefore` is put, so a peer whose clock is a
-/// little behind the control plane's still accepts it.
-pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// How far back a generated root's `notBefore` is put (nodes whose clocks lag the control
 /// plane's must accept every chain through it from its first minute).
 const ROOT_BACKDATE: Duration = Duration::from_secs(3600);
-
-/// What went wrong; each message names the file or the part of the request at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum CaError {
-    /// CA material (a file, or a key of a Secret) that cannot be used.
-    #[error("{origin}: {reason}")]
-    Material { origin: String, reason: String },
-    /// The CSR is not a PEM PKCS#10 request we can read.
-    #[error("the certificate signing request does not parse: {0}")]
-    BadCsr(String),
-    /// The CSR's signature does not verify with the key it carries.
-    #[error(
-        "the certificate signing request's signature does not verify (it was altered, or not \
-         signed by the key it carries)"
-    )]
-    CsrSignature,
-    /// The CSR asks for an identity the caller does not have.
-    #[error("the certificate signing request asks for {requested}, but the caller is {identity}")]
-    OtherIdentity { requested: String, identity: String },
-    /// Not `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-    #[error(
-        "{0:?} is not a workload identity (spiffe://<trust domain>/ns/<namespace>/sa/<service account>)"
-    )]
-    BadIdentity(String),
-    /// The CA cannot issue now (for example, it has expired).
-    #[error("the mesh CA cannot issue: {0}")]
-    Unavailable(String),
-    /// Making or signing a certificate failed.
-    #[error("generating a certificate: {0}")]
-    Generate(#[from] rcgen::Error),
-}
-
-impl CaError {
-    /// Whether the request was at fault (a bad CSR, another identity) rather than the CA.
-    pub fn is_bad_request(&self) -> bool {
-        matches!(self, CaError::BadCsr(_) | CaError::CsrSignature)
-    }
-}
-
-fn material(origin: impl Into<String>, reason: impl Into<String>) -> CaError {
-    CaError::Material {
-        origin: origin.into(),
-        reason: reason.into(),
-    }
-}
-
-/// The four PEM texts of Istio's plug-in CA layout.
-#[derive(Clone, PartialEq, Eq)]
-pub struct PluginFiles {
-    /// `ca-cert.pem`: the certificate that signs workload certificates.
-    pub ca_cert: String,
-    /// `ca-key.pem`: its private key.
-    pub ca_key: String,
-    /// `cert-chain.pem`: the chain from `ca-cert.pem` up (may be empty when `ca-cert.pem` is
-    /// the root itself).
-    pub cert_chain: String,
-    /// `root-cert.pem`: the roots workloads trust.
-    pub root_cert: String,
-}
-
-impl std::fmt::Debug for PluginFiles {
-    // Never the private key in a log line.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginFiles")
-            .field("ca_cert", &self.ca_cert)
-            .field("ca_key", &"(hidden)")
-            .field("cert_chain", &self.cert_chain)
-            .field("root_cert", &self.root_cert)
-            .finish()
-    }
-}
-
-impl PluginFiles {
-    /// Reads `dir/{ca-cert.pem,ca-key.pem,cert-chain.pem,root-cert.pem}`; `cert-chain.pem` may
-    /// be absent.
-    pub fn read_dir(dir: &Path) -> Result<PluginFiles, CaError> {
-        let read = |name: &str, optional: bool| {
-            let p = dir.join(name);
-            match std::fs::read_to_string(&p) {
-                Ok(t) => Ok(t),
-                Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-                Err(e) => Err(material(p.display().to_string(), e.to_string())),
-            }
-        };
-        Ok(PluginFiles {
-            ca_cert: read(CA_CERT_FILE, false)?,
-            ca_key: read(CA_KEY_FILE, false)?,
-            cert_chain: read(CERT_CHAIN_FILE, true)?,
-            root_cert: read(ROOT_CERT_FILE, false)?,
-        })
-    }
-
-    /// Whether `dir` holds a plug-in CA (its `ca-cert.pem`).
-    pub fn present_in(dir: &Path) -> bool {
-        dir.join(CA_CERT_FILE).exists()
-    }
-
-    /// Writes the four files into `dir` (created when absent; the key readable by its owner
-    /// only). `root-cert.pem` last: its presence means the set is complete.
-    pub fn write_dir(&self, dir: &Path) -> Result<(), CaError> {
-        let fail = |p: &Path, e: std::io::Error| material(p.display().to_string(), e.to_string());
-        std::fs::create_dir_all(dir).map_err(|e| fail(dir, e))?;
-        for (name, text) in [
-            (CA_KEY_FILE, &self.ca_key),
-            (CA_CERT_FILE, &self.ca_cert),
-            (CERT_CHAIN_FILE, &self.cert_chain),
-            (ROOT_CERT_FILE, &self.root_cert),
-        ] {
-            let p = dir.join(name);
-            let tmp = dir.join(format!(".{name}.tmp"));
-            write_private(&tmp, text.as_bytes())
-                .and_then(|()| std::fs::rename(&tmp, &p))
-                .map_err(|e| fail(&p, e))?;
-        }
-        Ok(())
-    }
-
-    /// `(name, text)` of each file, for a Secret's data.
-    pub fn entries(&self) -> [(&'static str, &str); 4] {
-        [
-            (CA_CERT_FILE, &self.ca_cert),
-            (CA_KEY_FILE, &self.ca_key),
-            (CERT_CHAIN_FILE, &self.cert_chain),
-            (ROOT_CERT_FILE, &self.root_cert),
-        ]
-    }
-}
-
-#[cfg(unix)]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::write(path, bytes)
-}
 
 /// The certificate that signs, with its key and its way up to a root.
 struct Signer {
@@ -219,288 +88,6 @@ impl std::fmt::Debug for CertificateAuthority {
             .field("roots", &self.roots.len())
             .field("intermediates", &self.signer.intermediates.len())
             .finish()
-    }
-}
-
-fn unix(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    }
-}
-
-fn datetime(secs: i64) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for messages.
-fn rfc3339(secs: i64) -> String {
-    let t = datetime(secs);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
-}
-
-/// `secs` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC), for messages and annotations.
-pub fn format_unix_utc(secs: i64) -> String {
-    rfc3339(secs)
-}
-
-/// A random positive 16-byte serial number.
-fn random_serial() -> Result<SerialNumber, CaError> {
-    let mut bytes = [0u8; 16];
-    crate::provider()
-        .secure_random
-        .fill(&mut bytes)
-        .map_err(|_| CaError::Unavailable("no randomness for a serial number".into()))?;
-    bytes[0] &= 0x7f;
-    bytes[0] |= 0x01;
-    Ok(SerialNumber::from_slice(&bytes))
-}
-
-fn parse_certs(pem: &str, origin: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| material(origin, format!("not PEM certificates: {e}")))?;
-    for (i, c) in certs.iter().enumerate() {
-        X509Certificate::from_der(c)
-            .map_err(|e| material(origin, format!("certificate {} does not parse: {e}", i + 1)))?;
-    }
-    Ok(certs)
-}
-
-fn x509<'a>(der: &'a CertificateDer<'_>) -> X509Certificate<'a> {
-    // Every DER held here was parsed once already.
-    X509Certificate::from_der(der)
-        .expect("certificates are parsed when loaded")
-        .1
-}
-
-/// Whether `cert` may sign certificates: CA:TRUE, and keyCertSign when it has a key usage.
-fn check_ca(cert: &X509Certificate<'_>, origin: &str) -> Result<(), CaError> {
-    if !cert.is_ca() {
-        return Err(material(
-            origin,
-            format!(
-                "{} is not a CA certificate (basicConstraints CA:TRUE is missing)",
-                cert.subject()
-            ),
-        ));
-    }
-    if let Ok(Some(ku)) = cert.key_usage()
-        && !ku.value.key_cert_sign()
-    {
-        return Err(material(
-            origin,
-            format!(
-                "{} may not sign certificates (keyUsage lacks keyCertSign)",
-                cert.subject()
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn check_current(cert: &X509Certificate<'_>, origin: &str, now: i64) -> Result<(), CaError> {
-    let v = cert.validity();
-    if v.not_after.timestamp() <= now {
-        return Err(material(
-            origin,
-            format!(
-                "{} expired at {}",
-                cert.subject(),
-                rfc3339(v.not_after.timestamp())
-            ),
-        ));
-    }
-    if v.not_before.timestamp() > now + CLOCK_SKEW.as_secs() as i64 {
-        return Err(material(
-            origin,
-            format!(
-                "{} is not valid before {}",
-                cert.subject(),
-                rfc3339(v.not_before.timestamp())
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn is_self_signed(cert: &X509Certificate<'_>) -> bool {
-    cert.subject() == cert.issuer() && cert.verify_signature(None).is_ok()
-}
-
-/// Checks `chain` (leaf first) with webpki against `roots`, as a peer checks a client
-/// certificate.
-fn verify_chain(
-    chain: &[CertificateDer<'static>],
-    roots: &[CertificateDer<'static>],
-    now: SystemTime,
-) -> Result<(), String> {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).map_err(|e| e.to_string())?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(store),
-        crate::provider(),
-    )
-    .build()
-    .map_err(|e| e.to_string())?;
-    let (leaf, intermediates) = chain.split_first().ok_or("an empty chain")?;
-    verifier
-        .verify_client_cert(
-            leaf,
-            intermediates,
-            UnixTime::since_unix_epoch(Duration::from_secs(unix(now).max(0) as u64)),
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-/// Checks a workload certificate chain (PEM, leaf first) against a trust bundle (PEM) the
-/// way a peer does, and returns the SPIFFE IDs (URI SANs) of the leaf.
-pub fn verify_workload_chain(
-    chain_pem: &str,
-    trust_bundle_pem: &str,
-) -> Result<Vec<String>, CaError> {
-    let chain = parse_certs(chain_pem, "the certificate chain")?;
-    let roots = parse_certs(trust_bundle_pem, "the trust bundle")?;
-    verify_chain(&chain, &roots, SystemTime::now())
-        .map_err(|e| material("the certificate chain", e))?;
-    let leaf = x509(&chain[0]);
-    Ok(uri_sans(&leaf))
-}
-
-fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
-    cert.subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(u) => Some((*u).to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Every subject alternative name of a certificate (PEM or DER), as `URI:...`, `DNS:...`,
-/// `IP:...`, ... (to check that a workload certificate carries nothing but its identity).
-pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
-    let Ok((_, cert)) = X509Certificate::from_der(cert) else {
-        return Vec::new();
-    };
-    cert.subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .map(|n| match n {
-                    GeneralName::URI(u) => format!("URI:{u}"),
-                    GeneralName::DNSName(d) => format!("DNS:{d}"),
-                    GeneralName::RFC822Name(m) => format!("email:{m}"),
-                    GeneralName::IPAddress(ip) => format!("IP:{ip:?}"),
-                    other => format!("{other:?}"),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Whether `id` is `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-fn is_workload_identity(id: &str) -> bool {
-    let Some(rest) = id.strip_prefix("spiffe://") else {
-        return false;
-    };
-    let parts: Vec<&str> = rest.split('/').collect();
-    matches!(parts.as_slice(), [td, "ns", ns, "sa", sa]
-        if !td.is_empty() && !ns.is_empty() && !sa.is_empty())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._:/".contains(&b))
-}
-
-/// The SPIFFE ID of a workload: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-pub fn workload_identity(
-    trust_domain: &str,
-    namespace: &str,
-    service_account: &str,
-) -> Result<String, CaError> {
-    let id = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
-    if !is_workload_identity(&id) || trust_domain.contains('/') {
-        return Err(CaError::BadIdentity(id));
-    }
-    Ok(id)
-}
-
-/// A CSR that was read and whose signature verified.
-pub struct VerifiedCsr {
-    public_key: SubjectPublicKeyInfo,
-    /// The URI SANs it asks for.
-    pub uris: Vec<String>,
-    /// A `spiffe://` subject common name, if it has one.
-    pub spiffe_common_name: Option<String>,
-}
-
-impl VerifiedCsr {
-    /// Reads a PEM PKCS#10 CSR and verifies its signature.
-    pub fn parse(csr_pem: &str) -> Result<VerifiedCsr, CaError> {
-        let der =
-            rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
-                .map_err(|e| CaError::BadCsr(format!("no PEM CERTIFICATE REQUEST: {e}")))?;
-        let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
-            .map_err(|e| CaError::BadCsr(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(CaError::BadCsr("trailing bytes after the request".into()));
-        }
-        csr.verify_signature().map_err(|_| CaError::CsrSignature)?;
-        let info = &csr.certification_request_info;
-        let public_key = SubjectPublicKeyInfo::from_der(info.subject_pki.raw)
-            .map_err(|e| CaError::BadCsr(format!("its public key is not one we sign: {e}")))?;
-        let mut uris = Vec::new();
-        if let Some(exts) = csr.requested_extensions() {
-            for ext in exts {
-                if let ParsedExtension::SubjectAlternativeName(san) = ext {
-                    for n in &san.general_names {
-                        if let GeneralName::URI(u) = n {
-                            uris.push((*u).to_string());
-                        }
-                    }
-                }
-            }
-        }
-        let spiffe_common_name = info
-            .subject
-            .iter_common_name()
-            .filter_map(|cn| cn.as_str().ok())
-            .find(|cn| cn.starts_with("spiffe://"))
-            .map(str::to_string);
-        Ok(VerifiedCsr {
-            public_key,
-            uris,
-            spiffe_common_name,
-        })
-    }
-
-    /// Every identity the CSR names (URI SANs and a `spiffe://` common name).
-    pub fn named_identities(&self) -> impl Iterator<Item = &str> {
-        self.uris
-            .iter()
-            .map(String::as_str)
-            .chain(self.spiffe_common_name.as_deref())
     }
 }
 
@@ -773,9 +360,7 @@ impl CertificateAuthority {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<IssuedCertificate, CaError> {
-        if !is_workload_identity(identity) {
-            return Err(CaError::BadIdentity(identity.to_string()));
-        }
+        mesh_config::identity::parse_spiffe_id(identity)?;
         let csr = VerifiedCsr::parse(csr_pem)?;
         if let Some(other) = csr.named_identities().find(|n| *n != identity) {
             return Err(CaError::OtherIdentity {
@@ -816,12 +401,14 @@ fn leaf_params(
     // An empty subject: the identity is the URI SAN (which rcgen then marks critical, as
     // RFC 5280 asks).
     params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(
-        identity
-            .to_string()
-            .try_into()
-            .map_err(|_| CaError::BadIdentity(identity.to_string()))?,
-    )];
+    params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into().map_err(
+        |_| {
+            CaError::BadIdentity(SpiffeIdError {
+                id: identity.to_string(),
+                problem: "it is not ASCII".into(),
+            })
+        },
+    )?)];
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
@@ -836,233 +423,6 @@ fn leaf_params(
     params.not_before = datetime(not_before);
     params.not_after = datetime(not_after);
     Ok(params)
-}
-
-/// What a certificate is, for people (`meshctl ca status`): its fingerprint, subject and
-/// expiry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertificateSummary {
-    /// Lowercase hex SHA-256 of the DER.
-    pub sha256: String,
-    pub subject: String,
-    /// `notAfter`, seconds since the Unix epoch.
-    pub not_after_unix: i64,
-    /// The certificate, PEM.
-    pub pem: String,
-}
-
-impl CertificateSummary {
-    /// `notAfter` as `YYYY-MM-DDTHH:MM:SSZ`.
-    pub fn not_after(&self) -> String {
-        rfc3339(self.not_after_unix)
-    }
-}
-
-/// Every certificate of a PEM text (a trust bundle), summarized; `origin` names the text in
-/// errors.
-pub fn summarize_pem(pem: &str, origin: &str) -> Result<Vec<CertificateSummary>, CaError> {
-    Ok(parse_certs(pem, origin)?
-        .iter()
-        .map(|der| {
-            let c = x509(der);
-            CertificateSummary {
-                sha256: sha256_hex(der),
-                subject: c.subject().to_string(),
-                not_after_unix: c.validity().not_after.timestamp(),
-                pem: pem_of(der),
-            }
-        })
-        .collect())
-}
-
-fn pem_of(der: &CertificateDer<'_>) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-    let mut s = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        s.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        s.push('\n');
-    }
-    s.push_str("-----END CERTIFICATE-----\n");
-    s
-}
-
-/// Lowercase hex SHA-256 of `bytes` (a certificate's DER: its fingerprint).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-// ---------------------------------------------------------------------------------------
-// CAs and serving certificates of the mesh's own endpoints.
-
-/// Validity of a generated certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Validity {
-    pub not_before: SystemTime,
-    pub not_after: SystemTime,
-}
-
-/// What a leaf certificate is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Usage {
-    Server,
-    Client,
-}
-
-/// A CA for the mesh's own endpoints (not workload identities): signs serving and client
-/// certificates with DNS and IP SANs.
-pub struct LocalCa {
-    issuer: Issuer<'static, KeyPair>,
-    cert_pem: String,
-    cert_der: CertificateDer<'static>,
-}
-
-/// A certificate and its private key, PEM.
-#[derive(Clone)]
-pub struct KeyedCertificate {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub cert_der: CertificateDer<'static>,
-}
-
-/// A leaf to issue.
-#[derive(Debug, Clone, Copy)]
-pub struct LeafSpec<'a> {
-    pub common_name: &'a str,
-    /// One `O=` (a Kubernetes group for client certificates).
-    pub organization: Option<&'a str>,
-    /// DNS names or IP addresses.
-    pub sans: &'a [String],
-    pub usage: Usage,
-    /// `None`: rcgen's default (1975 to 4096).
-    pub validity: Option<Validity>,
-}
-
-fn set_validity(params: &mut CertificateParams, validity: Option<Validity>) {
-    if let Some(v) = validity {
-        params.not_before = datetime(unix(v.not_before));
-        params.not_after = datetime(unix(v.not_after));
-    }
-}
-
-impl LocalCa {
-    /// A new CA named `common_name`; `path_len` limits the CAs below it (`Some(0)`: it signs
-    /// leaves only), `None` does not.
-    pub fn generate(
-        common_name: &str,
-        path_len: Option<u8>,
-        validity: Option<Validity>,
-    ) -> Result<LocalCa, CaError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        params.is_ca = IsCa::Ca(match path_len {
-            Some(n) => BasicConstraints::Constrained(n),
-            None => BasicConstraints::Unconstrained,
-        });
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        set_validity(&mut params, validity);
-        let cert = params.self_signed(&key)?;
-        Ok(LocalCa {
-            cert_pem: cert.pem(),
-            cert_der: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        })
-    }
-
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
-    }
-
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
-    }
-
-    /// The CA's private key, PEM.
-    pub fn key_pem(&self) -> String {
-        self.issuer.key().serialize_pem()
-    }
-
-    /// Issues a leaf with a new key.
-    pub fn issue(&self, leaf: &LeafSpec<'_>) -> Result<KeyedCertificate, CaError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(leaf.sans.to_vec())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, leaf.common_name);
-        if let Some(org) = leaf.organization {
-            params
-                .distinguished_name
-                .push(DnType::OrganizationName, org);
-        }
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![match leaf.usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
-        params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, leaf.validity);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(KeyedCertificate {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            cert_der: cert.der().clone(),
-        })
-    }
-}
-
-/// A CA and one serving certificate signed by it.
-#[derive(Clone)]
-pub struct ServingCertificate {
-    pub ca_pem: String,
-    pub ca_der: CertificateDer<'static>,
-    pub cert_pem: String,
-    pub key_pem: String,
-}
-
-/// What [`serving_certificate`] makes.
-#[derive(Debug, Clone, Copy)]
-pub struct ServingSpec<'a> {
-    /// The CA's common name.
-    pub ca_name: &'a str,
-    /// See [`LocalCa::generate`].
-    pub ca_path_len: Option<u8>,
-    /// The serving certificate's common name.
-    pub common_name: &'a str,
-    /// DNS names or IP addresses it serves.
-    pub sans: &'a [String],
-    /// Both certificates'; `None`: rcgen's default (1975 to 4096).
-    pub validity: Option<Validity>,
-}
-
-/// A fresh CA and a serving certificate (serverAuth) for `spec.sans`, signed by it: what the
-/// webhook, config distribution and test servers present, and the CA their clients trust.
-pub fn serving_certificate(spec: &ServingSpec<'_>) -> Result<ServingCertificate, CaError> {
-    let ca = LocalCa::generate(spec.ca_name, spec.ca_path_len, spec.validity)?;
-    let leaf = ca.issue(&LeafSpec {
-        common_name: spec.common_name,
-        organization: None,
-        sans: spec.sans,
-        usage: Usage::Server,
-        validity: spec.validity,
-    })?;
-    Ok(ServingCertificate {
-        ca_pem: ca.cert_pem.clone(),
-        ca_der: ca.cert_der.clone(),
-        cert_pem: leaf.cert_pem,
-        key_pem: leaf.key_pem,
-    })
 }
 
 #[cfg(test)]

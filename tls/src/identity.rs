@@ -5,12 +5,11 @@
 use std::fmt;
 use std::str::FromStr;
 
+use mesh_config::identity::{SpiffeIdError, SpiffeIdParts, parse_spiffe_id};
 use rustls::pki_types::CertificateDer;
 
-/// The trust domain when the profile names none (Istio's default).
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-
-/// One workload identity.
+/// One workload identity. Its shape (what it prints as, what parses) is
+/// `mesh_config::identity`'s, the one every part of the mesh checks identities with.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SpiffeId {
     pub trust_domain: String,
@@ -20,8 +19,8 @@ pub struct SpiffeId {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
-    #[error("{0:?} is not spiffe://<trust domain>/ns/<namespace>/sa/<service account>")]
-    Malformed(String),
+    #[error(transparent)]
+    Malformed(#[from] SpiffeIdError),
     #[error("the certificate does not parse: {0}")]
     Certificate(String),
     #[error("the certificate carries no SPIFFE ID (URI SAN)")]
@@ -42,45 +41,30 @@ impl SpiffeId {
             service_account: service_account.into(),
         }
     }
+
+    /// The identity's parts, borrowed.
+    pub fn parts(&self) -> SpiffeIdParts<'_> {
+        SpiffeIdParts::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        self.parts().fmt(f)
     }
 }
 
-/// A DNS-label-like segment: what Kubernetes allows in namespace and service-account names,
-/// and in trust domains (dots too).
-fn valid_segment(s: &str, dots: bool) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.')
-        })
+impl From<SpiffeIdParts<'_>> for SpiffeId {
+    fn from(p: SpiffeIdParts<'_>) -> SpiffeId {
+        SpiffeId::new(p.trust_domain, p.namespace, p.service_account)
+    }
 }
 
 impl FromStr for SpiffeId {
     type Err = IdentityError;
 
     fn from_str(s: &str) -> Result<SpiffeId, IdentityError> {
-        let malformed = || IdentityError::Malformed(s.to_string());
-        let rest = s.strip_prefix("spiffe://").ok_or_else(malformed)?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        match parts.as_slice() {
-            [td, "ns", ns, "sa", sa]
-                if valid_segment(td, true)
-                    && valid_segment(ns, false)
-                    && valid_segment(sa, true) =>
-            {
-                Ok(SpiffeId::new(*td, *ns, *sa))
-            }
-            _ => Err(malformed()),
-        }
+        Ok(parse_spiffe_id(s)?.into())
     }
 }
 

@@ -19,7 +19,7 @@ pub mod issuer;
 pub mod verify;
 pub mod workload;
 
-pub use identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
+pub use identity::SpiffeId;
 pub use verify::TrustBundle;
 pub use workload::{
     ClientHelloKind, Issuer, MESH_ALPN, PendingKey, WorkloadCertificates, classify_client_hello,

@@ -13,8 +13,6 @@ pub const ISTIO_MESHED_POD_LABEL: &str = "security.istio.io/tlsMode";
 pub const ISTIO_MESHED_POD_LABEL_VALUE: &str = "istio";
 /// The service account of a pod whose `spec.serviceAccountName` is empty.
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
-/// The trust domain of workload identities unless the install profile says otherwise.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// What the translator keeps of a pod with a sidecar: its labels (policies select workloads
 /// by them) and its service account (its identity). Nothing else, so that a control plane
@@ -60,20 +58,6 @@ pub fn is_meshed(labels: &BTreeMap<String, String>) -> bool {
             == Some(ISTIO_MESHED_POD_LABEL_VALUE)
 }
 
-/// The SPIFFE ID of a workload: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
-}
-
-/// Whether `td` can be a trust domain: lowercase letters, digits, `.`, `-` and `_` (the
-/// SPIFFE ID specification), not empty.
-pub fn valid_trust_domain(td: &str) -> bool {
-    !td.is_empty()
-        && td.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,15 +82,9 @@ mod tests {
     }
 
     #[test]
-    fn identity_shape() {
-        assert_eq!(
-            spiffe_id("cluster.local", "shop", &service_account(Some(""))),
-            "spiffe://cluster.local/ns/shop/sa/default"
-        );
-        assert!(mesh_config::is_spiffe_id(&spiffe_id("td", "a", "b")));
-        assert!(valid_trust_domain("example.org"));
-        assert!(!valid_trust_domain("Example.org"));
-        assert!(!valid_trust_domain("a/b"));
-        assert!(!valid_trust_domain(""));
+    fn a_pod_without_a_service_account_runs_as_default() {
+        assert_eq!(service_account(Some("")), DEFAULT_SERVICE_ACCOUNT);
+        assert_eq!(service_account(None), DEFAULT_SERVICE_ACCOUNT);
+        assert_eq!(service_account(Some("web")), "web");
     }
 }

@@ -158,7 +158,7 @@ impl IstioOperator {
         self.spec
             .pointer("/meshConfig/trustDomain")
             .and_then(Value::as_str)
-            .filter(|s| crate::identity::valid_trust_domain(s))
+            .filter(|s| mesh_config::identity::valid_trust_domain(s))
     }
 
     /// `spec.meshConfig.pathNormalization.normalization`, if set (validated on load).

@@ -28,6 +28,7 @@ use std::net::IpAddr;
 
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
+use kube::core::{Selector, SelectorExt};
 use mesh_config::{
     BackendTarget, Forward, InboundPort, Listener, ListenerKind, ListenerProtocol, MeshService,
     RateLimit, RateLimitMode, Route, RouteAction, RouteMatch, WeightedBackend,
@@ -539,7 +540,7 @@ fn inbound_envoy_filters(
         }
         let selector = ef.spec.workload_selector.as_ref().map(|s| s.labels.clone());
         let selects = |l: &BTreeMap<String, String>, s: &BTreeMap<String, String>| {
-            s.iter().all(|(k, v)| l.get(k) == Some(v))
+            Selector::from_iter(s.clone()).matches(l)
         };
         let how = match &selector {
             None => "no workloadSelector".to_string(),

@@ -559,13 +559,19 @@ pub(crate) fn operator(op: &IstioOperator) -> Problems {
         .spec
         .pointer("/meshConfig/trustDomain")
         .filter(|v| !v.is_null())
-        && !v.as_str().is_some_and(crate::identity::valid_trust_domain)
     {
-        push(
-            &mut out,
-            "spec.meshConfig.trustDomain".into(),
-            "must be a trust domain: lowercase letters, digits, '.', '-' and '_' (e.g. cluster.local)",
-        );
+        let problem = match v.as_str() {
+            Some(td) => mesh_config::identity::check_trust_domain(td)
+                .err()
+                .map(|e| e.to_string()),
+            None => Some(format!(
+                "must be a trust domain: {}",
+                mesh_config::identity::TRUST_DOMAIN_RULE
+            )),
+        };
+        if let Some(problem) = problem {
+            push(&mut out, "spec.meshConfig.trustDomain".into(), problem);
+        }
     }
     if let Some(v) = op
         .spec

@@ -462,6 +462,10 @@ fn invalid_peer_authentications_in_files_name_the_file_document_and_field() {
         "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {name: p}\nspec: {meshConfig: {trustDomain: 'Not/A/Domain'}}\n",
     );
     assert!(e[0].contains("spec.meshConfig.trustDomain"), "{e:#?}");
+    assert!(
+        e[0].contains("the trust domain \"Not/A/Domain\" holds 'N'"),
+        "{e:#?}"
+    );
 }
 
 #[test]

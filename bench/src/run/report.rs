@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::host::Machine;
-use super::stats::{Stat, Summary, WebhookSummary};
+use super::stats::{Stat, Summary};
 use super::targets::Target;
+use super::webhook_bench::WebhookSummary;
 use crate::configs::Scenario;
 
 #[derive(Debug, Serialize)]

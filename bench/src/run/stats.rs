@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::contenders::{Contender, Sample};
-use super::webhook_bench::WebhookSample;
 use crate::configs::Scenario;
 
 /// Median, min and max.
@@ -93,12 +92,4 @@ pub(super) fn summarize(cores: usize, s: Scenario, c: Contender, samples: Vec<Sa
             .collect(),
         samples,
     }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct WebhookSummary {
-    pub pod: String,
-    pub conns: usize,
-    pub metrics: BTreeMap<String, Stat>,
-    pub samples: Vec<WebhookSample>,
 }

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::contenders::Contender;
-use super::stats::{Summary, WebhookSummary};
+use super::stats::Summary;
+use super::webhook_bench::WebhookSummary;
 use crate::configs::Scenario;
 
 #[derive(Debug, Serialize)]

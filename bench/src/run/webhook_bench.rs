@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::contenders::Bench;
 use super::host::{clk_tck, cpu_ticks, loadavg};
 use super::process::{Proc, free_port, pinned, wait_port};
-use super::stats::{WebhookSummary, stat};
+use super::stats::{Stat, stat};
 use crate::load::LoadResult;
 use crate::webhook;
 
@@ -22,6 +22,15 @@ pub struct WebhookSample {
     pub loadavg: [f64; 3],
     pub result: LoadResult,
     pub cpu_us_per_review: Option<f64>,
+}
+
+/// The medians and spreads of the webhook's repetitions for one pod and connection count.
+#[derive(Debug, Clone, Serialize)]
+pub struct WebhookSummary {
+    pub pod: String,
+    pub conns: usize,
+    pub metrics: BTreeMap<String, Stat>,
+    pub samples: Vec<WebhookSample>,
 }
 
 pub(super) fn run_webhook(bench: &Bench) -> anyhow::Result<Vec<WebhookSummary>> {
@@ -60,7 +69,7 @@ pub(super) fn run_webhook(bench: &Bench) -> anyhow::Result<Vec<WebhookSummary>> 
         );
     }
     let pods = [
-        ("seed-deployment", webhook::seed_pod()?),
+        ("seed-deployment", webhook::walkthrough_pod()?),
         ("50-containers", webhook::pod_with(50)),
     ];
     let mut bodies = Vec::new();

@@ -10,7 +10,7 @@ use super::*;
 const MIN: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 
-fn seed_limit(name: &str) -> RateLimit {
+fn walkthrough_limit(name: &str) -> RateLimit {
     RateLimit {
         name: name.to_string(),
         max_tokens: 10,
@@ -208,7 +208,7 @@ async fn distributed_bucket_gets_its_share() {
     assert_eq!(take_all(&b, 100), 5);
     tokio::time::advance(MIN).await;
     assert_eq!(take_all(&b, 100), 3);
-    // Two instances of the seed's limit let through 10, not 20.
+    // Two instances of the walkthrough's limit let through 10, not 20.
     let other = TokenBucket::with_instances(10, 5, MIN, 2);
     assert_eq!(take_all(&other, 100), 5);
 }
@@ -251,12 +251,12 @@ async fn instance_change_keeps_fill_phase() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn seed_numbers_100_tries_10_allowed() {
-    let limiters = RateLimiters::build(&[seed_limit("seed")], None);
+async fn walkthrough_numbers_100_tries_10_allowed() {
+    let limiters = RateLimiters::build(&[walkthrough_limit("walkthrough")], None);
     let mut allowed = 0;
     let mut limited = 0;
     for _ in 0..100 {
-        match limiters.check("seed").unwrap() {
+        match limiters.check("walkthrough").unwrap() {
             RateLimitDecision::Allowed { headers } => {
                 assert!(headers.is_empty());
                 allowed += 1;
@@ -267,18 +267,21 @@ async fn seed_numbers_100_tries_10_allowed() {
     assert_eq!((allowed, limited), (10, 90));
     tokio::time::advance(MIN).await;
     let allowed = (0..100)
-        .filter(|_| !limiters.check("seed").unwrap().is_limited())
+        .filter(|_| !limiters.check("walkthrough").unwrap().is_limited())
         .count();
     assert_eq!(allowed, 5);
 }
 
 #[tokio::test(start_paused = true)]
-async fn seed_parallel_tasks_10_allowed() {
-    let limiters = Arc::new(RateLimiters::build(&[seed_limit("seed")], None));
+async fn walkthrough_parallel_tasks_10_allowed() {
+    let limiters = Arc::new(RateLimiters::build(
+        &[walkthrough_limit("walkthrough")],
+        None,
+    ));
     let tasks: Vec<_> = (0..100)
         .map(|_| {
             let l = limiters.clone();
-            tokio::spawn(async move { l.check("seed").unwrap().is_limited() })
+            tokio::spawn(async move { l.check("walkthrough").unwrap().is_limited() })
         })
         .collect();
     let mut limited = 0;
@@ -290,23 +293,23 @@ async fn seed_parallel_tasks_10_allowed() {
 
 #[tokio::test(start_paused = true)]
 async fn unknown_limit_is_none() {
-    let limiters = RateLimiters::build(&[seed_limit("seed")], None);
+    let limiters = RateLimiters::build(&[walkthrough_limit("walkthrough")], None);
     assert!(limiters.check("nope").is_none());
-    assert!(limiters.get("seed").is_some());
+    assert!(limiters.get("walkthrough").is_some());
     assert_eq!(limiters.len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
-async fn local_reply_matches_the_seed() {
-    let limiters = RateLimiters::build(&[seed_limit("seed")], None);
+async fn local_reply_matches_the_walkthrough() {
+    let limiters = RateLimiters::build(&[walkthrough_limit("walkthrough")], None);
     for _ in 0..10 {
-        assert!(!limiters.check("seed").unwrap().is_limited());
+        assert!(!limiters.check("walkthrough").unwrap().is_limited());
     }
-    let d = limiters.check("seed").unwrap();
+    let d = limiters.check("walkthrough").unwrap();
     let RateLimitDecision::Limited(l) = &d else {
         panic!("not limited")
     };
-    assert_eq!(l.name(), "seed");
+    assert_eq!(l.name(), "walkthrough");
     let resp = d.local_reply().unwrap();
     assert_eq!(resp.status(), 429);
     let h = resp.headers();
@@ -321,7 +324,7 @@ async fn local_reply_matches_the_seed() {
 
 #[tokio::test(start_paused = true)]
 async fn x_ratelimit_headers_and_custom_status() {
-    let mut limit = seed_limit("h");
+    let mut limit = walkthrough_limit("h");
     limit.x_ratelimit_headers = true;
     limit.status = 503;
     limit.max_tokens = 2;
@@ -349,46 +352,49 @@ async fn x_ratelimit_headers_and_custom_status() {
 
 #[tokio::test(start_paused = true)]
 async fn reload_keeps_unchanged_buckets() {
-    let mut other = seed_limit("other");
+    let mut other = walkthrough_limit("other");
     other.max_tokens = 3;
-    let first = RateLimiters::build(&[seed_limit("seed"), other.clone()], None);
+    let first = RateLimiters::build(&[walkthrough_limit("walkthrough"), other.clone()], None);
     for _ in 0..4 {
-        first.check("seed");
+        first.check("walkthrough");
         first.check("other");
     }
     // Same settings (a different status and headers do not matter) keep the state; a changed
     // budget starts afresh; a removed limit is gone.
-    let mut seed = seed_limit("seed");
-    seed.status = 503;
-    seed.response_headers_to_add.clear();
+    let mut walkthrough = walkthrough_limit("walkthrough");
+    walkthrough.status = 503;
+    walkthrough.response_headers_to_add.clear();
     other.max_tokens = 4;
-    let second = RateLimiters::build(&[seed, other, seed_limit("new")], Some(&first));
+    let second = RateLimiters::build(
+        &[walkthrough, other, walkthrough_limit("new")],
+        Some(&first),
+    );
     assert!(Arc::ptr_eq(
-        first.get("seed").unwrap().bucket(),
-        second.get("seed").unwrap().bucket()
+        first.get("walkthrough").unwrap().bucket(),
+        second.get("walkthrough").unwrap().bucket()
     ));
-    assert_eq!(second.get("seed").unwrap().bucket().available(), 6);
+    assert_eq!(second.get("walkthrough").unwrap().bucket().available(), 6);
     assert!(!Arc::ptr_eq(
         first.get("other").unwrap().bucket(),
         second.get("other").unwrap().bucket()
     ));
     assert_eq!(second.get("other").unwrap().bucket().available(), 4);
     assert_eq!(second.get("new").unwrap().bucket().available(), 10);
-    let third = RateLimiters::build(&[seed_limit("seed")], Some(&second));
+    let third = RateLimiters::build(&[walkthrough_limit("walkthrough")], Some(&second));
     assert!(third.get("other").is_none());
-    assert_eq!(third.get("seed").unwrap().bucket().available(), 6);
+    assert_eq!(third.get("walkthrough").unwrap().bucket().available(), 6);
     let resp = {
         for _ in 0..6 {
-            assert!(!third.check("seed").unwrap().is_limited());
+            assert!(!third.check("walkthrough").unwrap().is_limited());
         }
-        third.check("seed").unwrap().local_reply().unwrap()
+        third.check("walkthrough").unwrap().local_reply().unwrap()
     };
     assert_eq!(resp.status(), 429);
 }
 
 #[tokio::test(start_paused = true)]
 async fn reload_with_new_instance_count_rescales() {
-    let mut limit = seed_limit("d");
+    let mut limit = walkthrough_limit("d");
     limit.mode = RateLimitMode::Distributed { instances: 1 };
     let first = RateLimiters::build(std::slice::from_ref(&limit), None);
     assert_eq!(first.get("d").unwrap().bucket().capacity(), 10);
@@ -401,7 +407,7 @@ async fn reload_with_new_instance_count_rescales() {
         (5, 3, 5)
     );
     // The standalone flag overrides the config's count for distributed limits only.
-    let local = seed_limit("l");
+    let local = walkthrough_limit("l");
     let third = RateLimiters::build_with(&[limit, local], Some(&second), Some(5));
     assert_eq!(third.get("d").unwrap().bucket().capacity(), 2);
     assert_eq!(third.get("l").unwrap().bucket().capacity(), 10);

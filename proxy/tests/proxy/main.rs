@@ -11,4 +11,4 @@ mod lifecycle;
 mod mtls;
 mod reload;
 mod routing;
-mod seed;
+mod walkthrough;

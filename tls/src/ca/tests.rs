@@ -1,9 +1,11 @@
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 use rustls::client::danger::ServerCertVerifier;
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
 use super::*;

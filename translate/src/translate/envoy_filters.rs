@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use kube::core::{Selector, SelectorExt};
 use mesh_config::{RateLimit, RateLimitMode};
 
 use super::Ctx;
@@ -102,7 +103,7 @@ fn apply_at_gateways(cx: &mut Ctx<'_>, gws: &[Gw<'_>], patch: &Patch<'_>) {
         let labels = gateway_labels(cx, g);
         if selector
             .as_ref()
-            .is_some_and(|s| s.iter().any(|(k, v)| labels.get(k) != Some(v)))
+            .is_some_and(|s| !Selector::from_iter(s.clone()).matches(&labels))
         {
             continue;
         }
@@ -252,7 +253,7 @@ fn selector_note(
         Some(s) => {
             let selects_gateway = gws.iter().any(|g| {
                 let labels = gateway_labels(cx, g);
-                s.iter().all(|(k, v)| labels.get(k) == Some(v))
+                Selector::from_iter(s.clone()).matches(&labels)
             });
             if selects_gateway {
                 format!(

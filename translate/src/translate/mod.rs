@@ -94,7 +94,7 @@ impl Default for TranslateOptions {
             gateway_labels: BTreeMap::from([("istio".into(), "ingressgateway".into())]),
             root_namespaces: vec!["istio-system".into(), "mesh-system".into()],
             http: HttpOptions::default(),
-            trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.into(),
+            trust_domain: mesh_config::identity::DEFAULT_TRUST_DOMAIN.into(),
         }
     }
 }

@@ -20,10 +20,11 @@ use mesh_config::{InboundMtls, MtlsMode};
 
 use super::Ctx;
 use super::mesh_options::trust_domain;
-use crate::identity::{MeshedPod, is_meshed, spiffe_id};
+use crate::identity::{MeshedPod, is_meshed};
 use crate::peer_authentication::{PeerAuthentication, ValidPolicy, read};
 use crate::resources::{Resources, ns_name, pod_key};
 use crate::{TranslateOptions, Warning};
+use mesh_config::identity::spiffe_id;
 
 /// One applicable policy.
 struct Policy {

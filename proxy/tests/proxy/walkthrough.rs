@@ -1,5 +1,6 @@
-//! The user's reference scenario through the real binary: `mesh-proxy run --resources` with
-//! the seed's files as they are (plus EndpointSlices for local backends), in the seed's order:
+//! The walkthrough through the real binary: `mesh-proxy run --resources` with the
+//! walkthrough's files as they are (plus EndpointSlices for local backends), in the
+//! walkthrough's order:
 //! routes first and the canary check, then the EnvoyFilter (picked up by the file watcher)
 //! and the parallel rate-limit check.
 
@@ -10,9 +11,9 @@ use std::time::Duration;
 
 use mesh_proxy::testing::{EchoServer, TestClient, get};
 
-/// The seed: ../shared/seed-walkthrough when present (the user's files), else the
-/// repository's verbatim copy.
-fn seed_dir() -> PathBuf {
+/// The walkthrough: ../shared/seed-walkthrough when present (the files as they are written
+/// there), else the repository's verbatim copy.
+fn walkthrough_dir() -> PathBuf {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/seed-walkthrough");
     if shared.is_dir() {
         shared
@@ -21,7 +22,7 @@ fn seed_dir() -> PathBuf {
     }
 }
 
-/// EndpointSlices for the seed's Services, as the EndpointSlice controller would write them,
+/// EndpointSlices for the walkthrough's Services, as the EndpointSlice controller would write them,
 /// pointing at local backends.
 fn endpoint_slices(backends: &[(&str, &EchoServer)]) -> String {
     backends
@@ -86,7 +87,7 @@ fn spawn(resources: &Path) -> ProxyProcess {
     std::thread::spawn(move || for _ in lines {});
     ProxyProcess {
         child,
-        url: url.expect("mesh-proxy exited without serving the seed's Gateway listener"),
+        url: url.expect("mesh-proxy exited without serving the walkthrough's Gateway listener"),
         admin: admin.expect("mesh-proxy did not start its admin server"),
     }
 }
@@ -104,15 +105,15 @@ async fn successful_reloads(admin: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn seed_walkthrough_canary_then_rate_limit() {
+async fn walkthrough_canary_then_rate_limit() {
     let v1 = EchoServer::start("myapp v1").await;
     let v2 = EchoServer::start("myapp v2").await;
     let other = EchoServer::start("otherapp").await;
 
-    // The resources directory: the seed's files except the EnvoyFilter, which the user
-    // applies later (step 7).
+    // The resources directory: the walkthrough's files except the EnvoyFilter, which the
+    // walkthrough applies later (step 7).
     let dir = tempfile::tempdir().unwrap();
-    let seed = seed_dir();
+    let walkthrough = walkthrough_dir();
     for f in [
         "gateway.yaml",
         "httproute-myapp.yaml",
@@ -120,7 +121,7 @@ async fn seed_walkthrough_canary_then_rate_limit() {
         "deployment.yaml",
         "istio-gwapi.yaml",
     ] {
-        std::fs::copy(seed.join(f), dir.path().join(f)).unwrap();
+        std::fs::copy(walkthrough.join(f), dir.path().join(f)).unwrap();
     }
     std::fs::write(
         dir.path().join("endpointslices.yaml"),
@@ -160,7 +161,7 @@ async fn seed_walkthrough_canary_then_rate_limit() {
                 other => panic!("`/` answered by {other}"),
             }
         }
-        eprintln!("seed canary: v1 {} v2 {got_v2}", n - got_v2);
+        eprintln!("walkthrough canary: v1 {} v2 {got_v2}", n - got_v2);
         if (f64::from(got_v2) - 200.0).abs() <= 3.0 * sd {
             break;
         }
@@ -175,7 +176,7 @@ async fn seed_walkthrough_canary_then_rate_limit() {
     let before = successful_reloads(&proxy.admin).await;
     assert!(before >= 1);
     std::fs::copy(
-        seed.join("istio-envoy-filter.yaml"),
+        walkthrough.join("istio-envoy-filter.yaml"),
         dir.path().join("istio-envoy-filter.yaml"),
     )
     .unwrap();
@@ -219,7 +220,7 @@ async fn seed_walkthrough_canary_then_rate_limit() {
     assert_eq!(r.header("content-type"), Some("text/plain"));
     assert_eq!(r.text(), "local_rate_limited");
 
-    // `/` is served by two single-pod Services, each with its own bucket (the seed's 20).
+    // `/` is served by two single-pod Services, each with its own bucket (the walkthrough's 20).
     let (v1_before, v2_before) = (v1.requests().len(), v2.requests().len());
     let answers = burst(format!("{}/", proxy.url)).await;
     let ok = answers.iter().filter(|r| r.status == 200).count();
@@ -229,7 +230,7 @@ async fn seed_walkthrough_canary_then_rate_limit() {
         v2.requests().len() - v2_before,
     );
     eprintln!(
-        "seed rate limit on /: {ok} x 200, {} x 429 (v1 {to_v1}, v2 {to_v2})",
+        "walkthrough rate limit on /: {ok} x 200, {} x 429 (v1 {to_v1}, v2 {to_v2})",
         limited.len()
     );
     assert_eq!(ok + limited.len(), 100);
