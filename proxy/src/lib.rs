@@ -9,6 +9,7 @@ pub mod body;
 pub mod config_file;
 pub mod connection;
 mod context;
+mod detect;
 pub mod distribution;
 mod downstream;
 pub mod error;

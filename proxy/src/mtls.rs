@@ -246,36 +246,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// Reads the first bytes of a decrypted stream until the protocol is known (the same rules
-/// as for plaintext), and hands them back to be read again.
-pub async fn detect_in<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    timeout: Duration,
-) -> (crate::sidecar::Protocol, Bytes) {
-    use tokio::io::AsyncReadExt;
-    let deadline = Instant::now() + timeout;
-    let mut buf = Vec::with_capacity(16);
-    loop {
-        let mut chunk = [0u8; 16];
-        let want = 16 - buf.len().min(16);
-        let n =
-            match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want.max(1)])).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(_)) | Err(_) => return (crate::sidecar::Protocol::Opaque, buf.into()),
-            };
-        if n == 0 {
-            return (crate::sidecar::Protocol::Opaque, buf.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(p) = crate::sidecar::classify(&buf) {
-            return (p, buf.into());
-        }
-        if buf.len() >= 16 {
-            return (crate::sidecar::Protocol::Opaque, buf.into());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,23 +258,5 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "hello world");
-    }
-
-    #[tokio::test]
-    async fn detection_inside_tls_matches_plaintext_rules() {
-        let mut h1: &[u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
-        let (p, first) = detect_in(&mut h1, Duration::from_secs(1)).await;
-        assert_eq!(p, crate::sidecar::Protocol::Http1);
-        assert!(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n".starts_with(&first));
-        let mut h2: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-        assert_eq!(
-            detect_in(&mut h2, Duration::from_secs(1)).await.0,
-            crate::sidecar::Protocol::Http2
-        );
-        let mut other: &[u8] = b"\x00\x01binary";
-        assert_eq!(
-            detect_in(&mut other, Duration::from_secs(1)).await.0,
-            crate::sidecar::Protocol::Opaque
-        );
     }
 }

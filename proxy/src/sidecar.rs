@@ -37,72 +37,8 @@ use mesh_config::MtlsMode;
 use mesh_tls::SpiffeId;
 use tokio_util::either::Either;
 
-/// What a captured connection speaks, as far as its first bytes tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// An HTTP/1.x request line (`GET `, `POST `, ...).
-    Http1,
-    /// The HTTP/2 connection preface (`PRI * HTTP/2.0`), prior knowledge (h2c).
-    Http2,
-    /// Anything else: copied untouched.
-    Opaque,
-}
-
-const METHODS: [&[u8]; 9] = [
-    b"GET ",
-    b"HEAD ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"TRACE ",
-    b"CONNECT ",
-];
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
-
-/// Classifies the first bytes of a connection; `None` means "could still be either: read
-/// more". Pure, so tested without sockets.
-pub fn classify(first: &[u8]) -> Option<Protocol> {
-    if first.is_empty() {
-        return None;
-    }
-    if first.starts_with(H2_PREFACE) {
-        return Some(Protocol::Http2);
-    }
-    if METHODS.iter().any(|m| first.starts_with(m)) {
-        return Some(Protocol::Http1);
-    }
-    let could_be = |pattern: &[u8]| first.len() < pattern.len() && pattern.starts_with(first);
-    if could_be(H2_PREFACE) || METHODS.iter().any(|m| could_be(m)) {
-        return None;
-    }
-    Some(Protocol::Opaque)
-}
-
-/// Peeks until [`classify`] decides, the peer stops sending (EOF), or `timeout` passes.
-async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
-    let mut buf = [0u8; 16];
-    let deadline = Instant::now() + timeout;
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(_)) | Err(_) => return Protocol::Opaque,
-        };
-        if n == 0 {
-            return Protocol::Opaque;
-        }
-        if let Some(p) = classify(&buf[..n]) {
-            return p;
-        }
-        // Part of a method or preface is here, the rest is on its way: `peek` returns at once
-        // while data is buffered, so wait a little instead of spinning.
-        if Instant::now() >= deadline {
-            return Protocol::Opaque;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
+pub use crate::detect::{Protocol, classify};
+use crate::detect::{detect, detect_in};
 
 /// The destination the connection had before the nat `REDIRECT`; `None` if it was not
 /// redirected (its original destination is the listening socket itself) or unknown.
@@ -165,7 +101,7 @@ pub(crate) async fn serve_captured(c: Captured, guard: ConnectionGuard) {
                     .observer
                     .metrics
                     .mtls_accepted(&conn.state.load().table.name);
-                let (protocol, first) = mtls::detect_in(&mut *tls, detect_timeout).await;
+                let (protocol, first) = detect_in(&mut *tls, detect_timeout).await;
                 tracing::debug!(peer = %peer, %dst, ?protocol, identity = %peer_identity.id, "mutual TLS connection");
                 let io = Either::Right(Prefixed::new(first, *tls));
                 match protocol {

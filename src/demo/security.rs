@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
+use mesh_config::identity::DEFAULT_TRUST_DOMAIN;
 use mesh_proxy::config::ProxyConfig;
 use mesh_proxy::{Proxy, ProxyHandle, ProxyOptions};
 use mesh_tls::ca::CertificateAuthority;
 use mesh_tls::issuer::InProcessIssuer;
-use mesh_config::identity::DEFAULT_TRUST_DOMAIN;
 use mesh_tls::{SpiffeId, WorkloadCertificates};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

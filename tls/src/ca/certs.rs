@@ -256,10 +256,7 @@ impl CertificateSummary {
 
 /// Every certificate of a PEM text (a trust bundle), summarized; `origin` names the text in
 /// errors.
-pub fn summarize_pem(
-    pem: &str,
-    origin: &str,
-) -> Result<Vec<CertificateSummary>, super::CaError> {
+pub fn summarize_pem(pem: &str, origin: &str) -> Result<Vec<CertificateSummary>, super::CaError> {
     Ok(parse_certs(pem, origin)?
         .iter()
         .map(|der| {
