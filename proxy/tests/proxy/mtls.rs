@@ -285,3 +285,63 @@ async fn http2_backends_get_mutual_tls_too() {
             .is_some_and(|x| x.ends_with(A))
     );
 }
+
+#[tokio::test]
+async fn certificates_rotate_under_steady_traffic_without_a_failed_request() {
+    let ca = Arc::new(Mutex::new(CertificateAuthority::generate_root().unwrap()));
+    let app = EchoServer::start("app").await;
+    // Six-second certificates, renewed at about half their lifetime by the proxies' own
+    // renewal loops.
+    let certs_for = |id: &str| {
+        let certs = WorkloadCertificates::new(None);
+        let issuer = Arc::new(InProcessIssuer::new(ca.clone(), id, Duration::from_secs(6)));
+        tokio::spawn(certs.clone().run(issuer));
+        certs
+    };
+    let (a_certs, b_certs) = (certs_for(A), certs_for(B));
+    for c in [&a_certs, &b_certs] {
+        for _ in 0..200 {
+            if c.is_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // B closes connections idle for 100 ms: most requests below open a new connection, so
+    // handshakes happen with every certificate in turn, besides requests on open ones.
+    let mut b_config = server_config(&app.endpoint(), "STRICT");
+    b_config["http"] = json!({"idleTimeout": "100ms"});
+    let (_b, b) = start(b_config, b_certs.clone()).await;
+    let (_a, a) = start(client_config(b, B), a_certs.clone()).await;
+    let (mut a_rx, mut b_rx) = (a_certs.watch(), b_certs.watch());
+    let (a0, b0) = (*a_rx.borrow_and_update(), *b_rx.borrow_and_update());
+    let client = TestClient::http1();
+    let (mut ok, mut failed) = (0, Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(9);
+    let mut i = 0u32;
+    while tokio::time::Instant::now() < deadline {
+        match client.get(&format!("http://{a}/tick/{i}"), &[]).await {
+            Ok(r) if r.status == 200 => ok += 1,
+            Ok(r) => failed.push(format!("{i}: {} {}", r.status, r.text())),
+            Err(e) => failed.push(format!("{i}: {e}")),
+        }
+        i += 1;
+        // Alternate: a burst on the open connection, then a pause past B's idle timeout.
+        if i % 4 == 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+    let rotations = |now: u64, then: u64| now.saturating_sub(then);
+    let (a_rot, b_rot) = (rotations(*a_rx.borrow(), a0), rotations(*b_rx.borrow(), b0));
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok >= 40, "only {ok} requests");
+    assert!(
+        a_rot >= 2 && b_rot >= 2,
+        "certificates renewed {a_rot} (A) and {b_rot} (B) times"
+    );
+}
