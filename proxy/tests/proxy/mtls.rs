@@ -327,7 +327,7 @@ async fn certificates_rotate_under_steady_traffic_without_a_failed_request() {
         }
         i += 1;
         // Alternate: a burst on the open connection, then a pause past B's idle timeout.
-        if i % 4 == 0 {
+        if i.is_multiple_of(4) {
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
     }
