@@ -162,6 +162,20 @@ async fn walkthrough_through_the_control_plane() {
             .unwrap();
     }
 
+    // The app pods are injected, but what answers for them below are plain HTTP servers on
+    // the host, without the sidecar that would terminate mutual TLS: the namespace says so
+    // (Istio's PeerAuthentication DISABLE), so the gateway reaches them in plaintext.
+    let plaintext = dir.join("peer-authentication.yaml");
+    std::fs::write(
+        &plaintext,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: stand-ins-without-sidecars}\nspec: {mtls: {mode: DISABLE}}\n",
+    )
+    .unwrap();
+    env.kubectl_ok(&["apply", "-n", &ns, "-f", plaintext.to_str().unwrap()])
+        .await
+        .unwrap();
+
     // The control plane deploys the Gateway (Istio's naming: <gateway>-<class>).
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
