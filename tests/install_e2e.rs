@@ -391,7 +391,7 @@ async fn uninstall_leaves_none_of_our_objects_and_runs_twice() {
         .owned(&[("apiextensions.k8s.io/v1", "CustomResourceDefinition")])
         .await
         .unwrap();
-    assert_eq!(crds.len(), 10, "{crds:?}");
+    assert_eq!(crds.len(), 11, "{crds:?}");
     let out = ok(meshctl(env, &["uninstall", "-y"]), "second uninstall");
     assert!(out.contains("nothing to uninstall"), "{out}");
     let out = meshctl(env, &["verify-install"]);
