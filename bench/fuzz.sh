@@ -6,7 +6,7 @@
 #   bench/fuzz.sh [--minutes N]
 #
 # Suites (cases per run):
-#   HTTP/1 requests through a real proxy and backend   proxy/tests/proxy/fuzz.rs     2,000
+#   HTTP/1 requests through a real proxy and backend   proxy/cli/tests/proxy/fuzz.rs     2,000
 #   AdmissionReviews, install files and --set           tests/fuzz_inputs.rs          5,000 each
 #   resource YAML (load and translate)                  translate/tests/fuzz.rs       2,000
 # Debug builds on purpose: overflow checks and debug assertions find more.
@@ -31,7 +31,7 @@ deadline=$(( $(date +%s) + minutes * 60 ))
 
 # name | cargo package | test target | test filter | cases per run
 suites=(
-    "http|mesh-proxy|proxy|fuzz::|2000"
+    "http|mesh-proxy-cli|proxy|fuzz::|2000"
     "webhook+install|meshctl|fuzz_inputs||5000"
     "resources|mesh-translate|fuzz||2000"
 )

