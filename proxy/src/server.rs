@@ -509,7 +509,9 @@ async fn accept_loop(a: Acceptor) {
                         let port = stream.local_addr().map(|a| a.port()).unwrap_or_default();
                         let mode = m.mode_for(port);
                         let io: DownstreamIo =
-                            match mtls::inbound(stream, mode, rt.mtls(), detect_timeout).await {
+                            match Box::pin(mtls::inbound(stream, mode, rt.mtls(), detect_timeout))
+                                .await
+                            {
                                 Inbound::Plain(s) | Inbound::Silent(s) => Either::Left(s),
                                 Inbound::Mesh(tls, peer_identity) => {
                                     rt.observer.metrics.mtls_accepted(&state.load().table.name);

@@ -93,7 +93,8 @@ pub(crate) async fn serve_captured(c: Captured, guard: ConnectionGuard) {
     if kind == ListenerKind::SidecarInbound {
         // What the pod's PeerAuthentication allows on this port (unset: PERMISSIVE).
         let mode = mtls.map_or(MtlsMode::Permissive, |m| m.mode_for(dst.port()));
-        match mtls::inbound(stream, mode, conn.rt.mtls(), detect_timeout).await {
+        // Boxed: the TLS handshake's state is large; the plaintext path should not carry it.
+        match Box::pin(mtls::inbound(stream, mode, conn.rt.mtls(), detect_timeout)).await {
             Inbound::Plain(stream) => serve_plain(conn, stream, dst, detect_timeout).await,
             Inbound::Silent(stream) => serve_tcp(conn, Either::Left(stream), dst).await,
             Inbound::Mesh(mut tls, peer_identity) => {
@@ -208,7 +209,7 @@ async fn serve_tcp(mut c: Conn, down: DownstreamIo, dst: SocketAddr) {
             // A meshed endpoint: mutual TLS, once this proxy has its certificate.
             match (identity.as_ref(), c.rt.mtls()) {
                 (Some(identity), Some(certs)) => {
-                    mtls::connect(up, certs, identity, connect_timeout)
+                    Box::pin(mtls::connect(up, certs, identity, connect_timeout))
                         .await
                         .map(Either::Right)
                 }

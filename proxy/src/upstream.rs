@@ -290,11 +290,16 @@ async fn connect(
     };
     match tls {
         None => handshake(stream).await,
+        // Boxed: a TLS handshake's state is several KB, and inline it would make every
+        // request's future (which embeds this one) that much larger to create and move.
         Some(t) => {
-            let stream = crate::mtls::connect(stream, t.certs, t.identity, timeout)
-                .await
-                .map_err(|e| ProxyError::Connect(format!("mutual TLS with {addr}: {e}")))?;
-            handshake(stream).await
+            Box::pin(async move {
+                let stream = crate::mtls::connect(stream, t.certs, t.identity, timeout)
+                    .await
+                    .map_err(|e| ProxyError::Connect(format!("mutual TLS with {addr}: {e}")))?;
+                handshake(stream).await
+            })
+            .await
         }
     }
 }
