@@ -19,11 +19,13 @@ use crate::state::{ListenerState, Runtime};
 
 /// What the request path knows of the downstream connection a request came on (the same for
 /// every request of the connection).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Downstream {
     pub peer: SocketAddr,
     /// Sidecar listeners: the destination the connection had before it was captured.
     pub original_dst: Option<SocketAddr>,
+    /// The other proxy's identity, when the connection is mutual TLS from the mesh.
+    pub peer_identity: Option<Arc<crate::mtls::PeerIdentity>>,
 }
 
 /// One request, from arrival to finished response.

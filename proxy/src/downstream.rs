@@ -71,7 +71,7 @@ pub(crate) async fn serve_http_connection<S>(
         service_fn(move |req| {
             let st = state.load_full();
             let in_flight = watch.begin();
-            handle(rt.clone(), st, downstream, req, in_flight)
+            handle(rt.clone(), st, downstream.clone(), req, in_flight)
         })
     };
     let builder = server_builder(limits, &http);

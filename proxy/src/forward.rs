@@ -22,6 +22,7 @@ use crate::routing::{
     CompiledFilter, CompiledRoute, MirrorTarget, Target, Upstream, WeightedTarget, rewrite_path,
 };
 use crate::state::Runtime;
+use crate::upstream::MeshTls;
 
 /// Sends `req` to an endpoint of `upstream` (the backend of `choice`, one of `route`'s) and
 /// waits for its response head.
@@ -36,10 +37,17 @@ pub async fn forward(
     // Both outlive `cx`'s borrows (they are the request's runtime and config).
     let (rt, listener) = (cx.rt, cx.listener);
     let http = &*listener.snapshot.http;
-    let (endpoint, authority) = upstream
-        .pick_with_authority()
+    let picked = upstream
+        .pick_endpoint()
         .ok_or_else(|| ProxyError::NoEndpoints(upstream.name.to_string()))?;
+    let (endpoint, authority) = (picked.endpoint, picked.authority);
     cx.endpoint = Some(endpoint.clone());
+    // A meshed endpoint gets mutual TLS once this proxy has its certificate; until then, or
+    // for endpoints outside the mesh, plaintext.
+    let tls = match (picked.identity, rt.mtls()) {
+        (Some(identity), Some(certs)) => Some(MeshTls { certs, identity }),
+        _ => None,
+    };
 
     let downstream_version = req.version();
     let downstream_h1 = downstream_version < Version::HTTP_2;
@@ -84,16 +92,24 @@ pub async fn forward(
 
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     headers::set_forwarded(&mut parts.headers, cx.downstream.peer.ip(), "http");
+    // Who called, as Envoy tells it in Istio's sidecars: over mutual TLS the peer's identity
+    // is appended to `X-Forwarded-Client-Cert`; otherwise a client's own value is removed.
+    headers::set_client_cert(
+        &mut parts.headers,
+        cx.downstream.peer_identity.as_deref().map(|p| &p.xfcc),
+    );
     let id = headers::ensure_request_id(&mut parts.headers);
     // Kept only for the access log: a copy of a generated id allocates.
     if rt.observer.access_log_enabled() {
         cx.request_id = Some(id.clone());
     }
     match host_value {
-        Some(h) => {
+        // HTTP/2 carries the authority in `:authority` (the endpoint, which hyper-util's
+        // client connects by); a Host that differs from it is malformed (RFC 9113 §8.3.1).
+        Some(h) if upstream.protocol == UpstreamProtocol::Http1 => {
             parts.headers.insert(header::HOST, h);
         }
-        None => {
+        _ => {
             parts.headers.remove(header::HOST);
         }
     }
@@ -148,6 +164,7 @@ pub async fn forward(
         upstream.connect_timeout,
         http.stream_idle_timeout,
         request,
+        tls,
     );
     let mut resp = await_response(sent, deadline, http.stream_idle_timeout, uploading).await?;
 
@@ -266,10 +283,11 @@ fn spawn_mirror(
     pq: PathAndQuery,
     body: ProxyBody,
 ) {
-    let Some(endpoint) = target.pick() else {
+    let Some(picked) = target.pick_endpoint() else {
         return;
     };
-    let Ok(uri) = upstream_uri(endpoint, pq) else {
+    let identity = picked.identity.cloned();
+    let Ok(uri) = upstream_uri(picked.endpoint, pq) else {
         return;
     };
     let mut req = Request::new(body);
@@ -286,9 +304,13 @@ fn spawn_mirror(
     tokio::spawn(async move {
         use http_body_util::BodyExt;
         // A mirror that never answers must not be kept forever either.
+        let tls = match (identity.as_ref(), rt.mtls()) {
+            (Some(identity), Some(certs)) => Some(MeshTls { certs, identity }),
+            _ => None,
+        };
         let sent = rt
             .clients
-            .send(protocol, connect_timeout, Some(MIRROR_TIMEOUT), req);
+            .send(protocol, connect_timeout, Some(MIRROR_TIMEOUT), req, tls);
         match tokio::time::timeout(MIRROR_TIMEOUT, sent)
             .await
             .unwrap_or(Err(ProxyError::Timeout))

@@ -166,6 +166,11 @@ fn finish(
         passthrough: dest.is_passthrough(),
     };
     let rt = cx.rt;
+    if let Some(peer) = &cx.downstream.peer_identity {
+        rt.observer
+            .metrics
+            .mtls_request(&cx.listener.table.name, &peer.principal);
+    }
     let entry = rt.observer.request_done(Finished {
         listener: &cx.listener.table.name,
         method: &cx.method,

@@ -13,6 +13,8 @@
 //! | `mesh_tcp_connections_total` | counter | `listener`, `backend` | Opaque (non-HTTP) connections a sidecar passed through, once connected upstream (`backend`: the mesh Service's backend, `passthrough`, or `inbound\|PORT`). Connect failures count in `mesh_upstream_errors_total`. |
 //! | `mesh_tcp_received_bytes_total` | counter | `listener`, `backend` | Bytes of opaque connections received from downstream. |
 //! | `mesh_tcp_sent_bytes_total` | counter | `listener`, `backend` | Bytes of opaque connections sent downstream. |
+//! | `mesh_mtls_requests_total` | counter | `listener`, `source_principal` | Requests that arrived over mutual TLS from another proxy of the mesh, by its SPIFFE ID (requests counted in `mesh_requests_total` but not here arrived in plaintext). |
+//! | `mesh_mtls_connections_total` | counter | `listener`, `result` (`accepted`, `refused`) | Inbound connections on listeners that take mutual TLS: terminated mutual TLS, or closed (plaintext under STRICT, a failed handshake). |
 //!
 //! Hot path: resolve a [`RouteMetrics`] handle per (listener, route, backend) once per config
 //! (labels are `Arc<str>`, the histogram is resolved up front), then [`RouteMetrics::record`]
@@ -74,6 +76,18 @@ pub struct UpstreamErrorLabels {
 pub struct TcpLabels {
     pub listener: Arc<str>,
     pub backend: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MtlsRequestLabels {
+    pub listener: Arc<str>,
+    pub source_principal: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MtlsConnectionLabels {
+    pub listener: Arc<str>,
+    pub result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -163,6 +177,8 @@ pub struct Metrics {
     tcp_connections: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
     tcp_sent: Family<TcpLabels, Counter>,
+    mtls_requests: Family<MtlsRequestLabels, Counter>,
+    mtls_connections: Family<MtlsConnectionLabels, Counter>,
     /// The empty label value, shared.
     empty: Arc<str>,
     /// Resolved (counter, histogram) handles of `record_request_arc`, sharded by worker
@@ -214,6 +230,8 @@ impl Metrics {
         let tcp_connections = Family::<TcpLabels, Counter>::default();
         let tcp_received = Family::<TcpLabels, Counter>::default();
         let tcp_sent = Family::<TcpLabels, Counter>::default();
+        let mtls_requests = Family::<MtlsRequestLabels, Counter>::default();
+        let mtls_connections = Family::<MtlsConnectionLabels, Counter>::default();
 
         let mut registry = Registry::default();
         registry.register(
@@ -268,7 +286,20 @@ impl Metrics {
             "Bytes of opaque connections sent downstream",
             tcp_sent.clone(),
         );
+        registry.register(
+            "mesh_mtls_requests",
+            "Requests that arrived over mutual TLS from another proxy, by listener and the \
+             caller's SPIFFE ID",
+            mtls_requests.clone(),
+        );
+        registry.register(
+            "mesh_mtls_connections",
+            "Inbound connections on listeners that take mutual TLS, by result (accepted, refused)",
+            mtls_connections.clone(),
+        );
         Metrics {
+            mtls_requests,
+            mtls_connections,
             tcp_connections,
             tcp_received,
             tcp_sent,
@@ -455,6 +486,35 @@ impl Metrics {
             })
             .map(|c| c.get())
             .unwrap_or(0)
+    }
+
+    /// Counts one request that arrived over mutual TLS from `source_principal`.
+    pub fn mtls_request(&self, listener: &Arc<str>, source_principal: &Arc<str>) {
+        self.mtls_requests
+            .get_or_create(&MtlsRequestLabels {
+                listener: listener.clone(),
+                source_principal: source_principal.clone(),
+            })
+            .inc();
+    }
+
+    /// Counts one inbound connection that took mutual TLS.
+    pub fn mtls_accepted(&self, listener: &Arc<str>) {
+        self.mtls_connection(listener, "accepted");
+    }
+
+    /// Counts one inbound connection closed for not being (valid) mutual TLS.
+    pub fn mtls_refused(&self, listener: &Arc<str>) {
+        self.mtls_connection(listener, "refused");
+    }
+
+    fn mtls_connection(&self, listener: &Arc<str>, result: &'static str) {
+        self.mtls_connections
+            .get_or_create(&MtlsConnectionLabels {
+                listener: listener.clone(),
+                result,
+            })
+            .inc();
     }
 
     /// Counts one access log line dropped.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::HeaderValue;
+use mesh_config::MtlsMode;
 use mesh_tls::{ClientHelloKind, SpiffeId, WorkloadCertificates, classify_client_hello};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -23,30 +24,34 @@ const MAX_HELLO_PEEK: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct PeerIdentity {
     pub id: SpiffeId,
+    /// `id` as text (metrics label, access log).
+    pub principal: Arc<str>,
     /// The element this proxy appends to `X-Forwarded-Client-Cert` (Envoy's format).
     pub xfcc: HeaderValue,
 }
 
 /// Peeks at a connection's first bytes until they say whether it is mutual TLS from another
-/// proxy, someone else's TLS, or not TLS; gives up (as not TLS) after `timeout`.
-pub async fn peek_client_hello(stream: &TcpStream, timeout: Duration) -> ClientHelloKind {
+/// proxy, someone else's TLS, or not TLS. `None`: nothing arrived within `timeout` (a
+/// server-first protocol); bytes that are still undecided by then count as not TLS.
+pub async fn peek_client_hello(stream: &TcpStream, timeout: Duration) -> Option<ClientHelloKind> {
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; 5];
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
-            Ok(Err(_)) | Err(_) => return ClientHelloKind::NotTls,
+            Ok(Err(_)) => return Some(ClientHelloKind::NotTls),
+            Err(_) => return None,
         };
         if n == 0 {
-            return ClientHelloKind::NotTls;
+            return Some(ClientHelloKind::NotTls);
         }
         match classify_client_hello(&buf[..n]) {
             ClientHelloKind::Incomplete => {}
-            decided => return decided,
+            decided => return Some(decided),
         }
         if n == buf.len() {
             if buf.len() >= MAX_HELLO_PEEK {
-                return ClientHelloKind::OtherTls;
+                return Some(ClientHelloKind::OtherTls);
             }
             // The record header says how long the hello is; peek that much next time.
             let want = if n >= 5 {
@@ -58,12 +63,74 @@ pub async fn peek_client_hello(stream: &TcpStream, timeout: Duration) -> ClientH
             continue;
         }
         if Instant::now() >= deadline {
-            return ClientHelloKind::NotTls;
+            return Some(ClientHelloKind::NotTls);
         }
         // Part of the hello is here, the rest is on its way.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// How long a mutual TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection accepted by a listener that takes mutual TLS from the mesh, once its first
+/// bytes were looked at.
+pub enum Inbound {
+    /// Plaintext (or, in PERMISSIVE, someone else's TLS): served as before.
+    Plain(TcpStream),
+    /// Nothing arrived within the detection timeout (a server-first protocol).
+    Silent(TcpStream),
+    /// Mutual TLS from another proxy of the mesh, terminated.
+    Mesh(
+        Box<tokio_rustls::server::TlsStream<TcpStream>>,
+        Arc<PeerIdentity>,
+    ),
+    /// Closed: what the mode does not allow, or a handshake that failed.
+    Refused(String),
+}
+
+/// Looks at an accepted connection and terminates mutual TLS where `mode` says so.
+pub async fn inbound(
+    stream: TcpStream,
+    mode: MtlsMode,
+    certs: Option<&Arc<WorkloadCertificates>>,
+    detect_timeout: Duration,
+) -> Inbound {
+    if mode == MtlsMode::Disable {
+        return Inbound::Plain(stream);
+    }
+    let strict = mode == MtlsMode::Strict;
+    match peek_client_hello(&stream, detect_timeout).await {
+        Some(ClientHelloKind::Mesh) => match certs {
+            Some(certs) => match accept(stream, certs, HANDSHAKE_TIMEOUT).await {
+                Ok((tls, peer)) => Inbound::Mesh(Box::new(tls), Arc::new(peer)),
+                Err(e) => Inbound::Refused(format!("mutual TLS handshake failed: {e}")),
+            },
+            // Another proxy's TLS cannot be answered yet; it retries.
+            None => Inbound::Refused("mutual TLS before this proxy has its certificate".into()),
+        },
+        _ if strict => Inbound::Refused("not mutual TLS, and the port is STRICT".into()),
+        None => Inbound::Silent(stream),
+        Some(_) => Inbound::Plain(stream),
+    }
+}
+
+/// The downstream side of a served connection: the socket, or mutual TLS over it (with the
+/// bytes read to detect the protocol inside put back in front).
+pub type DownstreamIo =
+    tokio_util::either::Either<TcpStream, Prefixed<tokio_rustls::server::TlsStream<TcpStream>>>;
+
+/// The socket under a downstream stream.
+pub fn downstream_socket(io: &DownstreamIo) -> &TcpStream {
+    match io {
+        tokio_util::either::Either::Left(s) => s,
+        tokio_util::either::Either::Right(p) => p.inner.get_ref().0,
+    }
+}
+
+/// The upstream side of an opaque copy: plaintext, or mutual TLS to a meshed endpoint.
+pub type UpstreamIo =
+    tokio_util::either::Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// Terminates mutual TLS from another proxy: the peer must present a certificate of the mesh.
 pub async fn accept(
@@ -89,7 +156,15 @@ pub async fn accept(
         .ok_or_else(|| io::Error::other("no workload certificate"))?;
     let xfcc = HeaderValue::from_str(&mesh_tls::identity::xfcc_element(&by, &peer_cert, &id))
         .map_err(io::Error::other)?;
-    Ok((tls, PeerIdentity { id, xfcc }))
+    let principal = id.to_string().into();
+    Ok((
+        tls,
+        PeerIdentity {
+            id,
+            principal,
+            xfcc,
+        },
+    ))
 }
 
 /// Opens mutual TLS on a connected socket to an endpoint that must prove `expected`.
@@ -199,11 +274,6 @@ pub async fn detect_in<S: AsyncRead + Unpin>(
             return (crate::sidecar::Protocol::Opaque, buf.into());
         }
     }
-}
-
-/// The workload certificates, when the proxy has them and can speak mutual TLS now.
-pub fn ready(certs: &Option<Arc<WorkloadCertificates>>) -> Option<&Arc<WorkloadCertificates>> {
-    certs.as_ref().filter(|c| c.is_ready())
 }
 
 #[cfg(test)]

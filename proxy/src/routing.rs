@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
+use mesh_tls::SpiffeId;
 use regex::Regex;
 
 use crate::config::{
@@ -44,7 +45,20 @@ pub struct Upstream {
     /// The configured name of the backend's limit: part of what makes a backend the same
     /// across builds. The request path checks the handle on each [`WeightedTarget`].
     pub rate_limit: Option<String>,
+    /// Per endpoint: the identity a meshed endpoint must prove over mutual TLS (`None`:
+    /// plaintext).
+    identities: Vec<Option<Arc<SpiffeId>>>,
     next: AtomicUsize,
+}
+
+/// One endpoint chosen for a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Picked<'a> {
+    pub endpoint: &'a Arc<str>,
+    /// Pre-parsed as a URI authority (`None` if it does not parse).
+    pub authority: Option<&'a http::uri::Authority>,
+    /// The identity to expect over mutual TLS; `None`: plaintext.
+    pub identity: Option<&'a Arc<SpiffeId>>,
 }
 
 impl Upstream {
@@ -61,6 +75,17 @@ impl Upstream {
             protocol: b.protocol,
             connect_timeout: b.connect_timeout,
             rate_limit: b.rate_limit.clone(),
+            // Validation checked every identity's shape.
+            identities: b
+                .endpoints
+                .iter()
+                .map(|e| {
+                    b.mtls_identities
+                        .get(e)
+                        .and_then(|id| id.parse::<SpiffeId>().ok())
+                        .map(Arc::new)
+                })
+                .collect(),
             next: AtomicUsize::new(0),
         }
     }
@@ -70,10 +95,13 @@ impl Upstream {
         self.pick_index().map(|i| &self.endpoints[i])
     }
 
-    /// [`pick`](Self::pick), with the endpoint's pre-parsed authority.
-    pub fn pick_with_authority(&self) -> Option<(&Arc<str>, Option<&http::uri::Authority>)> {
-        self.pick_index()
-            .map(|i| (&self.endpoints[i], self.authorities[i].as_ref()))
+    /// [`pick`](Self::pick), with the endpoint's pre-parsed authority and identity.
+    pub fn pick_endpoint(&self) -> Option<Picked<'_>> {
+        self.pick_index().map(|i| Picked {
+            endpoint: &self.endpoints[i],
+            authority: self.authorities[i].as_ref(),
+            identity: self.identities[i].as_ref(),
+        })
     }
 
     fn pick_index(&self) -> Option<usize> {
@@ -463,6 +491,9 @@ pub struct ListenerTable {
     services: HashMap<std::net::SocketAddr, Arc<CompiledService>>,
     /// Sidecar inbound: the rate limit of each app port that has one.
     inbound_limits: HashMap<u16, RateLimiter>,
+    /// Mutual TLS from other proxies (sidecar inbound: unset is PERMISSIVE; gateway: unset
+    /// takes none).
+    pub mtls: Option<config::InboundMtls>,
 }
 
 /// One mesh Service port of a sidecar outbound listener, compiled.
@@ -630,6 +661,7 @@ impl RouteTable {
                 hosts,
                 services,
                 inbound_limits,
+                mtls: l.mtls.clone(),
             }));
         }
         Ok(RouteTable {
@@ -653,6 +685,9 @@ fn same_upstream(u: &Upstream, b: &config::Backend) -> bool {
         && u.protocol == b.protocol
         && u.connect_timeout == b.connect_timeout
         && u.rate_limit == b.rate_limit
+        && u.identities.iter().zip(&b.endpoints).all(|(id, e)| {
+            id.as_deref().map(|i| i.to_string()).as_ref() == b.mtls_identities.get(e)
+        })
 }
 
 /// Resolves a config's references (backends, rate limits) to shared handles while a table is
@@ -826,6 +861,7 @@ impl CompiledRoute {
             protocol: UpstreamProtocol::Http1,
             connect_timeout,
             rate_limit: None,
+            identities: vec![None],
             next: AtomicUsize::new(0),
         };
         CompiledRoute {

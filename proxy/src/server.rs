@@ -18,6 +18,7 @@ use crate::connection::{ConnectionSlots, HttpSettings};
 use crate::context::Downstream;
 use crate::downstream::{ConnectionTicket, serve_http_connection};
 use crate::metrics::{Metrics, ReloadResult};
+use crate::mtls::{self, DownstreamIo, Inbound, Prefixed};
 use crate::observe::Observer;
 use crate::ratelimit::RateLimiters;
 use crate::routing::{BuildError, RouteTable};
@@ -25,6 +26,9 @@ use crate::sidecar::{Captured, serve_captured};
 use crate::state::{ListenerState, Runtime, Snapshot};
 use crate::upstream::Clients;
 use crate::workers::{Workers, serve_connection};
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 /// How the proxy binds its listeners.
 #[derive(Debug, Clone)]
@@ -127,6 +131,7 @@ impl Proxy {
             clients: Clients::new(options.workers.as_ref().map_or(1, |w| w.len())),
             observer: Observer::new(metrics.clone(), access_log),
             kill: CancellationToken::new(),
+            identity: options.identity.clone(),
         });
         let snapshot = match compile(&config, None, &options) {
             Ok(s) => s,
@@ -486,12 +491,40 @@ async fn accept_loop(a: Acceptor) {
         let ticket = ConnectionTicket::new(slot, tracker.token(), stop.clone());
         let (state, rt, kill) = (state.clone(), rt.clone(), kill.clone());
         if kind == ListenerKind::Gateway {
-            let serve = move |stream| async move {
-                let downstream = Downstream {
+            let serve = move |stream: TcpStream| async move {
+                let mtls = state.load().table.mtls.clone();
+                let mut downstream = Downstream {
                     peer,
                     original_dst: None,
+                    peer_identity: None,
                 };
-                serve_http_connection(stream, downstream, state, rt, &ticket.drain, kill).await;
+                match mtls {
+                    None => {
+                        serve_http_connection(stream, downstream, state, rt, &ticket.drain, kill)
+                            .await
+                    }
+                    // A listener that takes mutual TLS from the mesh (an explicit inbound
+                    // port): terminated here, the peer's identity goes with every request.
+                    Some(m) => {
+                        let port = stream.local_addr().map(|a| a.port()).unwrap_or_default();
+                        let mode = m.mode_for(port);
+                        let io: DownstreamIo =
+                            match mtls::inbound(stream, mode, rt.mtls(), detect_timeout).await {
+                                Inbound::Plain(s) | Inbound::Silent(s) => Either::Left(s),
+                                Inbound::Mesh(tls, peer_identity) => {
+                                    rt.observer.metrics.mtls_accepted(&state.load().table.name);
+                                    downstream.peer_identity = Some(peer_identity);
+                                    Either::Right(Prefixed::new(Bytes::new(), *tls))
+                                }
+                                Inbound::Refused(why) => {
+                                    tracing::debug!(%peer, ?mode, "connection refused: {why}");
+                                    rt.observer.metrics.mtls_refused(&state.load().table.name);
+                                    return;
+                                }
+                            };
+                        serve_http_connection(io, downstream, state, rt, &ticket.drain, kill).await
+                    }
+                }
                 drop((guard, ticket));
             };
             serve_connection(workers.as_deref(), stream, serve);

@@ -31,7 +31,11 @@ use crate::config::{Backend, ListenerKind};
 use crate::context::Downstream;
 use crate::downstream::{ConnectionTicket, serve_http_connection};
 use crate::metrics::{ConnectionGuard, UpstreamErrorKind};
+use crate::mtls::{self, DownstreamIo, Inbound, Prefixed};
 use crate::state::{ListenerState, Runtime};
+use mesh_config::MtlsMode;
+use mesh_tls::SpiffeId;
+use tokio_util::either::Either;
 
 /// What a captured connection speaks, as far as its first bytes tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,21 +134,94 @@ pub(crate) async fn serve_captured(c: Captured, guard: ConnectionGuard) {
         tracing::debug!(peer = %c.peer, "connection was not redirected (no original destination); closing");
         return;
     };
-    let protocol = detect(&c.stream, c.detect_timeout).await;
-    tracing::debug!(peer = %c.peer, %dst, ?protocol, "captured connection");
-    match protocol {
-        Protocol::Http1 | Protocol::Http2 => serve_http(c, dst).await,
-        Protocol::Opaque => serve_tcp(c, dst).await,
+    let (kind, mtls) = {
+        let st = c.state.load();
+        (st.table.kind, st.table.mtls.clone())
+    };
+    let Captured {
+        stream,
+        peer,
+        state,
+        rt,
+        ticket,
+        kill,
+        detect_timeout,
+    } = c;
+    let conn = Conn {
+        peer,
+        state,
+        rt,
+        ticket,
+        kill,
+    };
+    if kind == ListenerKind::SidecarInbound {
+        // What the pod's PeerAuthentication allows on this port (unset: PERMISSIVE).
+        let mode = mtls.map_or(MtlsMode::Permissive, |m| m.mode_for(dst.port()));
+        match mtls::inbound(stream, mode, conn.rt.mtls(), detect_timeout).await {
+            Inbound::Plain(stream) => serve_plain(conn, stream, dst, detect_timeout).await,
+            Inbound::Silent(stream) => serve_tcp(conn, Either::Left(stream), dst).await,
+            Inbound::Mesh(mut tls, peer_identity) => {
+                conn.rt
+                    .observer
+                    .metrics
+                    .mtls_accepted(&conn.state.load().table.name);
+                let (protocol, first) = mtls::detect_in(&mut *tls, detect_timeout).await;
+                tracing::debug!(peer = %peer, %dst, ?protocol, identity = %peer_identity.id, "mutual TLS connection");
+                let io = Either::Right(Prefixed::new(first, *tls));
+                match protocol {
+                    Protocol::Http1 | Protocol::Http2 => {
+                        serve_http(conn, io, dst, Some(peer_identity)).await
+                    }
+                    Protocol::Opaque => serve_tcp(conn, io, dst).await,
+                }
+            }
+            Inbound::Refused(why) => {
+                tracing::debug!(%peer, %dst, ?mode, "inbound connection refused: {why}");
+                conn.rt
+                    .observer
+                    .metrics
+                    .mtls_refused(&conn.state.load().table.name);
+            }
+        }
+    } else {
+        serve_plain(conn, stream, dst, detect_timeout).await;
     }
     drop(guard);
 }
 
-async fn serve_http(c: Captured, dst: SocketAddr) {
+/// What a captured connection is served with, besides its byte stream.
+struct Conn {
+    peer: SocketAddr,
+    state: Arc<ArcSwap<ListenerState>>,
+    rt: Arc<Runtime>,
+    ticket: ConnectionTicket,
+    kill: CancellationToken,
+}
+
+/// A plaintext connection: HTTP or opaque TCP, as its first bytes say.
+async fn serve_plain(conn: Conn, stream: TcpStream, dst: SocketAddr, detect_timeout: Duration) {
+    let protocol = detect(&stream, detect_timeout).await;
+    tracing::debug!(peer = %conn.peer, %dst, ?protocol, "captured connection");
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            serve_http(conn, Either::Left(stream), dst, None).await
+        }
+        Protocol::Opaque => serve_tcp(conn, Either::Left(stream), dst).await,
+    }
+}
+
+async fn serve_http(
+    c: Conn,
+    stream: DownstreamIo,
+    dst: SocketAddr,
+    peer_identity: Option<Arc<mtls::PeerIdentity>>,
+) {
     let downstream = Downstream {
         peer: c.peer,
         original_dst: Some(dst),
+        peer_identity,
     };
-    serve_http_connection(c.stream, downstream, c.state, c.rt, &c.ticket.drain, c.kill).await;
+    serve_http_connection(stream, downstream, c.state, c.rt, &c.ticket.drain, c.kill).await;
 }
 
 /// Inbound: the app, on loopback at the original port.
@@ -152,27 +229,35 @@ fn app_addr(dst: SocketAddr) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port())
 }
 
-async fn serve_tcp(mut c: Captured, dst: SocketAddr) {
+async fn serve_tcp(mut c: Conn, down: DownstreamIo, dst: SocketAddr) {
     c.ticket.leave_drain();
     let st = c.state.load_full();
     let listener = st.table.name.clone();
-    let (backend, target, connect_timeout): (Arc<str>, String, Duration) = match st.table.kind {
+    type Target = (Arc<str>, String, Duration, Option<Arc<SpiffeId>>);
+    let (backend, target, connect_timeout, identity): Target = match st.table.kind {
         ListenerKind::SidecarInbound => (
             format!("inbound|{}", dst.port()).into(),
             app_addr(dst).to_string(),
             Backend::default_connect_timeout(),
+            None,
         ),
         _ => match st
             .table
             .service(dst)
             .and_then(|s| s.tcp_backend.as_ref())
-            .and_then(|u| u.pick().map(|e| (u, e)))
+            .and_then(|u| u.pick_endpoint().map(|p| (u, p)))
         {
-            Some((u, endpoint)) => (u.name.clone(), endpoint.to_string(), u.connect_timeout),
+            Some((u, p)) => (
+                u.name.clone(),
+                p.endpoint.to_string(),
+                u.connect_timeout,
+                p.identity.cloned(),
+            ),
             None => (
                 "passthrough".into(),
                 dst.to_string(),
                 Backend::default_connect_timeout(),
+                None,
             ),
         },
     };
@@ -180,12 +265,27 @@ async fn serve_tcp(mut c: Captured, dst: SocketAddr) {
     let start = Instant::now();
     let start_time = SystemTime::now();
     let metrics = &c.rt.observer.metrics;
-    let down = c.stream;
     let connected = tokio::time::timeout(connect_timeout, TcpStream::connect(&target)).await;
-    let mut up = match connected {
-        Ok(Ok(up)) => up,
-        Ok(Err(_)) | Err(_) => {
-            tracing::debug!(%target, "opaque connection: upstream connect failed; resetting downstream");
+    let connected = match connected {
+        Ok(Ok(up)) => {
+            let _ = up.set_nodelay(true);
+            // A meshed endpoint: mutual TLS, once this proxy has its certificate.
+            match (identity.as_ref(), c.rt.mtls()) {
+                (Some(identity), Some(certs)) => {
+                    mtls::connect(up, certs, identity, connect_timeout)
+                        .await
+                        .map(Either::Right)
+                }
+                _ => Ok(Either::Left(up)),
+            }
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    };
+    let mut up: mtls::UpstreamIo = match connected {
+        Ok(up) => up,
+        Err(e) => {
+            tracing::debug!(%target, error = %e, "opaque connection: upstream connect failed; resetting downstream");
             metrics.upstream_error(&backend, UpstreamErrorKind::Connect);
             log_tcp(
                 &c.rt,
@@ -203,11 +303,10 @@ async fn serve_tcp(mut c: Captured, dst: SocketAddr) {
             );
             // Close with RST rather than FIN: the closest a proxy that already accepted can
             // get to "connection refused".
-            let _ = down.set_zero_linger();
+            let _ = mtls::downstream_socket(&down).set_zero_linger();
             return;
         }
     };
-    let _ = up.set_nodelay(true);
     metrics.tcp_connection(&listener, &backend);
     // Envoy's TCP proxy idle timeout: a connection that moves no byte either way for the
     // idle timeout is closed (so silent captured sockets cannot pile up either).
@@ -272,7 +371,7 @@ async fn idle_expired(active: &AtomicBool, idle: Option<Duration>) {
 /// The downstream side of an opaque copy, marking every read or write that moved bytes
 /// (both directions pass through it).
 struct Marked {
-    inner: TcpStream,
+    inner: DownstreamIo,
     active: Arc<AtomicBool>,
 }
 

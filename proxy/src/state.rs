@@ -36,4 +36,13 @@ pub struct Runtime {
     pub observer: Observer,
     /// Cancelled when the drain grace period is over: upgraded (tunnelled) connections end.
     pub kill: CancellationToken,
+    /// The proxy's workload certificate: mutual TLS with other proxies of the mesh.
+    pub identity: Option<Arc<mesh_tls::WorkloadCertificates>>,
+}
+
+impl Runtime {
+    /// The workload certificates, once a certificate and a trust bundle are in place.
+    pub fn mtls(&self) -> Option<&Arc<mesh_tls::WorkloadCertificates>> {
+        self.identity.as_ref().filter(|c| c.is_ready())
+    }
 }

@@ -31,6 +31,7 @@ use crate::body::{self, BoxError, ProxyBody, StallGuard};
 use crate::config::UpstreamProtocol;
 use crate::error::{ProxyError, chain};
 use crate::fasthash::FastMap;
+use mesh_tls::{SpiffeId, WorkloadCertificates};
 
 type LegacyClient = Client<HttpConnector, ProxyBody>;
 
@@ -50,6 +51,19 @@ pub struct Clients {
 struct Shard {
     http1: Http1Pool,
     http2: Mutex<HashMap<Duration, LegacyClient>>,
+    /// HTTP/1.1 over mutual TLS to meshed endpoints: pooled apart from plaintext, each
+    /// connection with the identity it proved.
+    mtls1: Http1Pool,
+    /// HTTP/2 over mutual TLS, one client per identity expected.
+    mtls2: Mutex<HashMap<(Duration, Arc<SpiffeId>), MeshClient>>,
+}
+
+/// Mutual TLS to one endpoint: the proxy's certificates and the identity the endpoint must
+/// prove.
+#[derive(Clone, Copy)]
+pub struct MeshTls<'a> {
+    pub certs: &'a Arc<WorkloadCertificates>,
+    pub identity: &'a Arc<SpiffeId>,
 }
 
 impl Default for Clients {
@@ -72,17 +86,43 @@ impl Clients {
 
     /// Sends `req` (absolute URI: `http://ip:port/path`) to its backend.
     /// `stream_idle`: a response body that then sends nothing for this long fails.
+    /// `tls`: over mutual TLS to a meshed endpoint.
     pub async fn send(
         &self,
         protocol: UpstreamProtocol,
         connect_timeout: Duration,
         stream_idle: Option<Duration>,
         req: Request<ProxyBody>,
+        tls: Option<MeshTls<'_>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shard = self.shard();
-        match protocol {
-            UpstreamProtocol::Http1 => shard.http1.send(connect_timeout, stream_idle, req).await,
-            UpstreamProtocol::Http2 => {
+        match (protocol, tls) {
+            (UpstreamProtocol::Http1, None) => {
+                shard
+                    .http1
+                    .send(connect_timeout, stream_idle, req, None)
+                    .await
+            }
+            (UpstreamProtocol::Http1, Some(tls)) => {
+                shard
+                    .mtls1
+                    .send(connect_timeout, stream_idle, req, Some(tls))
+                    .await
+            }
+            (UpstreamProtocol::Http2, Some(tls)) => {
+                let client = {
+                    let mut map = shard.mtls2.lock().unwrap_or_else(|p| p.into_inner());
+                    map.entry((connect_timeout, tls.identity.clone()))
+                        .or_insert_with(|| build_mesh_http2(connect_timeout, tls))
+                        .clone()
+                };
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| ProxyError::from_client(&e))?;
+                Ok(resp.map(|b| body::boxed(StallGuard::new(b, stream_idle))))
+            }
+            (UpstreamProtocol::Http2, None) => {
                 let client = {
                     let mut map = shard.http2.lock().unwrap_or_else(|p| p.into_inner());
                     map.entry(connect_timeout)
@@ -115,6 +155,8 @@ fn build_http2(connect_timeout: Duration) -> LegacyClient {
 struct IdleConn {
     sender: SendRequest<ProxyBody>,
     since: Instant,
+    /// The identity the endpoint proved (mutual TLS pool only).
+    identity: Option<Arc<SpiffeId>>,
 }
 
 type IdleMap = Mutex<FastMap<Box<str>, Vec<IdleConn>>>;
@@ -131,6 +173,7 @@ impl Http1Pool {
         connect_timeout: Duration,
         stream_idle: Option<Duration>,
         mut req: Request<ProxyBody>,
+        tls: Option<MeshTls<'_>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let Some(authority) = req.uri().authority().cloned() else {
             return Err(ProxyError::Connect(
@@ -149,26 +192,28 @@ impl Http1Pool {
             req.headers_mut().insert(header::HOST, h);
         }
         let key = authority.as_str();
+        let identity = tls.map(|t| t.identity);
         // A pooled connection may have been closed by the backend while idle. If hyper hands
         // the request back unsent, it is safe to send it again on a fresh connection.
-        if let Some(mut sender) = self.take(key) {
+        if let Some(mut sender) = self.take(key, identity) {
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.wrap(resp, sender, key, stream_idle)),
+                Ok(resp) => return Ok(self.wrap(resp, sender, key, stream_idle, identity)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
                     None => return Err(ProxyError::from_send(e.error())),
                 },
             }
         }
-        let mut sender = connect(key, connect_timeout).await?;
+        let mut sender = connect(key, connect_timeout, tls).await?;
         match sender.send_request(req).await {
-            Ok(resp) => Ok(self.wrap(resp, sender, key, stream_idle)),
+            Ok(resp) => Ok(self.wrap(resp, sender, key, stream_idle, identity)),
             Err(e) => Err(ProxyError::from_send(&e)),
         }
     }
 
-    /// The most recently returned live connection to `key`, ready for a request.
-    fn take(&self, key: &str) -> Option<SendRequest<ProxyBody>> {
+    /// The most recently returned live connection to `key` (that proved `identity`, over
+    /// mutual TLS), ready for a request.
+    fn take(&self, key: &str, identity: Option<&Arc<SpiffeId>>) -> Option<SendRequest<ProxyBody>> {
         loop {
             let idle = {
                 let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -176,6 +221,10 @@ impl Http1Pool {
             };
             if idle.sender.is_closed() || idle.since.elapsed() > POOL_IDLE_TIMEOUT {
                 continue; // dropping the sender ends the connection's task
+            }
+            // The endpoint's expected identity changed (a new pod at the same address).
+            if idle.identity.as_ref() != identity {
+                continue;
             }
             // Not ready: still sending the previous request's body (the backend answered
             // before reading all of it). Never wait for it; dropping our handle lets that
@@ -192,6 +241,7 @@ impl Http1Pool {
         sender: SendRequest<ProxyBody>,
         key: &str,
         stream_idle: Option<Duration>,
+        identity: Option<&Arc<SpiffeId>>,
     ) -> Response<ProxyBody> {
         // A 101 hands the connection over to the upgrade: it never comes back.
         let give_back =
@@ -199,6 +249,7 @@ impl Http1Pool {
                 sender,
                 key: key.into(),
                 pool: Arc::downgrade(&self.idle),
+                identity: identity.cloned(),
             });
         resp.map(|inner| {
             let mut b = PooledBody {
@@ -213,8 +264,13 @@ impl Http1Pool {
     }
 }
 
-/// Opens a connection to `addr` (`ip:port`, or `host:port`, resolved) and starts its task.
-async fn connect(addr: &str, timeout: Duration) -> Result<SendRequest<ProxyBody>, ProxyError> {
+/// Opens a connection to `addr` (`ip:port`, or `host:port`, resolved), over mutual TLS when
+/// `tls` says so, and starts its task.
+async fn connect(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<MeshTls<'_>>,
+) -> Result<SendRequest<ProxyBody>, ProxyError> {
     let open = async {
         let stream = match addr.parse::<SocketAddr>() {
             Ok(sa) => TcpStream::connect(sa).await?,
@@ -232,6 +288,22 @@ async fn connect(addr: &str, timeout: Duration) -> Result<SendRequest<ProxyBody>
         Ok(Err(e)) => return Err(ProxyError::Connect(format!("connecting to {addr}: {e}"))),
         Ok(Ok(s)) => s,
     };
+    match tls {
+        None => handshake(stream).await,
+        Some(t) => {
+            let stream = crate::mtls::connect(stream, t.certs, t.identity, timeout)
+                .await
+                .map_err(|e| ProxyError::Connect(format!("mutual TLS with {addr}: {e}")))?;
+            handshake(stream).await
+        }
+    }
+}
+
+/// HTTP/1.1 on a connected stream, its task started.
+async fn handshake<S>(stream: S) -> Result<SendRequest<ProxyBody>, ProxyError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -244,10 +316,99 @@ async fn connect(addr: &str, timeout: Duration) -> Result<SendRequest<ProxyBody>
     Ok(sender)
 }
 
+type MeshClient = Client<MeshConnector, ProxyBody>;
+
+fn build_mesh_http2(connect_timeout: Duration, tls: MeshTls<'_>) -> MeshClient {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(true);
+    let connector = MeshConnector {
+        http,
+        certs: tls.certs.clone(),
+        identity: tls.identity.clone(),
+        timeout: connect_timeout,
+    };
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_only(true);
+    b.build(connector)
+}
+
+/// Connects hyper-util's HTTP/2 client to a meshed endpoint over mutual TLS.
+#[derive(Clone)]
+struct MeshConnector {
+    http: HttpConnector,
+    certs: Arc<WorkloadCertificates>,
+    identity: Arc<SpiffeId>,
+    timeout: Duration,
+}
+
+impl tower::Service<Uri> for MeshConnector {
+    type Response = MeshConn;
+    type Error = BoxError;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<MeshConn, BoxError>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.http.call(uri);
+        let (certs, identity, timeout) = (self.certs.clone(), self.identity.clone(), self.timeout);
+        Box::pin(async move {
+            let tcp = connecting.await?.into_inner();
+            let tls = crate::mtls::connect(tcp, &certs, &identity, timeout).await?;
+            Ok(MeshConn(TokioIo::new(tls)))
+        })
+    }
+}
+
+/// A mutual TLS connection as hyper-util's client takes it.
+struct MeshConn(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
+
+impl hyper_util::client::legacy::connect::Connection for MeshConn {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl hyper::rt::Read for MeshConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MeshConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 struct GiveBack {
     sender: SendRequest<ProxyBody>,
     key: Box<str>,
     pool: Weak<IdleMap>,
+    identity: Option<Arc<SpiffeId>>,
 }
 
 impl GiveBack {
@@ -263,6 +424,7 @@ impl GiveBack {
         let idle = IdleConn {
             sender: self.sender,
             since: now,
+            identity: self.identity,
         };
         match map.get_mut(&*self.key) {
             Some(list) => {

@@ -15,6 +15,7 @@ pub use rustls;
 
 pub mod ca;
 pub mod identity;
+pub mod issuer;
 pub mod verify;
 pub mod workload;
 

@@ -8,6 +8,7 @@ mod fuzz;
 mod hardening;
 mod http_features;
 mod lifecycle;
+mod mtls;
 mod reload;
 mod routing;
 mod seed;
