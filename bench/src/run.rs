@@ -8,6 +8,7 @@ mod host;
 mod process;
 mod report;
 mod stats;
+mod syn_count;
 mod targets;
 mod webhook_bench;
 
@@ -107,11 +108,11 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
                     );
                     if let Some(n) = &x.new_conns {
                         eprintln!(
-                            "    new A↔B connections: {:.0}/s, {} closed for {} requests ({:.2} per request)",
+                            "    new A↔B connections: {:.0}/s, {} opened for {} requests",
                             n.result.rps,
-                            n.upstream_conns,
+                            n.upstream_conns
+                                .map_or("(not counted)".into(), |n| n.to_string()),
                             n.result.total_requests,
-                            n.upstream_conns_per_request.unwrap_or(0.0)
                         );
                     }
                     raw.entry((1, s, c)).or_default().push(x);

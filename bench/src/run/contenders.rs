@@ -12,8 +12,9 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::Opts;
-use super::host::{clk_tck, cpu_ticks, loadavg, status_kb, time_wait_peers};
+use super::host::{clk_tck, cpu_ticks, loadavg, status_kb};
 use super::process::{Proc, free_port, pinned, wait_port, wait_ready};
+use super::syn_count::SynCounter;
 use crate::configs::{self, Scenario};
 use crate::hop::{self, Upstream};
 use crate::load::LoadResult;
@@ -68,10 +69,10 @@ pub struct NewConns {
     pub result: LoadResult,
     /// CPU (user + system) of A and B together per 1,000 requests (new connections), ms.
     pub cpu_ms_per_1k: Option<f64>,
-    /// A↔B connections closed during the phase (warm-up included), counted from the kernel's
-    /// TIME_WAIT sockets on B's port: checks that every request really had a connection of
-    /// its own.
-    pub upstream_conns: u64,
+    /// A↔B connections opened during the phase (warm-up included), counted by the kernel
+    /// (SYNs to B's port, `syn_count`): checks that every request really had a connection of
+    /// its own. `None` without the privilege to count (`CAP_NET_RAW`).
+    pub upstream_conns: Option<u64>,
     /// `upstream_conns` ÷ the phase's requests (warm-up included): ~1 when the method works.
     pub upstream_conns_per_request: Option<f64>,
 }
@@ -495,7 +496,13 @@ impl Bench {
         wait_ready(&mut started.procs, addr)?;
         let b_port = started.b_port.context("a hop has a B")?;
         let pids = started.pids();
-        let closed_before = time_wait_peers(b_port);
+        let counter = match SynCounter::open(b_port) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("  A↔B connections not counted (a packet socket on lo: {e})");
+                None
+            }
+        };
         let before = sum(&pids, cpu_ticks);
         let (result, _) = self.load(
             layout,
@@ -504,14 +511,14 @@ impl Bench {
             &pids,
         )?;
         let after = sum(&pids, cpu_ticks);
-        let closed_after = time_wait_peers(b_port);
+        let upstream_conns = counter.map(|c| c.take()).transpose()?;
         started.check_alive()?;
-        let upstream_conns = closed_after.difference(&closed_before).count() as u64;
         Ok(NewConns {
             cpu_ms_per_1k: cpu_per_1k(before, after, result.total_requests),
             upstream_conns,
-            upstream_conns_per_request: (result.total_requests > 0)
-                .then(|| upstream_conns as f64 / result.total_requests as f64),
+            upstream_conns_per_request: upstream_conns
+                .filter(|_| result.total_requests > 0)
+                .map(|n| n as f64 / result.total_requests as f64),
             result,
         })
     }
