@@ -76,6 +76,7 @@ pub struct NewConns {
     /// `upstream_conns` ÷ the phase's requests (warm-up included): ~1 when the method works.
     pub upstream_conns_per_request: Option<f64>,
 }
+
 /// How one measurement is laid out on the cores.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Layout {

@@ -181,7 +181,7 @@ pub(super) fn render(rep: &Report, rates: &[f64]) -> String {
         }
     }
     if !rep.ratios.is_empty() {
-        o.push_str("\n### Ratios mesh-proxy ÷ other (medians; direct = plain route, no proxy)\n\n| cores, scenario, metric | ÷ Envoy | ÷ HAProxy | ÷ direct |\n|---|---|---|---|\n");
+        o.push_str("\n### Ratios mesh-proxy ÷ other (medians; direct = no proxy, measured beside plain and beside hop)\n\n| cores, scenario, metric | ÷ Envoy | ÷ HAProxy | ÷ direct |\n|---|---|---|---|\n");
         let f = |m: &BTreeMap<String, f64>, k: &str| {
             m.get(k).map_or("n/a".to_string(), |v| format!("{v:.2}"))
         };
