@@ -18,21 +18,43 @@ pub enum Scenario {
     /// The walkthrough's route plus its local rate limit, with a bucket so large it never
     /// triggers: the cost of checking it.
     SeedRl,
+    /// One mesh hop in plaintext: client → proxy A → proxy B → backend, each proxy with the
+    /// plain route (`crate::hop`).
+    Hop,
+    /// The same hop with mutual TLS between A and B: A originates it, B terminates it
+    /// (STRICT), with SPIFFE workload certificates.
+    HopMtls,
 }
 
 impl Scenario {
+    /// One proxy between the client and the backend.
     pub const ALL: [Scenario; 3] = [Scenario::Plain, Scenario::Seed, Scenario::SeedRl];
+    /// Two proxies (a mesh hop).
+    pub const HOPS: [Scenario; 2] = [Scenario::Hop, Scenario::HopMtls];
 
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Plain => "plain",
             Scenario::Seed => "seed",
             Scenario::SeedRl => "seed+ratelimit",
+            Scenario::Hop => "hop",
+            Scenario::HopMtls => "hop-mtls",
         }
     }
 
+    pub fn from_name(name: &str) -> Option<Scenario> {
+        Self::ALL
+            .into_iter()
+            .chain(Self::HOPS)
+            .find(|s| s.name() == name)
+    }
+
+    pub fn is_hop(self) -> bool {
+        Self::HOPS.contains(&self)
+    }
+
     fn seed(self) -> bool {
-        self != Scenario::Plain
+        matches!(self, Scenario::Seed | Scenario::SeedRl)
     }
 
     fn rate_limit(self) -> bool {

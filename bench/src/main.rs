@@ -3,6 +3,7 @@
 
 mod backend;
 mod configs;
+mod hop;
 mod http1;
 mod load;
 mod regression;
@@ -116,6 +117,10 @@ struct RunArgs {
     /// Fixed rates (req/s), comma-separated.
     #[arg(long, default_value = "1000,5000", value_delimiter = ',')]
     rates: Vec<f64>,
+    /// Scenarios to measure, comma-separated: plain, seed, seed+ratelimit (one proxy), hop,
+    /// hop-mtls (a mesh hop: two proxies) [default: all].
+    #[arg(long, value_delimiter = ',', value_parser = parse_scenario)]
+    scenarios: Vec<configs::Scenario>,
     #[arg(long, default_value = "target/release/mesh-proxy")]
     mesh_proxy: PathBuf,
     #[arg(long, default_value = "target/release/meshctl")]
@@ -142,6 +147,17 @@ struct RunArgs {
     nice: i32,
 }
 
+fn parse_scenario(s: &str) -> Result<configs::Scenario, String> {
+    configs::Scenario::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = configs::Scenario::ALL
+            .into_iter()
+            .chain(configs::Scenario::HOPS)
+            .map(|s| s.name())
+            .collect();
+        format!("unknown scenario {s:?}; one of {}", names.join(", "))
+    })
+}
+
 fn print_json(r: &load::LoadResult) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(r)?);
     Ok(())
@@ -159,6 +175,14 @@ fn main() -> anyhow::Result<()> {
                 conns: a.conns,
                 open_conns: a.open_conns,
                 rates: a.rates,
+                scenarios: if a.scenarios.is_empty() {
+                    configs::Scenario::ALL
+                        .into_iter()
+                        .chain(configs::Scenario::HOPS)
+                        .collect()
+                } else {
+                    a.scenarios
+                },
                 mesh_proxy: a.mesh_proxy,
                 meshctl: a.meshctl,
                 envoy: a.envoy,

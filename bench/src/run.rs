@@ -1,12 +1,14 @@
 //! The whole benchmark: start the backend, then for each repetition and scenario start each
-//! contender in turn (interleaved: A B C D A B C D ...), measure, stop it; then the two-core
-//! run and the webhook; then medians, spreads, ratios, targets, JSON.
+//! contender in turn (interleaved: A B C D A B C D ...), measure, stop it; the mesh hop
+//! scenarios start two proxies per contender (`crate::hop`); then the two-core run and the
+//! webhook; then medians, spreads, ratios, targets, JSON.
 
 mod contenders;
 mod host;
 mod process;
 mod report;
 mod stats;
+mod syn_count;
 mod targets;
 mod webhook_bench;
 
@@ -21,7 +23,7 @@ use host::{loadavg, machine, now_utc};
 use process::{NICE, free_port};
 use report::{Report, render};
 use stats::{Summary, summarize};
-use targets::ratios_and_targets;
+use targets::{hop_rows, ratios_and_targets};
 use webhook_bench::run_webhook;
 
 #[derive(Debug, Clone)]
@@ -32,6 +34,8 @@ pub struct Opts {
     pub conns: usize,
     pub open_conns: usize,
     pub rates: Vec<f64>,
+    /// Which scenarios to measure (the two-core run is `plain`'s).
+    pub scenarios: Vec<Scenario>,
     pub mesh_proxy: PathBuf,
     pub meshctl: PathBuf,
     pub envoy: Option<PathBuf>,
@@ -49,11 +53,13 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     std::fs::create_dir_all(&opts.out)?;
     let tmp = opts.out.join("run");
     std::fs::create_dir_all(&tmp)?;
+    let certs = crate::hop::write_certs(&tmp.join("hop-certs"))?;
     let bench = Bench {
         exe,
         tmp,
         backends: [free_port()?, free_port()?],
         opts: opts.clone(),
+        certs,
     };
     let la_start = loadavg();
     let date = now_utc();
@@ -79,9 +85,16 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         // One core each: proxy on core 1, load generator and backend on core 0.
         let backend = bench.start_backend(ONE_CORE)?;
         for rep in 0..opts.reps {
-            for s in Scenario::ALL {
+            for &s in &opts.scenarios {
                 for &c in &contenders {
-                    if c == Contender::Direct && s != Scenario::Plain {
+                    // Direct is the reference of each group (one proxy, a hop); HAProxy is
+                    // measured as a single proxy only.
+                    let skip = match c {
+                        Contender::Direct => s != Scenario::Plain && s != Scenario::Hop,
+                        Contender::Haproxy => s.is_hop(),
+                        Contender::MeshProxy | Contender::Envoy => false,
+                    };
+                    if skip {
                         continue;
                     }
                     eprintln!("[1 core] rep {} {} {} ...", rep + 1, s.name(), c.name());
@@ -93,12 +106,21 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
                         x.fixed_rate.last().map_or(0.0, |(_, r)| r.p99_us / 1000.0),
                         x.loadavg
                     );
+                    if let Some(n) = &x.new_conns {
+                        eprintln!(
+                            "    new A↔B connections: {:.0}/s, {} opened for {} requests",
+                            n.result.rps,
+                            n.upstream_conns
+                                .map_or("(not counted)".into(), |n| n.to_string()),
+                            n.result.total_requests,
+                        );
+                    }
                     raw.entry((1, s, c)).or_default().push(x);
                 }
             }
         }
         drop(backend);
-        if opts.two_core {
+        if opts.two_core && opts.scenarios.contains(&Scenario::Plain) {
             let backend = bench.start_backend(TWO_CORES)?;
             let top = opts.rates.last().copied().into_iter().collect::<Vec<_>>();
             for rep in 0..opts.reps {
@@ -125,6 +147,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
 
     let la_end = loadavg();
     let (ratios, targets) = ratios_and_targets(&cases, &webhook, &opts.rates);
+    let hop = hop_rows(&cases, &opts.rates);
     let mut options = BTreeMap::new();
     options.insert("reps".into(), opts.reps.to_string());
     options.insert("phase_s".into(), opts.phase.as_secs_f64().to_string());
@@ -132,6 +155,14 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     options.insert("closed_loop_conns".into(), opts.conns.to_string());
     options.insert("open_loop_conns".into(), opts.open_conns.to_string());
     options.insert("nice".into(), opts.nice.to_string());
+    options.insert(
+        "scenarios".into(),
+        opts.scenarios
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(","),
+    );
     let report = Report {
         date,
         machine: machine(),
@@ -142,6 +173,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         webhook,
         ratios,
         targets,
+        hop,
     };
     let text = render(&report, &opts.rates);
     println!("{text}");

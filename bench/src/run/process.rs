@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -90,23 +90,31 @@ fn probe(addr: SocketAddr) -> Option<u16> {
     }
 }
 
-pub(super) fn wait_ready(p: &mut Proc, addr: SocketAddr, log: &Path) -> anyhow::Result<()> {
+/// Waits until `addr` answers 200 (for a hop: through every process started), failing at
+/// once with its log if one of `procs` exits.
+pub(super) fn wait_ready(procs: &mut [(Proc, PathBuf)], addr: SocketAddr) -> anyhow::Result<()> {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(30) {
-        if !p.alive() {
-            bail!(
-                "{} exited; its log ({}):\n{}",
-                p.name,
-                log.display(),
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
+        for (p, log) in procs.iter_mut() {
+            if !p.alive() {
+                bail!(
+                    "{} exited; its log ({}):\n{}",
+                    p.name,
+                    log.display(),
+                    std::fs::read_to_string(&*log).unwrap_or_default()
+                );
+            }
         }
         if probe(addr) == Some(200) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("{} not answering 200 on {addr} after 30 s", p.name)
+    let names: Vec<&str> = procs.iter().map(|(p, _)| p.name.as_str()).collect();
+    bail!(
+        "{} not answering 200 on {addr} after 30 s",
+        names.join(" + ")
+    )
 }
 
 pub(super) fn wait_port(addr: SocketAddr) -> anyhow::Result<()> {

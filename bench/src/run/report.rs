@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::host::Machine;
 use super::stats::{Stat, Summary};
-use super::targets::Target;
+use super::targets::{HopRow, Target};
 use super::webhook_bench::WebhookSummary;
 use crate::configs::Scenario;
 
@@ -23,6 +23,12 @@ pub struct Report {
     /// median divided by the other's.
     pub ratios: BTreeMap<String, BTreeMap<String, f64>>,
     pub targets: Vec<Target>,
+    /// The mesh hop scenarios: added latency over direct, CPU, new connections per second.
+    pub hop: Vec<HopRow>,
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or("n/a".into(), |v| format!("{v:.prec$}"))
 }
 
 fn cell(s: Option<&Stat>, prec: usize, spread: bool) -> String {
@@ -57,7 +63,7 @@ pub(super) fn render(rep: &Report, rates: &[f64]) -> String {
         rep.options.get("reps").map_or("?", |s| s.as_str())
     ));
     for cores in [1, 2] {
-        for s in Scenario::ALL {
+        for s in Scenario::ALL.into_iter().chain(Scenario::HOPS) {
             let rows: Vec<&Summary> = rep
                 .cases
                 .iter()
@@ -68,7 +74,9 @@ pub(super) fn render(rep: &Report, rates: &[f64]) -> String {
             }
             o.push_str(&format!(
                 "\n### {} — {}\n\n",
-                if cores == 1 {
+                if s.is_hop() {
+                    "1 core (hop: proxies A and B, 1 worker each, both on core 1; load + backend on core 0; CPU and RSS are A + B)"
+                } else if cores == 1 {
                     "1 core (proxy: 1 worker on core 1; load + backend on core 0)"
                 } else {
                     "2 cores (proxy: 2 workers; everything shares cores 0–1)"
@@ -123,6 +131,36 @@ pub(super) fn render(rep: &Report, rates: &[f64]) -> String {
             }
         }
     }
+    if !rep.hop.is_empty() {
+        o.push_str(
+            "\n### Mesh hop (client → A → B → backend; mutual TLS between A and B in hop-mtls): added latency over direct, CPU of A + B, new A↔B connections\n\n",
+        );
+        let mut head = "| scenario | pair |".to_string();
+        let mut sep = "|---|---|".to_string();
+        for r in rates {
+            head.push_str(&format!(" added p50 / p99 @{}/s |", *r as u64));
+            sep.push_str("---|");
+        }
+        head.push_str(" CPU ms/1k (sat) | CPU ms/1k (fixed) | new A↔B conns/s | CPU ms/1k new conns | A↔B conns per request |\n");
+        sep.push_str("---|---|---|---|---|\n");
+        o.push_str(&head);
+        o.push_str(&sep);
+        for h in &rep.hop {
+            let mut line = format!("| {} | {} |", h.scenario.name(), h.contender.name());
+            for a in &h.added {
+                line.push_str(&format!(" {} / {} |", opt(a.p50_ms, 3), opt(a.p99_ms, 3)));
+            }
+            line.push_str(&format!(
+                " {} | {} | {} | {} | {} |\n",
+                opt(h.cpu_ms_per_1k_saturation, 1),
+                opt(h.cpu_ms_per_1k_fixed, 1),
+                opt(h.new_conns_per_s, 0),
+                opt(h.cpu_ms_per_1k_new_conns, 1),
+                opt(h.upstream_conns_per_request, 2),
+            ));
+            o.push_str(&line);
+        }
+    }
     if !rep.webhook.is_empty() {
         o.push_str(
             "\n### Webhook (meshctl control-plane, 1 core; client on core 0, HTTPS keep-alive)\n\n",
@@ -144,7 +182,7 @@ pub(super) fn render(rep: &Report, rates: &[f64]) -> String {
         }
     }
     if !rep.ratios.is_empty() {
-        o.push_str("\n### Ratios mesh-proxy ÷ other (medians; direct = plain route, no proxy)\n\n| cores, scenario, metric | ÷ Envoy | ÷ HAProxy | ÷ direct |\n|---|---|---|---|\n");
+        o.push_str("\n### Ratios mesh-proxy ÷ other (medians; direct = no proxy, measured beside plain and beside hop)\n\n| cores, scenario, metric | ÷ Envoy | ÷ HAProxy | ÷ direct |\n|---|---|---|---|\n");
         let f = |m: &BTreeMap<String, f64>, k: &str| {
             m.get(k).map_or("n/a".to_string(), |v| format!("{v:.2}"))
         };

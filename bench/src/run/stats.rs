@@ -81,6 +81,14 @@ pub(super) fn summarize(cores: usize, s: Scenario, c: Contender, samples: Vec<Sa
             x.rss_load_kb.map(|k| k as f64 / 1024.0),
         );
         put("hwm_mb".into(), x.hwm_kb.map(|k| k as f64 / 1024.0));
+        if let Some(n) = &x.new_conns {
+            put("new_conns_per_s".into(), Some(n.result.rps));
+            put("cpu_ms_per_1k_new_conns".into(), n.cpu_ms_per_1k);
+            put(
+                "upstream_conns_per_request".into(),
+                n.upstream_conns_per_request,
+            );
+        }
     }
     Summary {
         cores,

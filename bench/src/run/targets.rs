@@ -26,6 +26,79 @@ fn med(cases: &[Summary], cores: usize, s: Scenario, c: Contender, k: &str) -> O
     get(cases, cores, s, c)?.metrics.get(k).map(|st| st.median)
 }
 
+/// The scenario whose direct connection is `s`'s reference (measured beside it).
+fn reference(s: Scenario) -> Scenario {
+    if s.is_hop() {
+        Scenario::Hop
+    } else {
+        Scenario::Plain
+    }
+}
+
+/// Latency a hop adds over the direct connection at one rate (medians), ms.
+#[derive(Debug, Clone, Serialize)]
+pub struct Added {
+    pub rate: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// What one mesh hop costs, for one pair (one core: both proxies on core 1).
+#[derive(Debug, Clone, Serialize)]
+pub struct HopRow {
+    pub scenario: Scenario,
+    pub contender: Contender,
+    /// Added latency over direct at each fixed rate.
+    pub added: Vec<Added>,
+    /// Both proxies' CPU per 1,000 requests, ms (saturation; highest fixed rate).
+    pub cpu_ms_per_1k_saturation: Option<f64>,
+    pub cpu_ms_per_1k_fixed: Option<f64>,
+    /// New A↔B connections per second (B closes after each response), and both proxies' CPU
+    /// per 1,000 of them.
+    pub new_conns_per_s: Option<f64>,
+    pub cpu_ms_per_1k_new_conns: Option<f64>,
+    /// A↔B connections counted per request of that phase (~1: each had its own).
+    pub upstream_conns_per_request: Option<f64>,
+}
+
+pub(super) fn hop_rows(cases: &[Summary], rates: &[f64]) -> Vec<HopRow> {
+    let mut rows = Vec::new();
+    for s in Scenario::HOPS {
+        for c in [Contender::MeshProxy, Contender::Envoy] {
+            if get(cases, 1, s, c).is_none() {
+                continue;
+            }
+            let m = |k: &str| med(cases, 1, s, c, k);
+            let added = rates
+                .iter()
+                .map(|&r| {
+                    let k = r as u64;
+                    let over = |q: &str| {
+                        let key = format!("{q}_ms@{k}");
+                        Some(m(&key)? - med(cases, 1, reference(s), Contender::Direct, &key)?)
+                    };
+                    Added {
+                        rate: r,
+                        p50_ms: over("p50"),
+                        p99_ms: over("p99"),
+                    }
+                })
+                .collect();
+            rows.push(HopRow {
+                scenario: s,
+                contender: c,
+                added,
+                cpu_ms_per_1k_saturation: m("cpu_ms_per_1k_saturation"),
+                cpu_ms_per_1k_fixed: m("cpu_ms_per_1k_fixed"),
+                new_conns_per_s: m("new_conns_per_s"),
+                cpu_ms_per_1k_new_conns: m("cpu_ms_per_1k_new_conns"),
+                upstream_conns_per_request: m("upstream_conns_per_request"),
+            });
+        }
+    }
+    rows
+}
+
 pub(super) fn ratios_and_targets(
     cases: &[Summary],
     webhook: &[WebhookSummary],
@@ -42,10 +115,15 @@ pub(super) fn ratios_and_targets(
         "rss_load_mb",
     ];
     for cores in [1, 2] {
-        for s in Scenario::ALL {
+        for s in Scenario::ALL.into_iter().chain(Scenario::HOPS) {
             for (other, on) in [(Envoy, "envoy"), (Haproxy, "haproxy"), (Direct, "direct")] {
-                let os = if other == Direct { Scenario::Plain } else { s };
-                for k in keys {
+                let os = match other {
+                    Direct => reference(s),
+                    _ => s,
+                };
+                let hop_keys = ["new_conns_per_s", "cpu_ms_per_1k_new_conns"];
+                let extra: &[&str] = if s.is_hop() { &hop_keys } else { &[] };
+                for &k in keys.iter().chain(extra) {
                     if let (Some(a), Some(b)) = (
                         med(cases, cores, s, MeshProxy, k),
                         med(cases, cores, os, other, k),
@@ -139,6 +217,34 @@ pub(super) fn ratios_and_targets(
             v.zip(plain_cpu),
             |a, b| a <= 1.1 * b,
             &|a, b| format!("{:+.1}% ({a:.1} vs {b:.1} ms/1k)", (a / b - 1.0) * 100.0),
+        ));
+    }
+    // The mesh hop with mutual TLS, against the same hop through two Envoys.
+    let hop = Scenario::HopMtls;
+    let hop_direct = med(cases, 1, Scenario::Hop, Direct, &p99);
+    let hop_added = |c| Some(med(cases, 1, hop, c, &p99)? - hop_direct?);
+    let half = |a: f64, b: f64| a <= 0.5 * b;
+    t.push(cmp(
+        &format!(
+            "{}: added p99 at {top}/s mesh-proxy pair ≤ ½ Envoy pair's",
+            hop.name()
+        ),
+        hop_added(MeshProxy).zip(hop_added(Envoy)),
+        half,
+        &|a, b| format!("{a:.3} vs {b:.3} ms (×{:.2})", a / b),
+    ));
+    for (k, what) in [
+        ("cpu_ms_per_1k_saturation", "saturation"),
+        ("cpu_ms_per_1k_fixed", &format!("{top}/s")),
+    ] {
+        t.push(cmp(
+            &format!(
+                "{}: CPU per request ({what}) mesh-proxy pair ≤ ½ Envoy pair's",
+                hop.name()
+            ),
+            med(cases, 1, hop, MeshProxy, k).zip(med(cases, 1, hop, Envoy, k)),
+            half,
+            &|a, b| format!("{a:.1} vs {b:.1} ms/1k (×{:.2})", a / b),
         ));
     }
     for w in webhook {
