@@ -15,7 +15,7 @@ fn mesh_proxy_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "-p", "mesh-proxy", "--bin", "mesh-proxy"]);
+    build.args(["build", "-p", "mesh-proxy-cli", "--bin", "mesh-proxy"]);
     if !cfg!(debug_assertions) {
         build.arg("--release");
     }
