@@ -395,7 +395,7 @@ fn mesh_proxy_bin() -> PathBuf {
     let release = !cfg!(debug_assertions);
     if release || !bin.exists() {
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "mesh-proxy", "--bin", "mesh-proxy"]);
+        build.args(["build", "-p", "mesh-proxy-cli", "--bin", "mesh-proxy"]);
         if release {
             build.arg("--release");
         }

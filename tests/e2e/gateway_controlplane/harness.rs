@@ -224,7 +224,7 @@ pub(super) fn mesh_proxy_binary() -> PathBuf {
     let dir = exe.parent().unwrap().parent().unwrap();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = std::process::Command::new(cargo)
-        .args(["build", "-p", "mesh-proxy", "--bin", "mesh-proxy"])
+        .args(["build", "-p", "mesh-proxy-cli", "--bin", "mesh-proxy"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .unwrap();
