@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mesh_tls::ca::CertificateAuthority;
 use mesh_tls::workload::WorkloadCertificates;
 use mesh_tls::{ClientHelloKind, Issuer, MESH_ALPN, SpiffeId, classify_client_hello};
 use mesh_wire::certificate::{CertificateRequest, IssuedCertificate};
@@ -13,48 +14,27 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// A root that signs CSRs for one fixed identity (what the control plane's CA does for the
-/// identity a token proves).
+/// A mesh root that signs CSRs for one fixed identity (what the control plane's CA does for
+/// the identity a token proves).
 struct TestRoot {
-    key: rcgen::KeyPair,
-    params: rcgen::CertificateParams,
+    ca: CertificateAuthority,
     pem: String,
 }
 
 impl TestRoot {
-    fn new(name: &str) -> TestRoot {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = rcgen::CertificateParams::default();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let pem = params.self_signed(&key).unwrap().pem();
-        TestRoot { key, params, pem }
+    /// A fresh self-signed mesh root (`name` only tells the tests' roots apart to a reader).
+    fn new(_name: &str) -> TestRoot {
+        let ca = CertificateAuthority::generate_root().unwrap();
+        let pem = ca.trust_bundle_pem();
+        TestRoot { ca, pem }
     }
 
     fn sign(&self, csr_pem: &str, id: &SpiffeId, ttl: Duration) -> String {
-        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).unwrap();
-        csr.params.subject_alt_names =
-            vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
-        csr.params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let now = time_now();
-        csr.params.not_before = now - time::Duration::minutes(1);
-        csr.params.not_after = now + time::Duration::seconds(ttl.as_secs() as i64);
-        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
-        csr.signed_by(&issuer).unwrap().pem()
+        self.ca
+            .sign_workload(csr_pem, &id.to_string(), ttl)
+            .unwrap()
+            .cert_chain_pem
     }
-}
-
-fn time_now() -> time::OffsetDateTime {
-    time::OffsetDateTime::now_utc()
 }
 
 /// Issues for one identity from whichever root is current, with the bundle given.
